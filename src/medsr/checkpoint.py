@@ -1,0 +1,72 @@
+"""Model checkpoints: a folder with safetensors weights and a JSON description that rebuilds the model.
+
+``model.safetensors`` holds the weights (no pickle, safe to load from anywhere). ``model.json`` holds the
+registered model name and its kwargs, the modality, the degradation it learned to invert, how intensities
+were normalised, the training config and step, and held-out scores. Shipped models live in ``medsr/weights``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from medsr.models import create_model
+
+WEIGHTS = "model.safetensors"
+DESCRIPTION = "model.json"
+SHIPPED_DIR = Path(__file__).parent / "weights"
+
+
+def save_checkpoint(directory: Path, model: nn.Module, description: dict[str, Any]) -> None:
+    """Write ``directory/model.safetensors`` and ``directory/model.json``, each atomically.
+
+    ``description`` must hold ``model_name`` and ``model_kwargs`` (what :func:`create_model` needs).
+    """
+    missing = {"model_name", "model_kwargs"} - set(description)
+    if missing:
+        raise ValueError(f"checkpoint description lacks {sorted(missing)}")
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+    tmp_weights = directory / f".tmp.{WEIGHTS}"
+    save_file(state, str(tmp_weights))
+    tmp_json = directory / f".tmp.{DESCRIPTION}"
+    tmp_json.write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp_weights, directory / WEIGHTS)
+    os.replace(tmp_json, directory / DESCRIPTION)
+
+
+def resolve_checkpoint(name_or_path: Path | str) -> Path:
+    """A checkpoint folder from a path, or from the name of a shipped model (see :func:`shipped_models`)."""
+    path = Path(name_or_path)
+    if (path / DESCRIPTION).is_file():
+        return path
+    if (SHIPPED_DIR / str(name_or_path) / DESCRIPTION).is_file():
+        return SHIPPED_DIR / str(name_or_path)
+    raise FileNotFoundError(
+        f"{name_or_path}: not a checkpoint folder (with {DESCRIPTION} and {WEIGHTS}) nor a shipped model; "
+        f"shipped: {', '.join(shipped_models()) or 'none'}"
+    )
+
+
+def load_checkpoint(name_or_path: Path | str) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model in eval mode and return it with its description."""
+    directory = resolve_checkpoint(name_or_path)
+    try:
+        description = json.loads((directory / DESCRIPTION).read_text())
+        model = create_model(description["model_name"], **description["model_kwargs"])
+        model.load_state_dict(load_file(str(directory / WEIGHTS)))
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise ValueError(f"{directory}: broken checkpoint ({type(error).__name__}: {error})") from error
+    return model.eval(), description
+
+
+def shipped_models() -> list[str]:
+    """Names of the models shipped inside the package."""
+    if not SHIPPED_DIR.is_dir():
+        return []
+    return sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / DESCRIPTION).is_file())

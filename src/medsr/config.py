@@ -1,0 +1,142 @@
+"""Typed training configuration: dataclasses loaded from YAML, with ``section.key=value`` overrides.
+
+Unknown keys are errors; values are cast to the field's type, so ``train.lr=5e-5`` works from the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    name: str = "edsr_small"
+    spatial_dims: int = 2
+    scale: tuple[int, ...] = (2, 2)  # per spatial axis of the model's input
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class DataConfig:
+    scans: tuple[str, ...] = ("colin27",)  # sample names (see `medsr samples`) or paths to scans
+    modality: str = "MR"
+    # Region split along k (axial slices, [start, stop)): never evaluate on slices the model trained on.
+    train_slices: tuple[int, int] = (20, 90)
+    val_slices: tuple[int, int] = (95, 105)
+    test_slices: tuple[int, int] = (110, 150)
+    patch: int = 96  # HR patch edge in voxels; a multiple of the scale
+    batch_size: int = 16
+    min_foreground: float = 0.3  # fraction of patch voxels above 5 % of the window, so patches are not mostly air
+
+
+@dataclasses.dataclass
+class DegradationConfig:
+    factors: tuple[float, float, float] = (2.0, 2.0, 1.0)  # per voxel axis (i, j, k)
+    kspace_window: str = "rect"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = 3000
+    lr: float = 5e-4
+    loss: str = "l1"
+    seed: int = 0
+    val_every: int = 250
+    threads: int = 0  # 0: leave torch's default
+
+
+@dataclasses.dataclass
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    degradation: DegradationConfig = dataclasses.field(default_factory=DegradationConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+
+def load_config(path: Path | str | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML file at ``path``, then ``section.key=value`` overrides (YAML-parsed values)."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise ValueError(f"{path}: cannot read config ({error})") from error
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: a config is a mapping of sections, got {type(raw).__name__}")
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot:
+            raise ValueError(f"override {override!r} is not of the form section.key=value")
+        if not isinstance(raw.setdefault(section, {}), dict):
+            raise ValueError(f"override {override!r}: section {section!r} is not a mapping in the config file")
+        try:
+            raw[section][name] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise ValueError(f"override {override!r}: value is not valid YAML ({error})") from error
+    return _build(Config, raw, "config")
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """Plain data (lists, not tuples) for JSON/YAML and checkpoints."""
+    return yaml.safe_load(yaml.safe_dump(_plain(dataclasses.asdict(config))))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown keys for {cls.__name__}: {unknown}; known: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, f"{where}.{name}")
+        else:
+            values[name] = _cast(value, hint, f"{where}.{name}")
+    return cls(**values)
+
+
+def _cast(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    try:
+        if origin is tuple:
+            if not isinstance(value, list | tuple):
+                value = [value]
+            item_types = typing.get_args(hint)
+            if len(item_types) == 2 and item_types[1] is Ellipsis:
+                return tuple(_cast(v, item_types[0], where) for v in value)
+            if len(value) != len(item_types):
+                raise ValueError(f"expected {len(item_types)} values")
+            return tuple(_cast(v, t, where) for v, t in zip(value, item_types, strict=True))
+        if origin is dict:
+            if not isinstance(value, dict):
+                raise ValueError("expected a mapping")
+            return dict(value)
+        if (hint is bool) != isinstance(value, bool):  # bool is an int subclass: true would pass as 1
+            raise ValueError("expected true or false" if hint is bool else f"expected a {hint.__name__}")
+        if value is None or (hint is str and not isinstance(value, str)):
+            raise ValueError(f"expected a {hint.__name__}")
+        if hint is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError("expected an integer")
+        return hint(value)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where}: cannot use {value!r} ({error})") from error

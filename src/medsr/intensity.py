@@ -1,0 +1,53 @@
+"""Intensity windows: physical units (HU for CT, scanner units for MR) to [0, 1] and back.
+
+Models see [0, 1] intensities, so metrics on normalised data use ``data_range=1.0``. The window is kept with
+the data so the output returns to the source's units.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from medsr.volume import Modality, Volume
+
+CT_WINDOW_HU = (-1024.0, 3071.0)  # the 12-bit range most CT scanners store
+MR_UPPER_PERCENTILE = 99.9  # MR units are arbitrary: scale by a high percentile, robust to a few hot voxels
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """An intensity interval ``[lo, hi]`` in physical units mapped to [0, 1]; values outside are kept, not clipped."""
+
+    lo: float
+    hi: float
+
+    def __post_init__(self) -> None:
+        if not np.isfinite([self.lo, self.hi]).all() or self.hi <= self.lo:
+            raise ValueError(f"window needs finite lo < hi, got ({self.lo}, {self.hi})")
+
+
+def default_window(volume: Volume) -> Window:
+    """The window a model for this modality was trained with.
+
+    CT: fixed HU range, so the same tissue maps to the same value in every scan. Others (MR, US, X-ray,
+    unknown): from the minimum to the 99.9th percentile of this scan, since their units are arbitrary.
+    """
+    if volume.modality == Modality.CT:
+        return Window(*CT_WINDOW_HU)
+    values = volume.array.numpy()
+    lo, hi = float(values.min()), float(np.percentile(values, MR_UPPER_PERCENTILE))
+    if hi <= lo:
+        raise ValueError(f"volume is constant ({lo}): nothing to super-resolve")
+    return Window(lo, hi)
+
+
+def normalize(volume: Volume, window: Window) -> Volume:
+    """Map ``window.lo -> 0`` and ``window.hi -> 1`` linearly."""
+    return volume.replace(array=(volume.array - window.lo) / (window.hi - window.lo))
+
+
+def denormalize(volume: Volume, window: Window) -> Volume:
+    """Inverse of :func:`normalize`: back to physical units."""
+    return volume.replace(array=volume.array * (window.hi - window.lo) + window.lo)

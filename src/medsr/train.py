@@ -1,0 +1,159 @@
+"""Training: ``train_step`` holds the maths, ``fit`` the loop, checkpoints and metrics log.
+
+A run folder holds ``config.yaml``, ``metrics.jsonl`` (one JSON object per validation), and the checkpoint
+folders ``last/`` and ``best/`` (safetensors + JSON, see ``checkpoint.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import default_collate
+from tqdm import tqdm
+
+from medsr.checkpoint import save_checkpoint
+from medsr.config import Config, to_dict
+from medsr.data import Pair, PairDataset, crop_to_multiple
+from medsr.degrade import Degradation
+from medsr.evaluation import compare_methods
+from medsr.infer import model_predictor
+from medsr.intensity import default_window, normalize
+from medsr.io import read_volume
+from medsr.models import create_model
+from medsr.samples import list_samples, sample_path
+from medsr.volume import Volume
+
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "l1": nn.functional.l1_loss,
+    "mse": nn.functional.mse_loss,
+}
+EPOCH_LENGTH = 1024  # patches per dataset epoch; an epoch only changes the patch seeds
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Pair, loss_fn: Callable) -> dict[str, float]:
+    """One optimisation step on a batch of (N, C, *spatial) pairs; returns the logged values."""
+    model.train()
+    loss = loss_fn(model(batch.lr), batch.hr)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return {"loss": loss.item()}
+
+
+def load_scans(config: Config) -> list[Volume]:
+    """The HR training scans, normalised to [0, 1] with each scan's default window and cropped to the scale."""
+    known = {sample.name for sample in list_samples()}
+    volumes = []
+    for scan in config.data.scans:
+        path = sample_path(scan) if scan in known else Path(scan)
+        volume = read_volume(path, modality=config.data.modality)
+        volume = normalize(volume, default_window(volume))
+        volumes.append(crop_to_multiple(volume, [int(f) for f in config.degradation.factors]))
+    return volumes
+
+
+def batches(dataset: PairDataset, batch_size: int, start_step: int) -> Iterator[Pair]:
+    """Batch ``t`` is items ``t * batch_size ...`` of the endless stream; a resumed run replays it exactly."""
+    position = start_step * batch_size
+    while True:
+        items = []
+        for _ in range(batch_size):
+            dataset.set_epoch(position // len(dataset))
+            items.append(dataset[position % len(dataset)])
+            position += 1
+        yield default_collate(items)
+
+
+def describe(config: Config, step: int, scores: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The checkpoint's JSON description: enough to rebuild the model and to know what it is for."""
+    return {
+        "model_name": config.model.name,
+        "model_kwargs": {
+            "spatial_dims": config.model.spatial_dims,
+            "scale": list(config.model.scale),
+            **config.model.kwargs,
+        },
+        "modality": config.data.modality,
+        "scale": [int(f) for f in config.degradation.factors],
+        "degradation": to_dict(config)["degradation"],
+        "intensity": "normalised per scan: min -> 0, 99.9th percentile -> 1 (CT: -1024..3071 HU -> 0..1)",
+        "config": to_dict(config),
+        "step": step,
+        "scores": scores or {},
+    }
+
+
+def fit(config: Config, run_dir: Path, *, progress: bool = True) -> dict[str, Any]:
+    """Train from scratch into ``run_dir``; returns the best validation row.
+
+    Validation runs every ``train.val_every`` steps on the ``data.val_slices`` region (never trained on);
+    ``best/`` keeps the weights with the highest validation PSNR.
+    """
+    if config.train.loss not in LOSSES:
+        raise ValueError(f"unknown loss {config.train.loss!r}; choose one of {sorted(LOSSES)}")
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    torch.manual_seed(config.train.seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+    degradation = Degradation(config.degradation.factors, config.degradation.kspace_window)
+    volumes = load_scans(config)
+    dataset = PairDataset(
+        volumes,
+        degradation,
+        slices=config.data.train_slices,
+        patch=config.data.patch,
+        length=EPOCH_LENGTH,
+        seed=config.train.seed,
+        min_foreground=config.data.min_foreground,
+    )
+    model = create_model(
+        config.model.name, spatial_dims=config.model.spatial_dims, scale=config.model.scale, **config.model.kwargs
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
+    # Cosine decay to zero (Loshchilov & Hutter 2017): the standard schedule for a fixed step budget.
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / config.train.steps))
+    )
+    loss_fn = LOSSES[config.train.loss]
+    best: dict[str, Any] = {"psnr": -math.inf}
+    stream = batches(dataset, config.data.batch_size, 0)
+    bar = tqdm(range(1, config.train.steps + 1), desc="train", unit="step", disable=not progress)
+    with (run_dir / "metrics.jsonl").open("a") as log:
+        for step in bar:
+            logs = train_step(model, optimizer, next(stream), loss_fn)
+            schedule.step()
+            bar.set_postfix(loss=f"{logs['loss']:.4f}")
+            if step % config.train.val_every == 0 or step == config.train.steps:
+                row = validate(model, volumes, degradation, config.data.val_slices)
+                row.update(step=step, loss=logs["loss"], lr=schedule.get_last_lr()[0])
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                save_checkpoint(run_dir / "last", model, describe(config, step, {"validation": row}))
+                if row["psnr"] > best["psnr"]:
+                    best = row
+                    save_checkpoint(run_dir / "best", model, describe(config, step, {"validation": row}))
+                bar.write(f"step {step}: val PSNR {row['psnr']:.2f} dB (bicubic {row['psnr_cubic']:.2f})")
+    return best
+
+
+def validate(model: nn.Module, volumes: list[Volume], degradation: Degradation, slices: tuple[int, int]) -> dict:
+    """Validation PSNR/SSIM of the model, and bicubic's PSNR, averaged over the validation slab of every scan."""
+    predictor = model_predictor(model)
+    rows = [row for v in volumes for row in compare_methods(v, degradation, {"model": predictor}, slices=slices)[0]]
+
+    def mean(method: str, key: str) -> float:
+        values = [row[key] for row in rows if row["method"] == method]
+        return sum(values) / len(values)
+
+    return {key: mean("model", key) for key in ("psnr", "ssim", "psnr_body", "ssim_body")} | {
+        "psnr_cubic": mean("cubic", "psnr")
+    }

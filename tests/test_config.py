@@ -1,0 +1,184 @@
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import yaml
+
+from medsr.config import Config, DataConfig, TrainConfig, load_config, to_dict
+
+
+def write_yaml(tmp_path, data, name: str = "config.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_defaults_without_file():
+    config = load_config()
+    assert config == Config()
+    assert config.train == TrainConfig()
+    assert config.model.scale == (2, 2)
+    assert config.degradation.factors == (2.0, 2.0, 1.0)
+
+
+def test_file_overrides_some_keys(tmp_path):
+    path = write_yaml(tmp_path, {"train": {"steps": 50, "lr": 1e-3}, "data": {"train_slices": [10, 30]}})
+    config = load_config(path)
+    assert config.train.steps == 50
+    assert config.train.lr == 1e-3
+    assert config.data.train_slices == (10, 30)
+    # Untouched keys and sections keep their defaults.
+    assert config.train.loss == TrainConfig().loss
+    assert config.data.patch == DataConfig().patch
+    assert config.model == Config().model
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    assert load_config(path) == Config()
+
+
+def test_overrides_win_over_file(tmp_path):
+    path = write_yaml(tmp_path, {"train": {"steps": 50, "loss": "l2"}})
+    config = load_config(path, ["train.steps=10"])
+    assert config.train.steps == 10
+    assert config.train.loss == "l2"
+
+
+@pytest.mark.parametrize(
+    ("override", "section", "name", "expected", "kind"),
+    [
+        ("train.lr=5e-5", "train", "lr", 5e-05, float),  # PyYAML reads 5e-5 as a string
+        ("train.lr=1", "train", "lr", 1.0, float),
+        ("train.steps=10", "train", "steps", 10, int),
+        ("train.steps=4.0", "train", "steps", 4, int),
+        ("train.loss=l2", "train", "loss", "l2", str),
+        ("model.scale=[2,2]", "model", "scale", (2, 2), tuple),
+        ("model.scale=[2,2,2]", "model", "scale", (2, 2, 2), tuple),
+        ("degradation.factors=[2,2,1]", "degradation", "factors", (2.0, 2.0, 1.0), tuple),
+        ("data.scans=[a,b]", "data", "scans", ("a", "b"), tuple),
+        ("model.kwargs={features: 8}", "model", "kwargs", {"features": 8}, dict),
+    ],
+)
+def test_override_cast_by_type(override, section, name, expected, kind):
+    value = getattr(getattr(load_config(overrides=[override]), section), name)
+    assert value == expected
+    assert type(value) is kind
+    if kind is tuple:
+        assert [type(v) for v in value] == [type(v) for v in expected]
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [("nosuch.lr=1", "nosuch"), ("train.nosuch=1", "nosuch"), ("model.kwargs.features=8", "kwargs.features")],
+)
+def test_unknown_key_raises(override, key):
+    with pytest.raises(ValueError, match=rf"unknown keys.*'{re.escape(key)}'"):
+        load_config(overrides=[override])
+
+
+def test_unknown_key_in_file_raises(tmp_path):
+    path = write_yaml(tmp_path, {"train": {"stepz": 10}})
+    with pytest.raises(ValueError, match=r"unknown keys for TrainConfig: \['stepz'\]"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override", ["trainlr=1", "train.lr", "train=1"])
+def test_malformed_override_raises(override):
+    with pytest.raises(ValueError, match=rf"override {re.escape(repr(override))} is not of the form section.key=value"):
+        load_config(overrides=[override])
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("train.steps=abc", "config.train.steps"),
+        ("train.steps=2.5", "config.train.steps"),
+        ("train.steps=[1]", "config.train.steps"),
+        ("train.lr=abc", "config.train.lr"),
+        ("model.kwargs=3", "config.model.kwargs"),
+        ("model.scale=[2,x]", "config.model.scale"),
+    ],
+)
+def test_wrong_type_raises_naming_field(override, field):
+    with pytest.raises(ValueError, match=rf"^{re.escape(field)}: cannot use"):
+        load_config(overrides=[override])
+
+
+@pytest.mark.parametrize(
+    "override", ["data.train_slices=[1,2,3]", "data.train_slices=[1]", "degradation.factors=[2,2]"]
+)
+def test_tuple_of_wrong_length_raises(override):
+    with pytest.raises(ValueError, match=r"expected \d values"):
+        load_config(overrides=[override])
+
+
+def test_section_not_a_mapping_raises(tmp_path):
+    path = write_yaml(tmp_path, {"train": [1, 2]})
+    with pytest.raises(ValueError, match=r"config.train: expected a mapping"):
+        load_config(path)
+
+
+def test_yaml_list_raises(tmp_path):
+    path = write_yaml(tmp_path, [1, 2])
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: a config is a mapping of sections, got list"):
+        load_config(path)
+
+
+def test_invalid_yaml_raises_naming_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("train: [1, 2\n")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: cannot read config"):
+        load_config(path)
+
+
+def test_missing_file_raises_naming_it(tmp_path):
+    path = tmp_path / "missing.yaml"
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: cannot read config"):
+        load_config(path)
+
+
+def test_to_dict_is_plain_data():
+    data = to_dict(load_config())
+    json.dumps(data)
+    assert data["model"]["scale"] == [2, 2]
+    assert data["degradation"]["factors"] == [2.0, 2.0, 1.0]
+    assert data["data"]["scans"] == ["colin27"]
+    assert set(data) == {"model", "data", "degradation", "train"}
+
+
+def test_yaml_round_trip(tmp_path):
+    config = load_config(
+        overrides=["train.lr=5e-5", "model.scale=[3,3]", "model.kwargs={features: 8}", "data.scans=[a,b]"]
+    )
+    path = tmp_path / "dump.yaml"
+    path.write_text(yaml.safe_dump(to_dict(config)))
+    assert load_config(path) == config
+
+
+# Regressions of bugs found in review
+
+
+def test_unparsable_override_value_raises_value_error():
+    with pytest.raises(ValueError, match=r"train\.loss"):
+        load_config(overrides=["train.loss=["])
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [("train.steps=true", "train.steps"), ("train.lr=false", "train.lr"), ("data.modality=null", "data.modality")],
+)
+def test_wrong_scalar_type_raises(override, field):
+    with pytest.raises(ValueError, match=re.escape(field)):
+        load_config(overrides=[override])
+
+
+@pytest.mark.parametrize("text", ["train:\n", "train: 5\n"])
+def test_override_into_non_mapping_section_raises_value_error(tmp_path, text):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=r"train"):
+        load_config(path, ["train.lr=1"])

@@ -1,0 +1,169 @@
+"""Metrics against scikit-image (the reference), invariants, masks and errors.
+
+skimage takes ``(image_true, image_test)``, the other way round from ours, so every call below passes
+``(target, pred)`` to skimage and ``(pred, target)`` to medsr.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from medsr.metrics import evaluate, psnr, ssim, ssim_map
+
+TOL = 1e-6
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+def _sk_ssim(pred: np.ndarray, target: np.ndarray, data_range: float) -> float:
+    """skimage SSIM of one (C, *spatial) item, with the settings medsr reproduces."""
+    return structural_similarity(
+        target,
+        pred,
+        gaussian_weights=True,
+        sigma=1.5,
+        use_sample_covariance=False,
+        data_range=data_range,
+        channel_axis=0,
+    )
+
+
+def _smooth_plus_noise(rng: np.random.Generator, spatial: tuple[int, ...], scale: float) -> tuple[np.ndarray, ...]:
+    """A smooth HU-like phantom (target) and a noisy copy (pred), both (1, 1, *spatial) float64."""
+    grids = np.meshgrid(*(np.linspace(-1, 1, s) for s in spatial), indexing="ij")
+    target = scale * np.cos(2 * grids[0]) * np.exp(-sum(g**2 for g in grids)) - scale / 4
+    pred = target + rng.normal(0, 0.05 * scale, spatial)
+    return pred[None, None], target[None, None]
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 40, 37), (2, 1, 24, 20, 16), (1, 3, 32, 29)])
+def test_psnr_matches_skimage(rng, shape):
+    target = rng.random(shape)
+    pred = target + rng.normal(0, 0.1, shape)
+    ours = psnr(torch.from_numpy(pred), torch.from_numpy(target), data_range=1.0).numpy()
+    ref = [peak_signal_noise_ratio(target[n], pred[n], data_range=1.0) for n in range(shape[0])]
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 40, 37), (2, 1, 24, 20, 16), (2, 3, 40, 37), (1, 2, 24, 20, 16)])
+def test_ssim_matches_skimage_random(rng, shape):
+    target = rng.random(shape)
+    pred = np.clip(target + rng.normal(0, 0.2, shape), 0, 1)
+    ours = ssim(torch.from_numpy(pred), torch.from_numpy(target), data_range=1.0).numpy()
+    ref = [_sk_ssim(pred[n], target[n], 1.0) for n in range(shape[0])]
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("spatial", [(48, 44), (24, 20, 16)])
+def test_ssim_psnr_match_skimage_hu_range(rng, spatial):
+    pred, target = _smooth_plus_noise(rng, spatial, 1000.0)
+    p, t = torch.from_numpy(pred), torch.from_numpy(target)
+    assert abs(ssim(p, t, data_range=4000.0).item() - _sk_ssim(pred[0], target[0], 4000.0)) < TOL
+    assert abs(psnr(p, t, data_range=4000.0).item() - peak_signal_noise_ratio(target, pred, data_range=4000.0)) < TOL
+
+
+def test_float32_inputs_keep_dtype_and_agree(rng):
+    target = rng.random((1, 1, 30, 30)).astype(np.float32)
+    pred = target + rng.normal(0, 0.1, target.shape).astype(np.float32)
+    out = ssim(torch.from_numpy(pred), torch.from_numpy(target), data_range=1.0)
+    assert out.dtype == torch.float32
+    ref = _sk_ssim(pred[0].astype(np.float64), target[0].astype(np.float64), 1.0)
+    assert abs(out.item() - ref) < TOL
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 16, 16), (1, 2, 12, 13, 14)])
+def test_identities(rng, shape):
+    x = torch.from_numpy(rng.random(shape))
+    assert torch.allclose(ssim(x, x, data_range=1.0), torch.ones(shape[0], dtype=x.dtype), rtol=0, atol=1e-12)
+    assert torch.isinf(psnr(x, x, data_range=1.0)).all()
+
+
+def test_ssim_map_shape_and_grad(rng):
+    pred = torch.from_numpy(rng.random((2, 3, 24, 20, 16))).requires_grad_()
+    target = torch.from_numpy(rng.random((2, 3, 24, 20, 16)))
+    smap = ssim_map(pred, target, data_range=1.0)
+    assert smap.shape == (2, 3, 14, 10, 6)
+    smap.mean().backward()
+    assert pred.grad is not None and torch.isfinite(pred.grad).all()
+
+
+def test_all_true_mask_equals_unmasked(rng):
+    shape = (2, 2, 24, 20, 16)
+    pred, target = torch.from_numpy(rng.random(shape)), torch.from_numpy(rng.random(shape))
+    mask = torch.ones(shape[2:], dtype=torch.bool)
+    for metric in (psnr, ssim):
+        masked = metric(pred, target, data_range=1.0, mask=mask)
+        torch.testing.assert_close(masked, metric(pred, target, data_range=1.0), rtol=0, atol=1e-12)
+
+
+def test_half_mask_psnr_by_hand(rng):
+    shape = (2, 2, 40, 37)
+    target = rng.random(shape)
+    pred = target + rng.normal(0, 0.1, shape)
+    mask = torch.zeros(2, 1, 40, 37, dtype=torch.bool)
+    mask[..., :20, :] = True
+    ours = psnr(torch.from_numpy(pred), torch.from_numpy(target), data_range=2.0, mask=mask).numpy()
+    ref = [peak_signal_noise_ratio(target[n, :, :20], pred[n, :, :20], data_range=2.0) for n in range(2)]
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=TOL)
+
+
+def test_half_mask_ssim_is_masked_mean_of_map(rng):
+    shape = (2, 2, 24, 20, 16)
+    pred, target = torch.from_numpy(rng.random(shape)), torch.from_numpy(rng.random(shape))
+    mask = torch.zeros(shape[2:], dtype=torch.bool)
+    mask[:12] = True  # keeps cropped rows 5..11 of 24
+    smap = ssim_map(pred, target, data_range=1.0)  # (N, C, 14, 10, 6)
+    ref = smap[:, :, :7].flatten(1).mean(1)
+    torch.testing.assert_close(ssim(pred, target, data_range=1.0, mask=mask), ref, rtol=0, atol=1e-12)
+
+
+def test_evaluate_returns_float_row(rng):
+    pred, target = _smooth_plus_noise(rng, (24, 20, 16), 1.0)
+    scores = evaluate(torch.from_numpy(pred[0]), torch.from_numpy(target[0]), data_range=1.5)
+    assert set(scores) == {"psnr", "ssim"} and all(type(v) is float for v in scores.values())
+    assert math.isclose(scores["ssim"], _sk_ssim(pred[0], target[0], 1.5), rel_tol=0, abs_tol=TOL)
+    body = torch.from_numpy(np.abs(target[0]) > 0.1)  # (1, *spatial) mask
+    masked = evaluate(torch.from_numpy(pred[0]), torch.from_numpy(target[0]), data_range=1.5, mask=body)
+    assert masked["psnr"] != scores["psnr"]
+
+
+def test_data_range_is_required():
+    x = torch.rand(1, 1, 16, 16)
+    with pytest.raises(TypeError):
+        psnr(x, x)
+    with pytest.raises(TypeError):
+        ssim(x, x)
+    with pytest.raises(TypeError):
+        evaluate(x[0], x[0])
+
+
+def test_errors():
+    x = torch.rand(1, 1, 16, 16)
+    with pytest.raises(ValueError, match=r"same shape.*\(1, 1, 16, 16\).*\(1, 1, 16, 15\)"):
+        psnr(x, x[..., :15], data_range=1.0)
+    with pytest.raises(ValueError, match=r"at least 11 voxels.*\(1, 1, 16, 10\)"):
+        ssim(x[..., :10], x[..., :10], data_range=1.0)
+    with pytest.raises(ValueError, match="data_range must be > 0"):
+        psnr(x, x, data_range=0.0)
+    nan = x.clone()
+    nan[0, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        ssim(nan, x, data_range=1.0)
+    empty = torch.zeros(16, 16, dtype=torch.bool)
+    for metric in (psnr, ssim):
+        with pytest.raises(ValueError, match="mask selects no voxels"):
+            metric(x, x, data_range=1.0, mask=empty)
+    border_only = torch.zeros(16, 16, dtype=torch.bool)
+    border_only[:5] = True  # non-empty, but empty once SSIM's 5-voxel border is cropped
+    with pytest.raises(ValueError, match="mask selects no voxels"):
+        ssim(x, x, data_range=1.0, mask=border_only)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        psnr(x, x, data_range=1.0, mask=torch.ones(15, 16, dtype=torch.bool))
