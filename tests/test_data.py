@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from medsr.data import PairDataset, crop_to_multiple, slice_range
+from medsr.data import PairDataset, crop_to_multiple, prepare_scan, slice_range
 from medsr.degrade import Degradation, degrade
+from medsr.intensity import default_window, normalize
 from medsr.volume import Modality, Volume
 
 
@@ -21,7 +22,7 @@ def test_pairs_are_aligned_crops_of_the_whole_scan_lr(volume):
     """Every LR patch is a crop of the LR simulated from the whole slab, and its HR partner the matching block."""
     pair = dataset(volume)[3]
     assert pair.lr.shape == (1, 8, 8) and pair.hr.shape == (1, 16, 16)
-    lr = degrade(slice_range(volume, 2, 8), Degradation((2, 2, 1))).array[0]
+    lr = degrade(slice_range(volume, slices=(2, 8)), Degradation((2, 2, 1))).array[0]
     hr = volume.array[0, :, :, 2:8]
     found = False
     for variant_lr, variant_hr in [(pair.lr[0], pair.hr[0]), (pair.lr[0].T, pair.hr[0].T)]:
@@ -54,12 +55,12 @@ def test_foreground_sampling_avoids_air():
 
 
 def test_crop_to_multiple_and_slice_range_keep_geometry(volume):
-    cropped = crop_to_multiple(volume.replace(array=volume.array[:, :39, :35]), (2, 2, 1))
+    cropped = crop_to_multiple(volume.replace(array=volume.array[:, :39, :35]), scale=(2, 2, 1))
     assert cropped.spatial_shape == (38, 34, 12)
-    slab = slice_range(volume, 3, 7)
+    slab = slice_range(volume, slices=(3, 7))
     np.testing.assert_allclose(slab.affine[:3, 3], volume.affine[:3, :3] @ [0, 0, 3] + volume.affine[:3, 3])
     with pytest.raises(ValueError, match="outside"):
-        slice_range(volume, 5, 20)
+        slice_range(volume, slices=(5, 20))
 
 
 def test_bad_settings_are_rejected(volume):
@@ -67,3 +68,15 @@ def test_bad_settings_are_rejected(volume):
         dataset(volume, patch=15)
     with pytest.raises(ValueError, match="integer in-plane"):
         PairDataset([volume], Degradation((1.5, 2, 1)), slices=(0, 4), patch=16, length=1)
+
+
+def test_prepare_scan_normalises_with_the_window_inference_will_see(volume):
+    """Inference computes the window on its (LR) input; training pairs must use that same window."""
+    degradation = Degradation((2, 2, 1))
+    prepared = prepare_scan(volume.replace(array=volume.array[:, :39] * 300 + 20), degradation)
+    assert prepared.spatial_shape == (38, 36, 12)
+    lr_physical = degrade(
+        crop_to_multiple(volume.replace(array=volume.array[:, :39] * 300 + 20), scale=(2, 2, 1)), degradation
+    )
+    expected = normalize(lr_physical, default_window(lr_physical)).array
+    torch.testing.assert_close(degrade(prepared, degradation).array, expected, atol=1e-5, rtol=0)

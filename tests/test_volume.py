@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from medsr.volume import Modality, Volume, scale_affine, world_coordinates
+from medsr.volume import Modality, Volume, integer_scale, scale_affine, world_coordinates
 
 from .conftest import oblique_affine
 
@@ -53,3 +53,9 @@ def test_scale_affine_matches_torch_interpolation_of_a_linear_ramp():
 def test_scale_affine_rejects_bad_factors():
     with pytest.raises(ValueError, match="3 positive"):
         scale_affine(np.eye(4), (2, 2))
+
+
+def test_integer_scale_refuses_to_truncate():
+    assert integer_scale((2.0, 2.0, 1.0)) == (2, 2, 1)
+    with pytest.raises(ValueError, match="integer factors"):
+        integer_scale((1.5, 2, 1))

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -40,6 +41,14 @@ def save_checkpoint(directory: Path, model: nn.Module, description: dict[str, An
     os.replace(tmp_json, directory / DESCRIPTION)
 
 
+def update_description(directory: Path, **fields: Any) -> None:
+    """Add or replace top-level fields of ``directory/model.json`` (e.g. held-out scores), atomically."""
+    description = json.loads((directory / DESCRIPTION).read_text())
+    tmp = directory / f".tmp.{DESCRIPTION}"
+    tmp.write_text(json.dumps(description | fields, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, directory / DESCRIPTION)
+
+
 def resolve_checkpoint(name_or_path: Path | str) -> Path:
     """A checkpoint folder from a path, or from the name of a shipped model (see :func:`shipped_models`)."""
     path = Path(name_or_path)
@@ -60,7 +69,7 @@ def load_checkpoint(name_or_path: Path | str) -> tuple[nn.Module, dict[str, Any]
         description = json.loads((directory / DESCRIPTION).read_text())
         model = create_model(description["model_name"], **description["model_kwargs"])
         model.load_state_dict(load_file(str(directory / WEIGHTS)))
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
         raise ValueError(f"{directory}: broken checkpoint ({type(error).__name__}: {error})") from error
     return model.eval(), description
 

@@ -40,6 +40,8 @@ def _check_output(output: Path, inputs: Sequence[Path], force: bool) -> None:
         raise ValueError(f"{output}: output is the input; medsr never overwrites its input")
     if output.exists() and not force:
         raise ValueError(f"{output}: exists; pass --force to replace it")
+    if not output.parent.is_dir():
+        raise FileNotFoundError(f"{output}: folder {output.parent} does not exist")
     if file_format(output) == "dicom":
         raise ValueError(f"{output}: writing DICOM is not supported yet; write a .nii.gz instead")
 
@@ -89,16 +91,23 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _upscale(args: argparse.Namespace) -> int:
-    from medsr.checkpoint import load_checkpoint
     from medsr.infer import super_resolve
     from medsr.io import read_volume, write_volume
 
     _check_output(args.output, [args.input], args.force)
-    model, description = load_checkpoint(args.model)
-    scale = tuple(int(s) for s in description["scale"])
+    model, description = _load_model(args.model)
+    scale = tuple(description["scale"])
     if args.scale is not None and tuple(args.scale) != scale:
         raise ValueError(f"model {args.model} upsamples by {scale}; --scale {args.scale} needs another model")
     volume = read_volume(args.input, modality=args.modality)
+    if volume.modality.value == "OT":  # NIfTI/PNG carry no modality: take the model's (it sets the window rule)
+        volume = volume.replace(modality=description["modality"])
+    elif volume.modality.value != description["modality"]:
+        print(
+            f"medsr upscale: warning: {args.input} is {volume.modality.value}, but {args.model} was trained on "
+            f"{description['modality']}; expect poor results",
+            file=sys.stderr,
+        )
     sr = super_resolve(
         volume,
         model,
@@ -112,30 +121,48 @@ def _upscale(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate_scan(model_ref: str, scan: str, slices: tuple[int, int] | None):
-    """Load a model and a scan, check the slab is held out, and compare the model with the baselines on it."""
+def _load_model(model_ref: str):
+    """A checkpoint with the fields the commands rely on, or a ValueError naming it."""
     from medsr.checkpoint import load_checkpoint
-    from medsr.data import crop_to_multiple
+
+    model, description = load_checkpoint(model_ref)
+    missing = {"scale", "modality", "degradation", "config"} - set(description)
+    if missing:
+        raise ValueError(f"{model_ref}: checkpoint description lacks {sorted(missing)}; was it made by medsr train?")
+    return model, description
+
+
+def _evaluate_scan(model_ref: str, scan: str, slices: tuple[int, int] | None):
+    """Compare a model with the baselines on a held-out slab of a scan; returns rows, images, degradation, slab."""
+    from medsr.data import prepare_scan
     from medsr.degrade import Degradation
     from medsr.evaluation import compare_methods
     from medsr.infer import model_predictor
-    from medsr.intensity import default_window, normalize
     from medsr.io import read_volume
-    from medsr.samples import list_samples, sample_path
+    from medsr.samples import resolve_scan
 
-    model, description = load_checkpoint(model_ref)
-    trained = description["config"]["data"]
-    slices = slices or tuple(trained["test_slices"])
-    if scan in trained["scans"]:
-        start, stop = trained["train_slices"]
-        if slices[0] < stop and start < slices[1]:
-            raise ValueError(f"slices {slices} overlap the slices {model_ref} trained on ({start}, {stop}) of {scan}")
-    path = sample_path(scan) if scan in {s.name for s in list_samples()} else Path(scan)
-    volume = read_volume(path, modality=description["modality"])
+    model, description = _load_model(model_ref)
+    data = description["config"]["data"]
+    slices = slices or tuple(data["test_slices"])
+    path = resolve_scan(scan)
+    if path in {resolve_scan(trained) for trained in data["scans"]}:
+        for region in ("train_slices", "val_slices"):  # validation picked the checkpoint: not held out either
+            start, stop = data[region]
+            if slices[0] < stop and start < slices[1]:
+                raise ValueError(
+                    f"slices {slices} overlap the {region.split('_')[0]} slices ({start}, {stop}) "
+                    f"of {model_ref} on {path}; choose a held-out slab with --slices"
+                )
     degradation = Degradation(**description["degradation"])
-    hr = crop_to_multiple(normalize(volume, default_window(volume)), [int(f) for f in degradation.factors])
+    hr = prepare_scan(read_volume(path, modality=description["modality"]), degradation)
+    if slices[1] > hr.spatial_shape[2]:
+        raise ValueError(f"{path}: has {hr.spatial_shape[2]} slices; choose a slab inside it with --slices")
     rows, images = compare_methods(hr, degradation, {model_ref: model_predictor(model)}, slices=slices)
     return rows, images, degradation, slices
+
+
+def _factors_text(degradation) -> str:
+    return "x".join(f"{f:g}" for f in degradation.factors)
 
 
 def _write_scores(rows: list[dict], directory: Path) -> None:
@@ -149,11 +176,10 @@ def _write_scores(rows: list[dict], directory: Path) -> None:
 def _print_scores(rows: list[dict], scan: str, degradation, slices: tuple[int, int]) -> None:
     from medsr.report import format_table
 
-    factors = "x".join(f"{f:g}" for f in degradation.factors)
     print(
-        f"\n{scan}, held-out axial slices {slices[0]}..{slices[1] - 1}, k-space truncation {factors} "
-        f"({degradation.kspace_window} window); PSNR/SSIM per 2D slice, data_range 1 on intensities "
-        f"normalised min..99.9th percentile; *_body: within the dilated head mask\n"
+        f"\n{scan}, held-out slices {slices[0]}..{slices[1] - 1} (k), k-space truncation {_factors_text(degradation)} "
+        f"({degradation.kspace_window} window); PSNR/SSIM per 2D slice, data_range 1 on intensities normalised "
+        f"by the LR scan's 0.5..99.9th percentiles; *_body: within the dilated foreground mask\n"
     )
     print(format_table(rows, SCORE_COLUMNS))
 
@@ -161,12 +187,32 @@ def _print_scores(rows: list[dict], scan: str, degradation, slices: tuple[int, i
 def _evaluate(args: argparse.Namespace) -> int:
     rows, images, degradation, slices = _evaluate_scan(args.model, args.scan, args.slices)
     _print_scores(rows, args.scan, degradation, slices)
+    if args.card:
+        _write_card(args.model, rows, args.scan, slices)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         _write_scores(rows, args.out)
         _figure(images, args.model, args.out / "comparison.png", degradation, slices)
         print(f"\nwrote {args.out}/scores.csv, scores.json, comparison.png")
     return 0
+
+
+def _write_card(model_ref: str, rows: list[dict], scan: str, slices: tuple[int, int]) -> None:
+    """Record held-out scores in the checkpoint's model.json and write MODEL_CARD.md beside it."""
+    from medsr.checkpoint import resolve_checkpoint, update_description
+    from medsr.report import model_card
+
+    directory = resolve_checkpoint(model_ref)
+    model, description = _load_model(str(directory))
+    parameters = sum(p.numel() for p in model.parameters())
+    test = {"scan": scan, "slices": list(slices), "rows": rows}
+    update_description(directory, parameters=parameters, scores=description["scores"] | {"test": test})
+    _, description = _load_model(str(directory))
+    card = directory / "MODEL_CARD.md"
+    tmp = directory / ".tmp.MODEL_CARD.md"
+    tmp.write_text(model_card(directory.name, description, rows, scan=scan, slices=slices))
+    tmp.replace(card)
+    print(f"\nwrote {card} and the held-out scores into {directory / 'model.json'}")
 
 
 def _figure(images, model_name: str, path: Path, degradation, slices: tuple[int, int]) -> None:
@@ -177,13 +223,13 @@ def _figure(images, model_name: str, path: Path, degradation, slices: tuple[int,
         name: images[key][middle, 0]
         for name, key in (("LR", "lr"), ("bicubic", "cubic"), (model_name, model_name), ("HR", "hr"))
     }
-    factors = "x".join(f"{f:g}" for f in degradation.factors)
-    comparison_figure(path, panels, title=f"slice {slices[0] + middle}, k-space truncation {factors}")
+    title = f"slice {slices[0] + middle}, k-space truncation {_factors_text(degradation)}"
+    comparison_figure(path, panels, title=title)
 
 
 def _demo(args: argparse.Namespace) -> int:
     """Score the shipped model on held-out Colin27 slices, and upscale a simulated LR Colin27 end to end."""
-    from medsr.checkpoint import load_checkpoint
+    from medsr.data import crop_to_multiple
     from medsr.degrade import degrade
     from medsr.infer import super_resolve
     from medsr.io import read_volume, write_volume
@@ -195,8 +241,9 @@ def _demo(args: argparse.Namespace) -> int:
     _write_scores(rows, args.out)
     _figure(images, args.model, args.out / "comparison.png", degradation, slices)
 
-    model, description = load_checkpoint(args.model)
-    hr = read_volume(sample_path("colin27"), modality="MR")
+    # The same LR scan the table scored, simulated and then super-resolved through the `medsr upscale` path.
+    model, description = _load_model(args.model)
+    hr = crop_to_multiple(read_volume(sample_path("colin27"), modality="MR"), scale=description["scale"])
     lr = degrade(hr, degradation)
     write_volume(lr, args.out / "colin27_lr.nii.gz")
     sr = super_resolve(lr, model, scale=description["scale"], spatial_dims=description["model_kwargs"]["spatial_dims"])
@@ -249,6 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--scan", default="colin27", help="Sample name or path of an HR scan.")
     evaluate.add_argument("--slices", type=_slab, help="Held-out axial slab START:STOP (default: the model's test).")
     evaluate.add_argument("--out", type=Path, help="Folder for scores.csv, scores.json and comparison.png.")
+    evaluate.add_argument(
+        "--card",
+        action="store_true",
+        help="Write MODEL_CARD.md and the held-out scores into the model's checkpoint folder.",
+    )
     evaluate.set_defaults(run=_evaluate)
 
     demo = commands.add_parser("demo", help="Evaluate and run the shipped MRI x2 model on Colin27.")
@@ -262,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
+    except (ValueError, OSError, RuntimeError) as error:
         print(f"medsr {args.command}: error: {error}", file=sys.stderr)
         return 2
 

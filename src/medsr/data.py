@@ -15,7 +15,8 @@ import torch
 from torch.utils.data import Dataset
 
 from medsr.degrade import Degradation, degrade
-from medsr.volume import Volume
+from medsr.intensity import default_window, normalize
+from medsr.volume import Volume, integer_scale
 
 FOREGROUND_LEVEL = 0.05  # normalised intensity above which a voxel counts as tissue, not air
 
@@ -27,14 +28,25 @@ class Pair(NamedTuple):
     hr: torch.Tensor  # (C, *patch)
 
 
-def crop_to_multiple(volume: Volume, scale: Sequence[int]) -> Volume:
+def crop_to_multiple(volume: Volume, *, scale: Sequence[int]) -> Volume:
     """Drop trailing voxels so each axis is a multiple of its scale; the affine is unchanged (same origin)."""
     i, j, k = (n - n % s for n, s in zip(volume.spatial_shape, scale, strict=True))
     return volume.replace(array=volume.array[:, :i, :j, :k])
 
 
-def slice_range(volume: Volume, start: int, stop: int) -> Volume:
-    """Axial slab ``[start, stop)`` along k, with the affine moved to its first slice."""
+def prepare_scan(volume: Volume, degradation: Degradation) -> Volume:
+    """An HR scan ready for training or evaluation: cropped to the scale, normalised with its LR's window.
+
+    The window is computed on the simulated LR scan because that is all inference sees
+    (``infer.super_resolve`` computes it on its input), so training, evaluation and use agree exactly.
+    """
+    cropped = crop_to_multiple(volume, scale=integer_scale(degradation.factors))
+    return normalize(cropped, default_window(degrade(cropped, degradation)))
+
+
+def slice_range(volume: Volume, *, slices: tuple[int, int]) -> Volume:
+    """Slab ``[start, stop)`` along k, with the affine moved to its first slice."""
+    start, stop = slices
     if not 0 <= start < stop <= volume.spatial_shape[2]:
         raise ValueError(f"slices [{start}, {stop}) outside the volume's {volume.spatial_shape[2]} slices")
     shift = np.eye(4)
@@ -46,7 +58,7 @@ class PairDataset(Dataset[Pair]):
     """Random aligned 2D patches from in-plane (i, j) slices of normalised HR scans and their simulated LR.
 
     Args:
-        volumes: HR volumes, normalised to [0, 1], each cropped to a multiple of the in-plane scale.
+        volumes: HR volumes from :func:`prepare_scan` (normalised, cropped to a multiple of the scale).
         degradation: The LR simulation; factors must be integers in-plane and 1 along k.
         slices: ``[start, stop)`` along k to draw slices from (the training region).
         patch: HR patch edge in voxels (a multiple of the scale).
@@ -72,8 +84,8 @@ class PairDataset(Dataset[Pair]):
         self.scale = (int(scale[0]), int(scale[1]))
         if patch % self.scale[0] or patch % self.scale[1]:
             raise ValueError(f"patch {patch} is not a multiple of the scale {self.scale}")
-        self.hr = [slice_range(v, *slices).array for v in volumes]  # (C, I, J, K_region)
-        self.lr = [degrade(slice_range(v, *slices), degradation).array for v in volumes]
+        self.hr = [slice_range(v, slices=slices).array for v in volumes]  # (C, I, J, K_region)
+        self.lr = [degrade(slice_range(v, slices=slices), degradation).array for v in volumes]
         for hr in self.hr:
             if min(hr.shape[1:3]) < patch:
                 raise ValueError(f"patch {patch} is larger than a slice {tuple(hr.shape[1:3])}")

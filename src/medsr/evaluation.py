@@ -16,7 +16,7 @@ from medsr.degrade import Degradation, degrade
 from medsr.infer import Predictor, predict_volume
 from medsr.metrics import psnr, ssim
 from medsr.models.blocks import interpolate
-from medsr.volume import Volume
+from medsr.volume import Volume, integer_scale
 
 BASELINES = ("nearest", "linear", "cubic")
 
@@ -47,7 +47,7 @@ def compare_methods(
     """Score the baselines and 2D ``models`` on the slab ``slices`` of ``hr``.
 
     Args:
-        hr: Normalised HR volume, (C, I, J, K), in-plane size a multiple of the factors.
+        hr: HR volume from ``data.prepare_scan`` (normalised with its LR's window, cropped to the factors).
         degradation: In-plane integer factors, 1 along k.
         models: Name -> 2D predictor (see ``infer.model_predictor``).
         slices: ``[start, stop)`` along k; must not overlap the slices the models trained on.
@@ -56,9 +56,9 @@ def compare_methods(
         One row per method (``method`` plus the scores), and the images: name -> (K, C, I, J), including
         ``lr`` (K, C, I / s, J / s) and ``hr``.
     """
-    slab = slice_range(hr, *slices)
+    slab = slice_range(hr, slices=slices)
     lr = degrade(slab, degradation)
-    scale = tuple(int(f) for f in degradation.factors)
+    scale = integer_scale(degradation.factors)
     lr_slices = lr.array.permute(3, 0, 1, 2)  # (K, C, I / s, J / s)
     images = {"lr": lr_slices, "hr": slab.array.permute(3, 0, 1, 2)}
     for method in BASELINES:

@@ -13,7 +13,8 @@ import numpy as np
 from medsr.volume import Modality, Volume
 
 CT_WINDOW_HU = (-1024.0, 3071.0)  # the 12-bit range most CT scanners store
-MR_UPPER_PERCENTILE = 99.9  # MR units are arbitrary: scale by a high percentile, robust to a few hot voxels
+# MR units are arbitrary: map robust low/high percentiles, insensitive to a few hot voxels or Gibbs undershoot.
+LOWER_PERCENTILE, UPPER_PERCENTILE = 0.5, 99.9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,12 +33,12 @@ def default_window(volume: Volume) -> Window:
     """The window a model for this modality was trained with.
 
     CT: fixed HU range, so the same tissue maps to the same value in every scan. Others (MR, US, X-ray,
-    unknown): from the minimum to the 99.9th percentile of this scan, since their units are arbitrary.
+    unknown): the 0.5th to 99.9th percentile of this scan, since their units are arbitrary. Models are trained
+    with the window of the *low-resolution* scan, so inference computes it exactly as training did.
     """
     if volume.modality == Modality.CT:
         return Window(*CT_WINDOW_HU)
-    values = volume.array.numpy()
-    lo, hi = float(values.min()), float(np.percentile(values, MR_UPPER_PERCENTILE))
+    lo, hi = (float(p) for p in np.percentile(volume.array.numpy(), [LOWER_PERCENTILE, UPPER_PERCENTILE]))
     if hi <= lo:
         raise ValueError(f"volume is constant ({lo}): nothing to super-resolve")
     return Window(lo, hi)

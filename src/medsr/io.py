@@ -73,7 +73,8 @@ def write_volume(volume: Volume, path: Path | str) -> None:
     """Write ``volume`` to ``path`` atomically, in the format its suffix names.
 
     NIfTI gets float32 data and the affine as both sform and qform. PNG/TIFF need a 2D single-channel volume;
-    values are rounded and clipped to the source's integer type (``meta['pixel_dtype']``, default uint16).
+    values are rounded and clipped to the source image's integer type (``meta['pixel_dtype']``); volumes from
+    other formats (e.g. DICOM in HU) have none and can only go to float TIFF, never silently clipped.
     """
     path = Path(path)
     if volume.array.shape[0] != 1:
@@ -121,7 +122,10 @@ def _read_nifti(path: Path) -> Volume:
 def _write_nifti(volume: Volume, path: Path) -> None:
     image = nib.Nifti1Image(volume.array[0].detach().cpu().numpy().astype(np.float32), volume.affine)
     image.header.set_xyzt_units("mm")
-    image.set_qform(volume.affine, code=1)  # 1 = scanner-based coordinates
+    columns = volume.affine[:3, :3] / np.linalg.norm(volume.affine[:3, :3], axis=0)
+    orthogonal = np.allclose(columns.T @ columns, np.eye(3), atol=1e-6)
+    # The qform cannot hold a shear (e.g. a gantry-tilted CT): then only the sform carries the geometry.
+    image.set_qform(volume.affine, code=1 if orthogonal else 0)  # 1 = scanner-based coordinates
     image.set_sform(volume.affine, code=1)
     nib.save(image, path)
 
@@ -154,15 +158,18 @@ def _check_image(volume: Volume, path: Path) -> None:
     """PNG/TIFF hold one 2D frame; PNG holds integers only."""
     if volume.spatial_shape[2] != 1:
         raise ValueError(f"{path}: PNG/TIFF hold 2D images; got shape {volume.spatial_shape}, write .nii.gz instead")
-    dtype = np.dtype(volume.meta.get("pixel_dtype", "uint16"))
+    dtype = np.dtype(volume.meta.get("pixel_dtype", "float32"))
     if dtype.kind == "f" and path.name.lower().endswith(".png"):
-        raise ValueError(f"{path}: PNG cannot hold {dtype} pixels; write .tif or .nii.gz instead")
+        raise ValueError(
+            f"{path}: PNG holds integers only and this image has no integer source type (values "
+            f"would be clipped); write .tif or .nii.gz instead"
+        )
 
 
 def _write_image(volume: Volume, path: Path) -> None:
     from PIL import Image
 
-    dtype = np.dtype(volume.meta.get("pixel_dtype", "uint16"))
+    dtype = np.dtype(volume.meta.get("pixel_dtype", "float32"))
     values = volume.array[0, :, :, 0].detach().cpu().numpy().T
     if dtype.kind == "f":
         pixels = values.astype(dtype)

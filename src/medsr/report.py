@@ -38,7 +38,7 @@ def detail_box(hr: torch.Tensor, size: int) -> tuple[int, int]:
 
 
 def comparison_figure(path: Path, panels: Mapping[str, torch.Tensor], *, title: str = "") -> None:
-    """Side-by-side panels of one slice, each with a zoomed inset of the same detail; written atomically.
+    """Side-by-side panels of one slice (top row) and the same zoomed detail of each (bottom row); atomic write.
 
     Args:
         path: PNG to write.
@@ -58,22 +58,31 @@ def comparison_figure(path: Path, panels: Mapping[str, torch.Tensor], *, title: 
     size = max(8, min(full_i, full_j) // 4)
     box_i, box_j = detail_box(reference, size)
     low, high = np.percentile(reference.numpy(), [0.5, 99.5])
-    figure, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), squeeze=False)
-    for ax, (name, image) in zip(axes[0], panels.items(), strict=True):
-        extent = (0, full_i, 0, full_j)  # every panel spans the same field of view, whatever its voxel count
-        shown = dict(cmap="gray", vmin=low, vmax=high, origin="lower", interpolation="nearest", extent=extent)
-        ax.imshow(image.numpy().T, **shown)
-        ax.add_patch(Rectangle((box_i, box_j), size, size, fill=False, edgecolor="yellow", linewidth=1))
-        inset = ax.inset_axes((0.58, 0.58, 0.4, 0.4))
-        inset.imshow(image.numpy().T, **shown)
-        inset.set_xlim(box_i, box_i + size)
-        inset.set_ylim(box_j, box_j + size)
-        inset.set_xticks([])
-        inset.set_yticks([])
-        for spine in inset.spines.values():
+    figure, axes = plt.subplots(
+        2,
+        len(panels),
+        figsize=(3.0 * len(panels), 6.4),
+        squeeze=False,
+        gridspec_kw={"height_ratios": [full_j / full_i, 1]},
+    )
+    for column, (name, image) in enumerate(panels.items()):
+        # Every panel spans the same field of view, whatever its voxel count (the LR has fewer).
+        shown = dict(
+            cmap="gray", vmin=low, vmax=high, origin="lower", interpolation="nearest", extent=(0, full_i, 0, full_j)
+        )
+        whole, zoom = axes[0, column], axes[1, column]
+        whole.imshow(image.numpy().T, **shown)
+        whole.add_patch(Rectangle((box_i, box_j), size, size, fill=False, edgecolor="yellow", linewidth=1))
+        whole.set_title(f"{name} ({image.shape[0]}x{image.shape[1]})", fontsize=9)
+        zoom.imshow(image.numpy().T, **shown)
+        zoom.set_xlim(box_i, box_i + size)
+        zoom.set_ylim(box_j, box_j + size)
+        zoom.set_title(f"{name}, zoom x{full_i / size:.0f}", fontsize=8)
+        for ax in (whole, zoom):
+            ax.set_xticks([])
+            ax.set_yticks([])
+        for spine in zoom.spines.values():
             spine.set_edgecolor("yellow")
-        ax.set_title(f"{name} ({image.shape[0]}x{image.shape[1]})", fontsize=9)
-        ax.axis("off")
     if title:
         figure.suptitle(title, fontsize=10)
     figure.tight_layout()
@@ -81,3 +90,48 @@ def comparison_figure(path: Path, panels: Mapping[str, torch.Tensor], *, title: 
     figure.savefig(tmp, dpi=120, format="png")
     plt.close(figure)
     os.replace(tmp, path)
+
+
+def model_card(name: str, description: Mapping, rows: Sequence[Mapping], *, scan: str, slices: tuple[int, int]) -> str:
+    """A Markdown model card: what the model is for, what it was trained on, held-out scores next to baselines."""
+    config = description["config"]
+    data, degradation, train = config["data"], config["degradation"], config["train"]
+    kwargs = ", ".join(f"{k}={v}" for k, v in description["model_kwargs"].items())
+    validation = description.get("scores", {}).get("validation", {})
+    factors = "x".join(f"{f:g}" for f in degradation["factors"])
+    table = format_table(rows, ["method", "psnr", "ssim", "psnr_body", "ssim_body"])
+    return f"""# Model card: {name}
+
+- **Task**: {description["modality"]} super-resolution by {factors} (per voxel axis i x j x k).
+- **Architecture**: `{description["model_name"]}` ({kwargs}); {description.get("parameters", "?")} parameters.
+- **Training data**: {", ".join(data["scans"])}, axial slices {data["train_slices"][0]}..{data["train_slices"][1] - 1}
+  (k index); validation slices {data["val_slices"][0]}..{data["val_slices"][1] - 1}.
+- **Degradation learned**: k-space truncation {factors}, {degradation["kspace_window"]} window, no added noise.
+- **Intensities**: {description["intensity"]}.
+- **Training**: {train["steps"]} steps, batch {data["batch_size"]} of {data["patch"]}x{data["patch"]} HR patches,
+  Adam lr {train["lr"]} with cosine decay, {train["loss"]} loss, seed {train["seed"]}, on CPU. Best validation
+  step {description["step"]} (validation PSNR {validation.get("psnr", float("nan")):.2f} dB, bicubic
+  {validation.get("psnr_cubic", float("nan")):.2f} dB).
+
+## Held-out scores
+
+{scan}, axial slices {slices[0]}..{slices[1] - 1}, never seen in training or model selection. PSNR (dB) and SSIM
+per 2D slice, averaged; `data_range = 1` on normalised intensities; `*_body` inside the dilated head mask.
+
+```
+{table}
+```
+
+## Intended use and limits
+
+- MR magnitude images whose in-plane resolution was lost the way k-space truncation loses it (a lower
+  acquisition matrix over the same field of view), upsampled x2 in-plane; slices are processed independently.
+- Trained on **one subject** (Colin27, a T1 average of 27 scans: very high SNR). Noisy clinical scans, other
+  contrasts (T2, FLAIR), other anatomy or other degradations (partial Fourier, thick slices) are outside what it
+  saw; check against your own data with `medsr evaluate` before trusting it.
+- Not a diagnostic device. Super-resolution adds no information the scanner did not measure; the scores above
+  measure agreement with one high-resolution reference.
+
+Reproduce: `medsr train configs/edsr_mr_x2.yaml --out runs/edsr_mr_x2` then
+`medsr evaluate --model runs/edsr_mr_x2/best --card`.
+"""

@@ -200,6 +200,13 @@ def sample_path(name: str, *, install: bool = True) -> Path:
     return target
 
 
+def resolve_scan(name_or_path: str | Path) -> Path:
+    """A sample's installed file for a sample name (installing it if needed), else the path itself, resolved."""
+    if str(name_or_path) in _SAMPLES:
+        return sample_path(str(name_or_path)).resolve()
+    return Path(name_or_path).resolve()
+
+
 def install_samples(names: Sequence[str] | None = None) -> dict[str, Path]:
     """Install several samples (all by default) and return their paths by name."""
     names = list(_SAMPLES) if names is None else list(names)

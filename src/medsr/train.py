@@ -6,6 +6,7 @@ folders ``last/`` and ``best/`` (safetensors + JSON, see ``checkpoint.py``).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Callable, Iterator
@@ -20,15 +21,14 @@ from tqdm import tqdm
 
 from medsr.checkpoint import save_checkpoint
 from medsr.config import Config, to_dict
-from medsr.data import Pair, PairDataset, crop_to_multiple
+from medsr.data import Pair, PairDataset, prepare_scan
 from medsr.degrade import Degradation
 from medsr.evaluation import compare_methods
 from medsr.infer import model_predictor
-from medsr.intensity import default_window, normalize
 from medsr.io import read_volume
 from medsr.models import create_model
-from medsr.samples import list_samples, sample_path
-from medsr.volume import Volume
+from medsr.samples import resolve_scan
+from medsr.volume import Volume, integer_scale
 
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "l1": nn.functional.l1_loss,
@@ -47,16 +47,29 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Pair, 
     return {"loss": loss.item()}
 
 
-def load_scans(config: Config) -> list[Volume]:
-    """The HR training scans, normalised to [0, 1] with each scan's default window and cropped to the scale."""
-    known = {sample.name for sample in list_samples()}
-    volumes = []
-    for scan in config.data.scans:
-        path = sample_path(scan) if scan in known else Path(scan)
-        volume = read_volume(path, modality=config.data.modality)
-        volume = normalize(volume, default_window(volume))
-        volumes.append(crop_to_multiple(volume, [int(f) for f in config.degradation.factors]))
-    return volumes
+def load_scans(config: Config, degradation: Degradation) -> list[Volume]:
+    """The HR training scans, prepared as ``data.prepare_scan`` does (cropped, normalised with the LR window)."""
+    return [
+        prepare_scan(read_volume(resolve_scan(scan), modality=config.data.modality), degradation)
+        for scan in config.data.scans
+    ]
+
+
+def check_config(config: Config) -> None:
+    """Refuse configs that would fail late or leak: disjoint slice regions, a model scale matching the data."""
+    if config.train.loss not in LOSSES:
+        raise ValueError(f"unknown loss {config.train.loss!r}; choose one of {sorted(LOSSES)}")
+    regions = {"train": config.data.train_slices, "val": config.data.val_slices, "test": config.data.test_slices}
+    for (name_a, (start_a, stop_a)), (name_b, (start_b, stop_b)) in itertools.combinations(regions.items(), 2):
+        if start_a < stop_b and start_b < stop_a:
+            raise ValueError(
+                f"data.{name_a}_slices {(start_a, stop_a)} overlap data.{name_b}_slices "
+                f"{(start_b, stop_b)}: the model would be scored on what it saw"
+            )
+    factors = integer_scale(config.degradation.factors)
+    expected = factors[: config.model.spatial_dims]
+    if tuple(config.model.scale) != expected:
+        raise ValueError(f"model.scale {config.model.scale} must equal the degradation factors {expected}")
 
 
 def batches(dataset: PairDataset, batch_size: int, start_step: int) -> Iterator[Pair]:
@@ -81,9 +94,9 @@ def describe(config: Config, step: int, scores: dict[str, Any] | None = None) ->
             **config.model.kwargs,
         },
         "modality": config.data.modality,
-        "scale": [int(f) for f in config.degradation.factors],
+        "scale": list(integer_scale(config.degradation.factors)),
         "degradation": to_dict(config)["degradation"],
-        "intensity": "normalised per scan: min -> 0, 99.9th percentile -> 1 (CT: -1024..3071 HU -> 0..1)",
+        "intensity": "normalised per LR scan: 0.5th percentile -> 0, 99.9th -> 1 (CT: -1024..3071 HU -> 0..1)",
         "config": to_dict(config),
         "step": step,
         "scores": scores or {},
@@ -96,8 +109,9 @@ def fit(config: Config, run_dir: Path, *, progress: bool = True) -> dict[str, An
     Validation runs every ``train.val_every`` steps on the ``data.val_slices`` region (never trained on);
     ``best/`` keeps the weights with the highest validation PSNR.
     """
-    if config.train.loss not in LOSSES:
-        raise ValueError(f"unknown loss {config.train.loss!r}; choose one of {sorted(LOSSES)}")
+    check_config(config)
+    if (run_dir / "metrics.jsonl").exists():
+        raise ValueError(f"{run_dir}: holds a previous run; choose another --out")
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     torch.manual_seed(config.train.seed)
@@ -105,7 +119,7 @@ def fit(config: Config, run_dir: Path, *, progress: bool = True) -> dict[str, An
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
     degradation = Degradation(config.degradation.factors, config.degradation.kspace_window)
-    volumes = load_scans(config)
+    volumes = load_scans(config, degradation)
     dataset = PairDataset(
         volumes,
         degradation,
@@ -127,7 +141,7 @@ def fit(config: Config, run_dir: Path, *, progress: bool = True) -> dict[str, An
     best: dict[str, Any] = {"psnr": -math.inf}
     stream = batches(dataset, config.data.batch_size, 0)
     bar = tqdm(range(1, config.train.steps + 1), desc="train", unit="step", disable=not progress)
-    with (run_dir / "metrics.jsonl").open("a") as log:
+    with (run_dir / "metrics.jsonl").open("x") as log:
         for step in bar:
             logs = train_step(model, optimizer, next(stream), loss_fn)
             schedule.step()

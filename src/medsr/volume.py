@@ -113,6 +113,14 @@ def scale_affine(affine: np.ndarray, scale: Sequence[float]) -> np.ndarray:
     return np.asarray(affine, dtype=np.float64) @ new_to_old
 
 
+def integer_scale(factors: Sequence[float]) -> tuple[int, ...]:
+    """Factors as integers, e.g. (2.0, 2.0, 1.0) -> (2, 2, 1); a non-integer factor is an error, not truncated."""
+    scale = tuple(int(round(f)) for f in factors)
+    if any(abs(f - s) > 1e-9 or s < 1 for f, s in zip(factors, scale, strict=True)):
+        raise ValueError(f"this model path needs integer factors >= 1 per axis, got {tuple(factors)}")
+    return scale
+
+
 def world_coordinates(affine: np.ndarray, spatial_shape: Sequence[int]) -> np.ndarray:
     """World (RAS+ mm) position of every voxel centre, shape (3, I, J, K)."""
     grid = np.stack(np.meshgrid(*[np.arange(n) for n in spatial_shape], indexing="ij"))  # (3, I, J, K)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -30,9 +31,7 @@ def pixel_shuffle(x: torch.Tensor, scale: Sequence[int]) -> torch.Tensor:
     dims = len(spatial)
     if len(scale) != dims:
         raise ValueError(f"scale {tuple(scale)} does not match {dims} spatial axes")
-    factor = 1
-    for s in scale:
-        factor *= s
+    factor = math.prod(scale)
     if channels % factor:
         raise ValueError(f"{channels} channels cannot be shuffled by {tuple(scale)}")
     out_channels = channels // factor
@@ -65,10 +64,7 @@ class Upsample(nn.Module):
         self.scale = tuple(int(s) for s in scale)
         if len(self.scale) != spatial_dims or min(self.scale) < 1:
             raise ValueError(f"scale must be {spatial_dims} integers >= 1, got {tuple(scale)}")
-        factor = 1
-        for s in self.scale:
-            factor *= s
-        self.conv = conv(spatial_dims, channels, channels * factor)
+        self.conv = conv(spatial_dims, channels, channels * math.prod(self.scale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return pixel_shuffle(self.conv(x), self.scale)  # (N, C, *(spatial * scale))

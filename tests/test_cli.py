@@ -1,0 +1,152 @@
+"""End-to-end tests of the `medsr` commands on small real data (a crop of Colin27)."""
+
+import json
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+
+from medsr.cli import main
+from medsr.data import prepare_scan
+from medsr.degrade import Degradation
+from medsr.intensity import default_window, normalize
+from medsr.io import read_volume, write_volume
+from medsr.metrics import psnr
+from medsr.samples import sample_path
+from medsr.volume import Volume, scale_affine, world_coordinates
+
+
+@pytest.fixture(scope="module")
+def colin_crop(tmp_path_factory):
+    """A 64x64x4 crop of Colin27 through the ventricles, with the affine moved to the crop (real MRI texture)."""
+    colin = read_volume(sample_path("colin27"))
+    corner = np.array([58, 80, 90])
+    shift = np.eye(4)
+    shift[:3, 3] = corner
+    crop = colin.replace(array=colin.array[:, 58:122, 80:144, 90:94], affine=colin.affine @ shift)
+    path = tmp_path_factory.mktemp("colin") / "crop.nii.gz"
+    write_volume(crop, path)
+    return path
+
+
+def test_info_prints_geometry(colin_crop, capsys):
+    assert main(["info", str(colin_crop)]) == 0
+    assert "shape=(64, 64, 4)" in capsys.readouterr().out
+
+
+def test_simulate_then_upscale_keeps_the_field_of_view(colin_crop, tmp_path):
+    lr_path, sr_path = tmp_path / "lr.nii.gz", tmp_path / "sr.nii.gz"
+    assert main(["simulate", str(colin_crop), str(lr_path), "--factors", "2,2,1"]) == 0
+    hr, lr = read_volume(colin_crop), read_volume(lr_path)
+    assert lr.spatial_shape == (32, 32, 4)
+    np.testing.assert_allclose(lr.affine, scale_affine(hr.affine, (0.5, 0.5, 1)))
+    assert main(["upscale", str(lr_path), str(sr_path), "--scale", "2,2,1"]) == 0
+    sr = read_volume(sr_path)
+    assert sr.spatial_shape == hr.spatial_shape
+    np.testing.assert_allclose(sr.affine, hr.affine, atol=1e-5)  # same grid as the HR scan: same FOV
+    assert float((sr.array - hr.array).abs().mean()) < float((lr.array.mean() - hr.array).abs().mean())
+
+
+def test_upscale_keeps_world_coordinates_with_the_shipped_model(tmp_path):
+    """A volume whose intensity is its own world x: the SR output's values follow its own affine."""
+    affine = np.array([[0.0, -1.2, 0, 30], [1.2, 0, 0, -20], [0, 0, 2.0, 5], [0, 0, 0, 1]])  # rotated in-plane
+    shape = (40, 36, 2)
+    x = torch.from_numpy(world_coordinates(affine, shape)[0]).float()[None]
+    write_volume(Volume(x + 100, affine), tmp_path / "ramp.nii.gz")
+    assert main(["upscale", str(tmp_path / "ramp.nii.gz"), str(tmp_path / "sr.nii.gz")]) == 0
+    sr = read_volume(tmp_path / "sr.nii.gz")
+    expected = world_coordinates(sr.affine, sr.spatial_shape)[0] + 100
+    interior = (slice(8, -8), slice(8, -8), slice(None))
+    error = np.abs(sr.array[0].numpy() - expected)[interior]
+    assert np.median(error) < 0.1  # mm, against a voxel of 0.6 mm: data and geometry agree
+
+
+def write_nifti(path, array):
+    write_volume(Volume(torch.as_tensor(array, dtype=torch.float32)[None], np.eye(4)), path)
+
+
+def ct_slice(path, series_uid, position):
+    ds = pydicom.dcmread(pydicom.data.get_testdata_file("CT_small.dcm"))
+    ds.SeriesInstanceUID, ds.ImagePositionPatient = series_uid, [0, 0, position]
+    ds.save_as(path)
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "4d", "nan", "mixed_series"])
+def test_bad_input_is_a_clear_error_and_writes_nothing(case, tmp_path, capsys):
+    source = tmp_path / "in.nii.gz"
+    if case == "corrupt":
+        source.write_bytes(b"\x1f\x8b this is not a NIfTI file")
+    elif case == "4d":
+        import nibabel as nib
+
+        nib.save(nib.Nifti1Image(np.zeros((8, 8, 4, 3), np.float32), np.eye(4)), source)
+    elif case == "nan":
+        write_nifti(source, np.where(np.eye(8)[..., None] > 0, np.nan, 1.0) * np.ones((8, 8, 3)))
+    elif case == "mixed_series":
+        source = tmp_path / "series"
+        source.mkdir()
+        ct_slice(source / "a.dcm", "1.2.3.1", 0.0)
+        ct_slice(source / "b.dcm", "1.2.3.2", 5.0)
+    output = tmp_path / "out.nii.gz"
+    assert main(["upscale", str(source), str(output)]) == 2
+    error = capsys.readouterr().err
+    assert str(source) in error
+    expected = {
+        "missing": "no such file",
+        "corrupt": "cannot read as NIfTI",
+        "4d": "4D",
+        "nan": "NaN",
+        "mixed_series": "series",
+    }[case]
+    assert expected in error
+    assert not output.exists()
+
+
+def test_outputs_never_overwrite_inputs_or_existing_files(colin_crop, tmp_path, capsys):
+    before = colin_crop.read_bytes()
+    assert main(["upscale", str(colin_crop), str(colin_crop), "--force"]) == 2
+    assert "never overwrites its input" in capsys.readouterr().err
+    assert colin_crop.read_bytes() == before
+    existing = tmp_path / "existing.nii.gz"
+    existing.write_bytes(b"keep me")
+    assert main(["simulate", str(colin_crop), str(existing)]) == 2
+    assert "--force" in capsys.readouterr().err and existing.read_bytes() == b"keep me"
+
+
+def test_unknown_options_are_rejected(colin_crop, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["upscale", str(colin_crop), str(tmp_path / "o.nii.gz"), "--scale", "2,2"])
+    assert main(["upscale", str(colin_crop), str(tmp_path / "o.nii.gz"), "--model", "nope"]) == 2
+    assert main(["upscale", str(colin_crop), str(tmp_path / "o.nii.gz"), "--scale", "4,4,1"]) == 2
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+@pytest.mark.parametrize("slab, region", [("50:60", "train"), ("100:112", "val")])
+def test_evaluate_refuses_slices_the_model_trained_or_was_selected_on(slab, region, capsys):
+    assert main(["evaluate", "--slices", slab]) == 2
+    assert f"overlap the {region} slices" in capsys.readouterr().err
+    # Also when the scan is named by its path rather than its sample name.
+    assert main(["evaluate", "--scan", str(sample_path("colin27")), "--slices", slab]) == 2
+
+
+@pytest.mark.slow
+def test_demo_prints_the_table_and_writes_its_outputs(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for method in ("nearest", "linear", "cubic", "edsr_mr_x2"):
+        assert method in out
+    names = {"scores.csv", "scores.json", "comparison.png", "colin27_lr.nii.gz", "colin27_sr.nii.gz"}
+    assert names <= {p.name for p in tmp_path.iterdir()}
+    sr, lr = read_volume(tmp_path / "colin27_sr.nii.gz"), read_volume(tmp_path / "colin27_lr.nii.gz")
+    assert sr.spatial_shape == (180, 216, 181)
+
+    # The table describes the written file: the SR scan, scored like evaluate does, gives the model's row.
+    hr = prepare_scan(read_volume(sample_path("colin27"), modality="MR"), Degradation((2, 2, 1)))
+    np.testing.assert_allclose(sr.affine, hr.affine, atol=1e-6)  # on the HR grid
+    window = default_window(lr.replace(modality="MR"))
+    slab = slice(110, 150)
+    sr_slices = normalize(sr, window).array[..., slab].permute(3, 0, 1, 2)
+    hr_slices = hr.array[..., slab].permute(3, 0, 1, 2)
+    row = next(r for r in json.loads((tmp_path / "scores.json").read_text()) if r["method"] == "edsr_mr_x2")
+    assert float(psnr(sr_slices, hr_slices, data_range=1.0).mean()) == pytest.approx(row["psnr"], abs=1e-3)

@@ -1,0 +1,37 @@
+import numpy as np
+import pytest
+import torch
+
+from medsr.degrade import Degradation
+from medsr.evaluation import body_mask, compare_methods
+from medsr.models.blocks import interpolate
+from medsr.volume import Modality, Volume
+
+
+@pytest.fixture
+def head() -> Volume:
+    """A smooth disc 'head' with texture, in air: 64x64 in-plane, 12 slices."""
+    i, j = np.meshgrid(np.linspace(-1, 1, 64), np.linspace(-1, 1, 64), indexing="ij")
+    disc = (i**2 + j**2 < 0.6).astype(np.float32) * (0.6 + 0.3 * np.sin(9 * i) * np.cos(7 * j))
+    array = torch.from_numpy(np.repeat(disc[..., None], 12, axis=2))[None]
+    return Volume(array, np.eye(4), Modality.MR)
+
+
+def test_a_model_that_is_bicubic_scores_exactly_like_bicubic(head):
+    rows, images = compare_methods(
+        head, Degradation((2, 2, 1)), {"bicubic_model": lambda b: interpolate(b, (2, 2), "cubic")}, slices=(4, 10)
+    )
+    by_method = {row["method"]: row for row in rows}
+    assert list(by_method) == ["nearest", "linear", "cubic", "bicubic_model"]
+    for key in ("psnr", "ssim", "psnr_body", "ssim_body"):
+        assert by_method["bicubic_model"][key] == pytest.approx(by_method["cubic"][key], abs=1e-5)
+    assert by_method["nearest"]["psnr"] < by_method["linear"]["psnr"] < by_method["cubic"]["psnr"]
+    assert images["lr"].shape == (6, 1, 32, 32) and images["hr"].shape == (6, 1, 64, 64)
+
+
+def test_body_mask_excludes_air_and_lowers_psnr(head):
+    hr = head.array.permute(3, 0, 1, 2)
+    mask = body_mask(hr)
+    assert 0.3 < float(mask.float().mean()) < 0.7
+    rows, _ = compare_methods(head, Degradation((2, 2, 1)), {}, slices=(0, 12))
+    assert all(row["psnr_body"] < row["psnr"] for row in rows)  # air is easy: leaving it out is stricter

@@ -1,0 +1,104 @@
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from medsr.checkpoint import load_checkpoint, save_checkpoint, shipped_models
+from medsr.config import load_config
+from medsr.data import Pair, PairDataset
+from medsr.degrade import Degradation
+from medsr.models import create_model
+from medsr.train import LOSSES, batches, check_config, fit, train_step
+from medsr.volume import Volume
+
+TINY = [
+    "model.name=edsr_tiny",
+    "data.patch=32",
+    "data.batch_size=2",
+    "data.train_slices=[60,70]",
+    "data.val_slices=[75,77]",
+    "train.steps=4",
+    "train.val_every=2",
+]
+
+
+def test_train_step_updates_every_parameter():
+    torch.manual_seed(0)
+    model = create_model("edsr_tiny", spatial_dims=2, scale=(2, 2))
+    before = [p.detach().clone() for p in model.parameters()]
+    batch = Pair(lr=torch.rand(2, 1, 8, 8), hr=torch.rand(2, 1, 16, 16))
+    logs = train_step(model, torch.optim.Adam(model.parameters(), lr=1e-3), batch, LOSSES["l1"])
+    assert logs["loss"] > 0
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_a_resumed_stream_replays_the_same_batches(rng):
+    volume = Volume(torch.from_numpy(rng.random((1, 32, 32, 4), dtype=np.float32)), np.eye(4))
+    dataset = PairDataset([volume], Degradation((2, 2, 1)), slices=(0, 4), patch=16, length=5, min_foreground=0)
+    from_start = list(itertools.islice(batches(dataset, 2, 0), 6))
+    resumed = next(batches(dataset, 2, 4))
+    assert torch.equal(resumed.hr, from_start[4].hr) and torch.equal(resumed.lr, from_start[4].lr)
+    assert not torch.equal(from_start[0].hr, from_start[3].hr)  # epoch 1 (items 5..) differs from epoch 0
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
+    model = create_model("edsr_tiny", spatial_dims=2, scale=(2, 2))
+    save_checkpoint(
+        tmp_path / "ckpt", model, {"model_name": "edsr_tiny", "model_kwargs": {"spatial_dims": 2, "scale": [2, 2]}}
+    )
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["model.json", "model.safetensors"]
+    loaded, description = load_checkpoint(tmp_path / "ckpt")
+    x = torch.rand(1, 1, 12, 10)
+    torch.testing.assert_close(loaded(x), model.eval()(x), atol=0, rtol=0)
+    assert description["model_name"] == "edsr_tiny"
+
+
+def test_broken_or_missing_checkpoints_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="lacks"):
+        save_checkpoint(tmp_path, create_model("edsr_tiny"), {})
+    with pytest.raises(FileNotFoundError, match="shipped"):
+        load_checkpoint(tmp_path / "nothing")
+    (tmp_path / "model.json").write_text(json.dumps({"model_name": "edsr_tiny", "model_kwargs": {}}))
+    (tmp_path / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="broken checkpoint"):
+        load_checkpoint(tmp_path)
+
+
+def test_fit_on_colin27_writes_config_metrics_and_checkpoints(tmp_path):
+    best = fit(load_config(overrides=TINY), tmp_path, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [2, 4]
+    assert best["psnr"] == max(row["psnr"] for row in rows)
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["model"]["name"] == "edsr_tiny"
+    model, description = load_checkpoint(tmp_path / "best")
+    assert description["step"] == best["step"] and description["modality"] == "MR"
+    assert description["config"]["data"]["train_slices"] == [60, 70]
+    assert model(torch.rand(1, 1, 8, 8)).shape == (1, 1, 16, 16)
+
+
+def test_shipped_default_model_is_present():
+    assert "edsr_mr_x2" in shipped_models()
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["data.val_slices=[80,100]"], "overlap"),
+        (["data.test_slices=[10,30]"], "overlap"),
+        (["degradation.factors=[3,3,1]"], "model.scale"),
+        (["degradation.factors=[1.5,1.5,1]"], "integer factors"),
+        (["train.loss=l3"], "unknown loss"),
+    ],
+)
+def test_configs_that_would_leak_or_fail_late_are_refused(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        check_config(load_config(overrides=overrides))
+
+
+def test_fit_refuses_to_mix_runs(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(ValueError, match="previous run"):
+        fit(load_config(overrides=TINY), tmp_path, progress=False)
