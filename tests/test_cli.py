@@ -62,6 +62,26 @@ def test_upscale_keeps_world_coordinates_with_the_shipped_model(tmp_path):
     assert np.median(error) < 0.1  # mm, against a voxel of 0.6 mm: data and geometry agree
 
 
+def test_upscale_png_gives_png_of_twice_the_size(tmp_path):
+    from PIL import Image
+
+    colin = read_volume(sample_path("colin27"))
+    pixels = colin.array[0, 40:140, 50:170, 120].numpy().T.round().astype(np.uint8)  # (rows, columns)
+    Image.fromarray(pixels).save(tmp_path / "slice.png")
+    assert main(["upscale", str(tmp_path / "slice.png"), str(tmp_path / "sr.png")]) == 0
+    with Image.open(tmp_path / "sr.png") as image:
+        assert image.mode == "L" and image.size == (200, 240)
+
+
+def test_upscale_dicom_warns_about_modality_and_keeps_geometry(tmp_path, capsys):
+    source = pydicom.data.get_testdata_file("CT_small.dcm")
+    assert main(["upscale", source, str(tmp_path / "sr.nii.gz")]) == 0
+    assert "trained on MR" in capsys.readouterr().err
+    lr, sr = read_volume(source), read_volume(tmp_path / "sr.nii.gz")
+    assert sr.spatial_shape == (256, 256, 1)
+    np.testing.assert_allclose(sr.affine, scale_affine(lr.affine, (2, 2, 1)), atol=1e-5)
+
+
 def write_nifti(path, array):
     write_volume(Volume(torch.as_tensor(array, dtype=torch.float32)[None], np.eye(4)), path)
 
