@@ -37,7 +37,7 @@ def test_info_prints_geometry(colin_crop, capsys):
 
 def test_simulate_then_upscale_keeps_the_field_of_view(colin_crop, tmp_path):
     lr_path, sr_path = tmp_path / "lr.nii.gz", tmp_path / "sr.nii.gz"
-    assert main(["simulate", str(colin_crop), str(lr_path), "--factors", "2,2,1"]) == 0
+    assert main(["simulate", str(colin_crop), str(lr_path), "--modality", "MR", "--factors", "2,2,1"]) == 0
     hr, lr = read_volume(colin_crop), read_volume(lr_path)
     assert lr.spatial_shape == (32, 32, 4)
     np.testing.assert_allclose(lr.affine, scale_affine(hr.affine, (0.5, 0.5, 1)))

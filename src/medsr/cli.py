@@ -68,14 +68,33 @@ def _samples(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from medsr.degrade import Degradation, degrade
+    import numpy as np
+
+    from medsr.degrade import Degradation, degrade, factors_for_spacing
     from medsr.io import read_volume, write_volume
 
     _check_output(args.output, [args.input], args.force)
     volume = read_volume(args.input, modality=args.modality)
-    lr = degrade(volume, Degradation(args.factors, args.kspace_window))
+    if volume.modality.value == "OT":
+        raise ValueError(f"{args.input}: the file names no modality; pass --modality MR, CT, US, CR or DX")
+    factors = factors_for_spacing(volume, args.spacing) if args.spacing else args.factors
+    if args.slice_thickness and factors[2] == 1 and not args.spacing:
+        # A thickness alone means: slices that thick, at that increment (contiguous), unless --factors says otherwise.
+        factors = (*factors[:2], max(1.0, args.slice_thickness / volume.spacing[2]))
+    degradation = Degradation(
+        factors=factors,
+        modality=volume.modality.value,
+        kspace_window=args.kspace_window,
+        slice_profile=args.slice_profile,
+        slice_thickness=args.slice_thickness or 0.0,
+        psf_fwhm=args.psf_fwhm,
+        noise=args.noise,
+        noise_sigma=args.noise_sigma,
+        photons=args.photons,
+    )
+    lr = degrade(volume, degradation, rng=np.random.default_rng(args.seed))
     write_volume(lr, args.output)
-    print(f"wrote {args.output}: {lr!r}")
+    print(f"wrote {args.output}: {lr!r}\n{degradation}")
     return 0
 
 
@@ -265,12 +284,20 @@ def build_parser() -> argparse.ArgumentParser:
     samples.add_argument("--list", action="store_true", help="Only list, install nothing.")
     samples.set_defaults(run=_samples)
 
-    simulate = commands.add_parser("simulate", help="Simulate a low-resolution MRI acquisition of a scan.")
+    simulate = commands.add_parser("simulate", help="Simulate a low-resolution acquisition of a scan (MR/CT/US/X-ray).")
     simulate.add_argument("input", type=Path)
     simulate.add_argument("output", type=Path, help="NIfTI or PNG/TIFF to write.")
-    simulate.add_argument("--factors", type=_triple, default=(2.0, 2.0, 1.0), help="Per axis i,j,k (default 2,2,1).")
-    simulate.add_argument("--kspace-window", choices=("rect", "hann"), default="rect")
-    simulate.add_argument("--modality", help="Override the modality (NIfTI/PNG carry none).")
+    simulate.add_argument("--modality", help="Scanner model (MR, CT, US, CR, DX); needed for NIfTI/PNG.")
+    simulate.add_argument("--factors", type=_triple, default=(1.0, 1.0, 1.0), help="Resolution loss per axis i,j,k.")
+    simulate.add_argument("--spacing", type=_triple, help="Target spacing in mm per axis i,j,k (instead of --factors).")
+    simulate.add_argument("--slice-thickness", type=float, help="MR/CT slice thickness (profile FWHM) in mm.")
+    simulate.add_argument("--slice-profile", choices=("rect", "gaussian"), default="rect")
+    simulate.add_argument("--kspace-window", choices=("rect", "hann", "tukey"), default="rect", help="MR in-plane.")
+    simulate.add_argument("--psf-fwhm", type=_triple, default=(0.0, 0.0, 0.0), help="Gaussian PSF FWHM in mm, i,j,k.")
+    simulate.add_argument("--noise", choices=("none", "rician", "gaussian", "poisson", "speckle"), default="none")
+    simulate.add_argument("--noise-sigma", type=float, default=0.0, help="Rician/Gaussian sigma in image units (HU).")
+    simulate.add_argument("--photons", type=float, default=0.0, help="X-ray quanta per pixel at full intensity.")
+    simulate.add_argument("--seed", type=int, default=0, help="Seed of the noise.")
     simulate.add_argument("-f", "--force", action="store_true", help="Replace OUTPUT if it exists.")
     simulate.set_defaults(run=_simulate)
 

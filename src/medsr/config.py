@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from medsr.degrade import Degradation
+
 
 @dataclasses.dataclass
 class ModelConfig:
@@ -36,12 +38,6 @@ class DataConfig:
 
 
 @dataclasses.dataclass
-class DegradationConfig:
-    factors: tuple[float, float, float] = (2.0, 2.0, 1.0)  # per voxel axis (i, j, k)
-    kspace_window: str = "rect"
-
-
-@dataclasses.dataclass
 class TrainConfig:
     steps: int = 3000
     lr: float = 5e-4
@@ -55,7 +51,7 @@ class TrainConfig:
 class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    degradation: DegradationConfig = dataclasses.field(default_factory=DegradationConfig)
+    degradation: Degradation = dataclasses.field(default_factory=Degradation)  # the LR simulation, as saved
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
 

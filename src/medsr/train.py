@@ -118,7 +118,7 @@ def fit(config: Config, run_dir: Path, *, progress: bool = True) -> dict[str, An
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
-    degradation = Degradation(config.degradation.factors, config.degradation.kspace_window)
+    degradation = config.degradation
     volumes = load_scans(config, degradation)
     dataset = PairDataset(
         volumes,

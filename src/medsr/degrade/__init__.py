@@ -1,0 +1,190 @@
+"""Low-resolution simulation: how each scanner loses resolution, per axis, with the LR geometry to match.
+
+- MR: k-space truncation in-plane (i, j), with Gibbs ringing and optional apodisation; thick slices along k
+  with a slice profile and gap; Rician noise on the magnitude.
+- CT: in HU. Focal-spot/detector blur (Gaussian PSF, FWHM in mm), detector-aperture sampling in-plane, slice
+  thickness along k at a given increment; reconstruction-like correlated noise.
+- CR/DX (X-ray): detector blur, pixel binning, quantum (Poisson) noise.
+- US: see ``ultrasound.py``.
+
+Every model samples on the same field of view, so the LR affine is ``scale_affine(affine, 1 / applied_factors)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from medsr.degrade.noise import correlated_gaussian, poisson, rician
+from medsr.degrade.sampling import (
+    KSPACE_WINDOWS,
+    PROFILES,
+    gaussian_blur,
+    kspace_truncate,
+    kspace_upsample,
+    lr_shape,
+    profile_sample,
+)
+from medsr.volume import Modality, Volume, scale_affine
+
+NOISES = ("none", "rician", "gaussian", "poisson", "speckle")
+CT_NOISE_GRAIN = 1.5  # LR voxels: FWHM of the in-plane texture of CT noise
+
+
+@dataclasses.dataclass(frozen=True)
+class Degradation:
+    """What is applied to make LR from HR; saved with every model so users know what it learned to invert.
+
+    Args:
+        factors: Resolution loss per voxel axis (i, j, k), >= 1, may be non-integer; the applied factor is
+            ``n / round(n / factor)``. Use :func:`factors_for_spacing` for a target spacing in mm.
+        modality: Scanner model to simulate ('MR', 'CT', 'US', 'CR'/'DX').
+        kspace_window: MR in-plane apodisation: 'rect' (plain truncation), 'hann' or 'tukey'.
+        slice_profile: Profile along k for MR/CT thick slices: 'rect' or 'gaussian'.
+        slice_thickness: FWHM of the slice profile in mm; 0 means equal to the LR slice spacing (contiguous).
+            Thinner than the spacing leaves a gap; thicker makes slices overlap.
+        psf_fwhm: Gaussian blur per axis before sampling, FWHM in mm (CT focal spot/detector, X-ray detector,
+            US beam width: lateral, axial).
+        noise: 'none', 'rician' (MR), 'gaussian' (CT, correlated), 'poisson' (X-ray) or 'speckle' (US).
+        noise_sigma: Standard deviation for 'rician'/'gaussian', in the image's units (HU for CT).
+        photons: For 'poisson': detected quanta per pixel at the image's 99.9th percentile intensity.
+        dynamic_range_db: US log-compression range used to go between B-mode and echo amplitude.
+    """
+
+    factors: tuple[float, float, float] = (2.0, 2.0, 1.0)
+    modality: str = "MR"
+    kspace_window: str = "rect"
+    slice_profile: str = "rect"
+    slice_thickness: float = 0.0
+    psf_fwhm: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    noise: str = "none"
+    noise_sigma: float = 0.0
+    photons: float = 0.0
+    dynamic_range_db: float = 60.0
+
+    def __post_init__(self) -> None:
+        factors = tuple(float(f) for f in self.factors)
+        if len(factors) != 3 or any(not math.isfinite(f) or f < 1 for f in factors):
+            raise ValueError(f"factors must be 3 numbers >= 1 (i, j, k), got {self.factors}")
+        psf = tuple(float(f) for f in self.psf_fwhm)
+        if len(psf) != 3 or any(not math.isfinite(f) or f < 0 for f in psf):
+            raise ValueError(f"psf_fwhm must be 3 widths >= 0 mm (i, j, k), got {self.psf_fwhm}")
+        Modality(self.modality)  # raises on an unknown modality
+        if self.kspace_window not in KSPACE_WINDOWS:
+            raise ValueError(f"unknown kspace_window {self.kspace_window!r}; choose one of {KSPACE_WINDOWS}")
+        if self.slice_profile not in PROFILES:
+            raise ValueError(f"unknown slice_profile {self.slice_profile!r}; choose one of {PROFILES}")
+        if self.noise not in NOISES:
+            raise ValueError(f"unknown noise {self.noise!r}; choose one of {NOISES}")
+        if self.slice_thickness < 0 or self.noise_sigma < 0 or self.photons < 0 or self.dynamic_range_db <= 0:
+            raise ValueError("slice_thickness, noise_sigma and photons must be >= 0, dynamic_range_db > 0")
+        if self.noise in ("rician", "gaussian") and self.noise_sigma == 0:
+            raise ValueError(f"noise {self.noise!r} needs noise_sigma > 0")
+        if self.noise == "poisson" and self.photons == 0:
+            raise ValueError("noise 'poisson' needs photons > 0")
+        object.__setattr__(self, "factors", factors)
+        object.__setattr__(self, "psf_fwhm", psf)
+
+    @property
+    def is_random(self) -> bool:
+        """Whether :func:`degrade` needs an ``rng`` (noise or speckle)."""
+        return self.noise != "none"
+
+
+def factors_for_spacing(volume: Volume, spacing_mm: Sequence[float]) -> tuple[float, float, float]:
+    """Per-axis factors that turn the volume's spacing into ``spacing_mm`` (i, j, k); each must be >= 1."""
+    factors = tuple(t / s for t, s in zip(spacing_mm, volume.spacing, strict=True))
+    if any(f < 1 - 1e-6 for f in factors):
+        raise ValueError(f"target spacing {tuple(spacing_mm)} mm is finer than the scan's {volume.spacing} mm")
+    return tuple(max(1.0, f) for f in factors)
+
+
+def degrade(volume: Volume, degradation: Degradation, *, rng: np.random.Generator | None = None) -> Volume:
+    """Simulate the LR acquisition of ``volume``; the returned affine covers the same field of view.
+
+    Args:
+        volume: HR volume in physical units (HU for CT), array (C, I, J, K).
+        degradation: What to apply; factors are per voxel axis (i, j, k).
+        rng: Required when ``degradation.is_random``.
+    """
+    if volume.spatial_shape[2] == 1 and degradation.factors[2] != 1:
+        raise ValueError(f"a 2D image (K == 1) cannot be degraded along k (factors {degradation.factors})")
+    if degradation.is_random and rng is None:
+        raise ValueError(f"noise {degradation.noise!r} is random: pass rng=np.random.default_rng(seed)")
+    pipeline = _PIPELINES[Modality(degradation.modality)]
+    array = pipeline(volume.array, volume.spacing, degradation, rng)
+    applied = [n / m for n, m in zip(volume.spatial_shape, array.shape[1:], strict=True)]
+    return volume.replace(array=array, affine=scale_affine(volume.affine, [1.0 / f for f in applied]))
+
+
+def _voxels(fwhm_mm: Sequence[float], spacing: Sequence[float]) -> tuple[float, ...]:
+    return tuple(w / s for w, s in zip(fwhm_mm, spacing, strict=True))
+
+
+def _slices(array: torch.Tensor, spacing: Sequence[float], d: Degradation) -> torch.Tensor:
+    """Thick slices along k: the slice profile of FWHM ``slice_thickness`` every ``factors[2]`` HR slices."""
+    if d.factors[2] == 1 and d.slice_thickness == 0:
+        return array
+    thickness = (
+        d.slice_thickness / spacing[2]
+        if d.slice_thickness
+        else array.shape[3] / lr_shape([array.shape[3]], [d.factors[2]])[0]
+    )
+    return profile_sample(array, 3, d.factors[2], profile=d.slice_profile, fwhm=thickness)
+
+
+def _mr(array: torch.Tensor, spacing: Sequence[float], d: Degradation, rng) -> torch.Tensor:
+    array = gaussian_blur(array, _voxels(d.psf_fwhm, spacing))
+    in_plane = kspace_truncate(array, (*d.factors[:2], 1.0), window=d.kspace_window)  # (C, I', J', K)
+    array = _slices(in_plane, spacing, d)
+    return rician(array, d.noise_sigma, rng) if d.noise == "rician" else array
+
+
+def _aperture(array: torch.Tensor, axes: Sequence[int], factors: Sequence[float]) -> torch.Tensor:
+    """Detector-aperture sampling: each LR pixel averages the HR pixels it covers (a rect the LR pixel's width)."""
+    for axis, factor in zip(axes, factors, strict=True):
+        if factor != 1:
+            n = array.shape[axis]
+            array = profile_sample(array, axis, factor, profile="rect", fwhm=n / lr_shape([n], [factor])[0])
+    return array
+
+
+def _ct(array: torch.Tensor, spacing: Sequence[float], d: Degradation, rng) -> torch.Tensor:
+    array = gaussian_blur(array, _voxels(d.psf_fwhm, spacing))
+    array = _slices(_aperture(array, (1, 2), d.factors[:2]), spacing, d)
+    if d.noise == "gaussian":
+        array = correlated_gaussian(array, d.noise_sigma, rng, grain=CT_NOISE_GRAIN)
+    return array
+
+
+def _xray(array: torch.Tensor, spacing: Sequence[float], d: Degradation, rng) -> torch.Tensor:
+    array = _aperture(gaussian_blur(array, _voxels(d.psf_fwhm, spacing)), (1, 2), d.factors[:2])
+    if d.noise == "poisson":
+        array = poisson(array, d.photons, rng, reference=float(np.percentile(array.numpy(), 99.9)))
+    return array
+
+
+def _ultrasound(array: torch.Tensor, spacing: Sequence[float], d: Degradation, rng) -> torch.Tensor:
+    from medsr.degrade.ultrasound import degrade_bmode
+
+    return degrade_bmode(array, spacing, d, rng)
+
+
+def _unknown(array: torch.Tensor, spacing: Sequence[float], d: Degradation, rng) -> torch.Tensor:
+    raise ValueError("modality OT has no scanner model; set Degradation(modality=...) to MR, CT, US, CR or DX")
+
+
+_PIPELINES = {
+    Modality.MR: _mr,
+    Modality.CT: _ct,
+    Modality.CR: _xray,
+    Modality.DX: _xray,
+    Modality.US: _ultrasound,
+    Modality.OT: _unknown,
+}
+
+__all__ = ["Degradation", "degrade", "factors_for_spacing", "kspace_truncate", "kspace_upsample", "lr_shape"]

@@ -1,0 +1,155 @@
+"""Resolution loss along one axis at a time, on the same field of view: the samplers every scanner model uses.
+
+All of them put LR sample ``m`` at HR position ``(m + 1/2) * f - 1/2`` (in HR voxels, ``f = n / m_total``),
+the centre of the HR block it replaces, so the LR affine is always ``scale_affine(affine, 1 / f)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+KSPACE_WINDOWS = ("rect", "hann", "tukey")
+PROFILES = ("rect", "gaussian")
+FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))  # 2.3548
+
+
+def lr_shape(shape: Sequence[int], factors: Sequence[float]) -> tuple[int, ...]:
+    """LR size per axis: ``round(n / factor)``, at least 1. The applied factor is then ``n / m``."""
+    return tuple(max(1, round(n / f)) for n, f in zip(shape, factors, strict=True))
+
+
+def lr_centres(n: int, m: int) -> torch.Tensor:
+    """HR positions (in HR voxels) of the ``m`` LR samples that replace ``n`` HR voxels, shape (m,), float64."""
+    return (torch.arange(m, dtype=torch.float64) + 0.5) * (n / m) - 0.5
+
+
+def _kspace_gain(frequencies: torch.Tensor, m: int, window: str) -> torch.Tensor:
+    """Apodisation over the retained band |k| <= m / 2 (rect: none; hann: raised cosine; tukey: flat middle half)."""
+    x = frequencies.double().abs() / (m / 2)  # 0 at DC, 1 at the LR Nyquist frequency
+    if window == "hann":
+        return 0.5 + 0.5 * torch.cos(math.pi * x)
+    if window == "tukey":  # alpha = 0.5: flat up to half the band, cosine taper above
+        return torch.where(x <= 0.5, torch.ones_like(x), 0.5 + 0.5 * torch.cos(math.pi * (x - 0.5) / 0.5))
+    return torch.ones_like(x)
+
+
+def kspace_truncate(array: torch.Tensor, factors: Sequence[float], *, window: str = "rect") -> torch.Tensor:
+    """Keep the central ``1 / factor`` of k-space along each of the last ``len(factors)`` axes (MRI in-plane).
+
+    A band-limited shift by ``(f - 1) / 2`` HR voxels (a linear phase in k-space) puts the LR samples at the
+    centres of the HR blocks. Every retained frequency ``|k| < m / 2`` is kept exactly with the rect window;
+    the result is scaled by ``m / n`` so the mean intensity is unchanged.
+
+    Args:
+        array: Real tensor (..., *spatial); the last ``len(factors)`` axes are transformed.
+        factors: Resolution loss per transformed axis (>= 1, may be non-integer).
+        window: 'rect', 'hann' or 'tukey' apodisation over the retained band.
+
+    Returns:
+        Real tensor (..., *lr_shape(spatial, factors)) in the input's dtype.
+    """
+    if window not in KSPACE_WINDOWS:
+        raise ValueError(f"unknown k-space window {window!r}; choose one of {KSPACE_WINDOWS}")
+    spectrum = array.to(torch.complex128 if array.dtype == torch.float64 else torch.complex64)
+    first_axis = array.ndim - len(factors)
+    for axis, factor in enumerate(factors, start=first_axis):
+        n = array.shape[axis]
+        m = lr_shape([n], [factor])[0]
+        if m == n:
+            continue
+        frequencies = torch.fft.fftfreq(m, d=1.0 / m).round().to(torch.int64)  # LR bins, integer cycles per FOV
+        phase = 2 * math.pi * frequencies.double() * (n / m - 1.0) / 2.0 / n
+        weights = torch.polar(_kspace_gain(frequencies, m, window), phase).to(spectrum.dtype)
+        kept = torch.fft.fft(spectrum, dim=axis).index_select(axis, frequencies % n)
+        shape = [1] * array.ndim
+        shape[axis] = m
+        spectrum = torch.fft.ifft(kept * weights.reshape(shape), dim=axis) * (m / n)
+    return spectrum.real.to(array.dtype)
+
+
+def kspace_upsample(array: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """The ideal upsampler of :func:`kspace_truncate` (rect): zero-filling k-space to ``shape`` (sinc interpolation).
+
+    Args:
+        array: Real tensor (..., *lr_spatial); the last ``len(shape)`` axes are upsampled.
+        shape: HR size per transformed axis.
+    """
+    spectrum = array.to(torch.complex128 if array.dtype == torch.float64 else torch.complex64)
+    first_axis = array.ndim - len(shape)
+    for axis, n in enumerate(shape, start=first_axis):
+        m = array.shape[axis]
+        if m == n:
+            continue
+        frequencies = torch.fft.fftfreq(m, d=1.0 / m).round().to(torch.int64)
+        phase = -2 * math.pi * frequencies.double() * (n / m - 1.0) / 2.0 / n  # undo the block-centre shift
+        weights = torch.polar(torch.ones(m, dtype=torch.float64), phase).to(spectrum.dtype)
+        out_shape = list(spectrum.shape)
+        out_shape[axis] = n
+        full = torch.zeros(out_shape, dtype=spectrum.dtype)
+        shape_w = [1] * array.ndim
+        shape_w[axis] = m
+        values = torch.fft.fft(spectrum, dim=axis) * weights.reshape(shape_w)
+        full.index_copy_(axis, frequencies % n, values)
+        spectrum = torch.fft.ifft(full, dim=axis) * (n / m)
+    return spectrum.real.to(array.dtype)
+
+
+def profile_matrix(n: int, m: int, *, profile: str, fwhm: float) -> torch.Tensor:
+    """Weights (m, n) of HR voxels in each LR sample: the profile centred on the LR sample, integrated per voxel.
+
+    ``profile`` 'rect' of width ``fwhm`` (a slice or detector aperture) or 'gaussian' of that FWHM, in HR
+    voxels. Rows are normalised to sum 1, so a profile reaching past the volume's edge averages what exists.
+    """
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {PROFILES}")
+    if fwhm <= 0:
+        raise ValueError(f"profile FWHM must be > 0 HR voxels, got {fwhm}")
+    edges = torch.arange(n + 1, dtype=torch.float64) - 0.5  # HR voxel boundaries
+    offsets = edges[None, :] - lr_centres(n, m)[:, None]  # (m, n + 1)
+    if profile == "rect":
+        cumulative = (offsets / fwhm + 0.5).clamp(0, 1)  # integral of a unit-area box of width fwhm
+    else:
+        cumulative = 0.5 * (1 + torch.erf(offsets * FWHM_PER_SIGMA / fwhm / math.sqrt(2)))
+    weights = cumulative[:, 1:] - cumulative[:, :-1]  # (m, n)
+    return weights / weights.sum(dim=1, keepdim=True)
+
+
+def profile_sample(array: torch.Tensor, axis: int, factor: float, *, profile: str, fwhm: float) -> torch.Tensor:
+    """Sample ``array`` along ``axis`` at ``1 / factor`` the density, each sample a profile-weighted average.
+
+    Args:
+        array: Real tensor of any shape.
+        axis: The axis to sample.
+        factor: Resolution loss (>= 1, may be non-integer); the LR spacing is ``factor`` HR voxels.
+        profile: 'rect' or 'gaussian'.
+        fwhm: Profile width in HR voxels (slice thickness / spacing along the axis); smaller than ``factor``
+            leaves a gap between slices, larger makes them overlap.
+    """
+    n = array.shape[axis]
+    m = lr_shape([n], [factor])[0]
+    weights = profile_matrix(n, m, profile=profile, fwhm=fwhm).to(array.dtype)
+    return torch.movedim(torch.tensordot(weights, torch.movedim(array, axis, 0), dims=1), 0, axis)
+
+
+def gaussian_blur(array: torch.Tensor, fwhm: Sequence[float]) -> torch.Tensor:
+    """Blur the last ``len(fwhm)`` axes with a Gaussian of the given FWHM per axis (HR voxels; 0 = none).
+
+    Separable, truncated at 4 sigma, edges replicated. A point-spread function (focal spot, detector, beam).
+    """
+    first_axis = array.ndim - len(fwhm)
+    for axis, width in enumerate(fwhm, start=first_axis):
+        if width <= 0:
+            continue
+        sigma = width / FWHM_PER_SIGMA
+        radius = max(1, math.ceil(4 * sigma))
+        taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float64) / sigma) ** 2)
+        taps = (taps / taps.sum()).to(array.dtype)
+        moved = torch.movedim(array, axis, -1)
+        flat = moved.reshape(-1, 1, moved.shape[-1])
+        padded = torch.nn.functional.pad(flat, (radius, radius), mode="replicate")
+        blurred = torch.nn.functional.conv1d(padded, taps.reshape(1, 1, -1))
+        array = torch.movedim(blurred.reshape(moved.shape), -1, axis)
+    return array
