@@ -95,6 +95,11 @@ def _simulate(args: argparse.Namespace) -> int:
     lr = degrade(volume, degradation, rng=np.random.default_rng(args.seed))
     write_volume(lr, args.output)
     print(f"wrote {args.output}: {lr!r}\n{degradation}")
+    if args.figure:
+        from medsr.report import degradation_figure
+
+        degradation_figure(args.figure, volume, lr, title=f"{args.input.name}: {_describe(degradation)}")
+        print(f"wrote {args.figure}")
     return 0
 
 
@@ -178,6 +183,21 @@ def _evaluate_scan(model_ref: str, scan: str, slices: tuple[int, int] | None):
         raise ValueError(f"{path}: has {hr.spatial_shape[2]} slices; choose a slab inside it with --slices")
     rows, images = compare_methods(hr, degradation, {model_ref: model_predictor(model)}, slices=slices)
     return rows, images, degradation, slices
+
+
+def _describe(degradation) -> str:
+    """The non-default parts of a Degradation, for figure titles."""
+    import dataclasses
+
+    from medsr.degrade import Degradation
+
+    defaults = Degradation()
+    changed = [
+        f"{f.name}={getattr(degradation, f.name)}"
+        for f in dataclasses.fields(degradation)
+        if getattr(degradation, f.name) != getattr(defaults, f.name) or f.name in ("modality", "factors")
+    ]
+    return ", ".join(changed)
 
 
 def _factors_text(degradation) -> str:
@@ -298,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--noise-sigma", type=float, default=0.0, help="Rician/Gaussian sigma in image units (HU).")
     simulate.add_argument("--photons", type=float, default=0.0, help="X-ray quanta per pixel at full intensity.")
     simulate.add_argument("--seed", type=int, default=0, help="Seed of the noise.")
+    simulate.add_argument("--figure", type=Path, help="Also write a PNG: HR | LR | difference.")
     simulate.add_argument("-f", "--force", action="store_true", help="Replace OUTPUT if it exists.")
     simulate.set_defaults(run=_simulate)
 

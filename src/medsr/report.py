@@ -135,3 +135,56 @@ per 2D slice, averaged; `data_range = 1` on normalised intensities; `*_body` ins
 Reproduce: `medsr train configs/edsr_mr_x2.yaml --out runs/edsr_mr_x2` then
 `medsr evaluate --model runs/edsr_mr_x2/best --card`.
 """
+
+
+def degradation_figure(path: Path, hr, lr, *, title: str = "") -> None:
+    """HR | LR | (LR interpolated to the HR grid) - HR, for one plane, in mm at true aspect; written atomically.
+
+    The plane is (i, j) through the middle slice, or (i, k) through the middle of j when the k axis lost
+    resolution (thick slices), so the loss is visible. ``hr`` and ``lr`` are Volumes covering the same field
+    of view (``lr`` from ``degrade``).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    through_plane = lr.spatial_shape[2] != hr.spatial_shape[2]
+    upsampled = torch.nn.functional.interpolate(  # same-FOV grids: align_corners=False maps centres correctly
+        lr.array[None].double(), size=hr.spatial_shape, mode="trilinear", align_corners=False
+    )[0].to(hr.array.dtype)
+
+    def plane(array: torch.Tensor) -> np.ndarray:
+        return (array[0, :, array.shape[2] // 2, :] if through_plane else array[0, :, :, array.shape[3] // 2]).numpy()
+
+    extent = (
+        0,
+        hr.spatial_shape[0] * hr.spacing[0],
+        0,
+        hr.spatial_shape[2 if through_plane else 1] * hr.spacing[2 if through_plane else 1],
+    )
+    low, high = np.percentile(plane(hr.array), [0.5, 99.5])
+    difference = plane(upsampled) - plane(hr.array)
+    limit = float(np.percentile(np.abs(difference), 99.5)) or 1.0
+    figure, axes = plt.subplots(1, 3, figsize=(11, 4.2))
+    panels = [
+        ("HR", plane(hr.array), "gray", (low, high)),
+        ("LR", plane(lr.array), "gray", (low, high)),
+        ("LR (linear) - HR", difference, "coolwarm", (-limit, limit)),
+    ]
+    for ax, (name, image, cmap, (vmin, vmax)) in zip(axes, panels, strict=True):
+        shown = ax.imshow(
+            image.T, cmap=cmap, vmin=vmin, vmax=vmax, origin="lower", interpolation="nearest", extent=extent
+        )
+        ax.set_title(f"{name} ({image.shape[0]}x{image.shape[1]})", fontsize=9)
+        ax.set_xlabel("i (mm)", fontsize=8)
+        ax.set_ylabel(f"{'k' if through_plane else 'j'} (mm)", fontsize=8)
+        ax.tick_params(labelsize=7)
+    figure.colorbar(shown, ax=axes[2], fraction=0.046)
+    if title:
+        figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    tmp = path.with_name(f".tmp.{path.name}")
+    figure.savefig(tmp, dpi=110, format="png")
+    plt.close(figure)
+    os.replace(tmp, path)
