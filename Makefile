@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install samples demo test lint clean
+.PHONY: install samples demo test lint figures clean
 
 # torch is installed first and pinned, so nothing pulls a CUDA build.
 $(VENV)/installed: pyproject.toml
@@ -19,6 +19,19 @@ samples: install
 
 demo: samples
 	$(BIN)/medsr demo --out demo_output
+
+# The README's degradation figures (HR | LR | difference), one per modality, from the sample scans.
+FIGURES := docs/figures
+figures: samples
+	mkdir -p $(FIGURES)
+	$(BIN)/medsr simulate "$$($(BIN)/medsr samples --path colin27)" /tmp/medsr_mr.nii.gz -f --modality MR \
+		--factors 1,1,4 --slice-thickness 4 --noise rician --noise-sigma 3 --figure $(FIGURES)/degrade_mr.png
+	$(BIN)/medsr simulate "$$($(BIN)/medsr samples --path ct_head_slice)" /tmp/medsr_ct.nii.gz -f \
+		--factors 2,2,1 --psf-fwhm 1.2,1.2,0 --noise gaussian --noise-sigma 20 --figure $(FIGURES)/degrade_ct.png
+	$(BIN)/medsr simulate "$$($(BIN)/medsr samples --path us_echo)" /tmp/medsr_us.nii.gz -f \
+		--factors 2,2,1 --psf-fwhm 3.0,1.5,0 --noise speckle --figure $(FIGURES)/degrade_us.png
+	$(BIN)/medsr simulate "$$($(BIN)/medsr samples --path xray_chest)" /tmp/medsr_xray.nii.gz -f \
+		--factors 2,2,1 --psf-fwhm 0.5,0.5,0 --noise poisson --photons 2000 --figure $(FIGURES)/degrade_xray.png
 
 lint: install
 	$(BIN)/ruff format --check src tests

@@ -135,8 +135,9 @@ def test_random_degradations_need_an_rng_and_are_reproducible(phantom):
         ({"slice_profile": "sinc"}, "slice_profile"),
         ({"noise": "salt"}, "noise"),
         ({"noise": "rician"}, "noise_sigma"),
-        ({"noise": "poisson"}, "photons"),
+        ({"noise": "poisson", "modality": "DX"}, "photons"),
         ({"psf_fwhm": (1, 1)}, "psf_fwhm"),
+        ({"noise": "gaussian", "noise_sigma": 1.0}, "not part of the MR"),
     ],
 )
 def test_bad_degradations_name_the_problem(kwargs, match):

@@ -56,8 +56,11 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _samples(args: argparse.Namespace) -> int:
-    from medsr.samples import cache_dir, install_samples, is_installed, list_samples
+    from medsr.samples import cache_dir, install_samples, is_installed, list_samples, sample_path
 
+    if args.path:
+        print(sample_path(args.path))
+        return 0
     if not args.list:
         install_samples([s.name for s in list_samples() if s.is_debian])
     print(f"cache: {cache_dir()}")
@@ -302,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     samples = commands.add_parser("samples", help="Install the real sample scans into the user cache and list them.")
     samples.add_argument("--list", action="store_true", help="Only list, install nothing.")
+    samples.add_argument("--path", metavar="NAME", help="Print the file of one sample (installing it if needed).")
     samples.set_defaults(run=_samples)
 
     simulate = commands.add_parser("simulate", help="Simulate a low-resolution acquisition of a scan (MR/CT/US/X-ray).")

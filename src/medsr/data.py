@@ -1,13 +1,19 @@
-"""Training pairs from real scans: degrade each HR scan once, then cut aligned 2D LR/HR patches.
+"""Training pairs from real scans: find and split scans, then cut aligned LR/HR patches in 2D or 3D.
 
-The LR scan is simulated from the whole HR scan (not per patch), so patches carry exactly what a real LR
-acquisition of that region contains, Gibbs ringing from distant edges included. Only slices (along k) inside
-a given range are used, which is how train, validation and test regions are kept apart.
+The LR of each scan is simulated from the whole HR scan (or the slab of it given by ``slices``), not per
+patch, so patches carry exactly what a real LR acquisition of that region contains, Gibbs ringing from distant
+edges included. Train, validation and test data are kept apart by scan (:func:`split_scans`) or, with a single
+scan, by slice range along k.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import os
+from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -15,10 +21,17 @@ import torch
 from torch.utils.data import Dataset
 
 from medsr.degrade import Degradation, degrade
-from medsr.intensity import default_window, normalize
+from medsr.degrade.noise import poisson, rician
+from medsr.degrade.sampling import FWHM_PER_SIGMA
+from medsr.intensity import Window, default_window, denormalize, normalize
+from medsr.io import IMAGE_SUFFIXES, NIFTI_SUFFIXES, is_dicom_file
 from medsr.volume import Volume, integer_scale
 
 FOREGROUND_LEVEL = 0.05  # normalised intensity above which a voxel counts as tissue, not air
+FOREGROUND_TRIES = 20  # patch draws per item to meet ``min_foreground``; the last draw is kept regardless
+WINDOW_MARGIN = 4  # LR voxels around a patch degraded on the fly; >= the reach of CT noise grain (3 LR voxels)
+PHYSICAL = Window(0.0, 1.0)  # the window of a volume that was never normalised (no ``meta['window']``)
+# The noise each scanner model in ``degrade`` adds; any other noise would be silently ignored there.
 
 
 class Pair(NamedTuple):
@@ -26,6 +39,75 @@ class Pair(NamedTuple):
 
     lr: torch.Tensor  # (C, *patch / scale)
     hr: torch.Tensor  # (C, *patch)
+
+
+def find_scans(folder: Path) -> list[Path]:
+    """The scans under ``folder``, sorted: NIfTI and PNG/TIFF files, and DICOM series folders.
+
+    Every folder that directly holds DICOM files (``.dcm``, ``.dicom``, ``.ima``, or any other file with the
+    'DICM' marker, since scanners often write files without a suffix) is one series, so a tree
+    ``patient/study/series/*`` gives one scan per series. Hidden files and folders and DICOMDIR are skipped. A scan
+    stored twice (a series and its NIfTI conversion) is found twice: keep one copy, or the split may leak.
+
+    Raises:
+        ValueError: ``folder`` is not a folder, or holds no scan.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: not a folder")
+    scans = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        names = [n for n in files if not n.startswith(".") and n.upper() != "DICOMDIR"]
+        scans += [Path(root) / n for n in names if n.lower().endswith(NIFTI_SUFFIXES + IMAGE_SUFFIXES)]
+        if any(is_dicom_file(Path(root) / n) for n in names):
+            scans.append(Path(root))
+    if not scans:
+        raise ValueError(f"{folder}: no scans found (NIfTI or PNG/TIFF files, or folders of DICOM files)")
+    return sorted(scans)
+
+
+def split_scans(
+    paths: Sequence[Path], *, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0
+) -> tuple[list[Path], list[Path], list[Path]]:
+    """Split scans into train, validation and test sets; a scan is never in two sets.
+
+    The split depends only on the set of paths and ``seed``, not on their order: the sorted paths are shuffled
+    with ``default_rng(seed)``. Validation and test get ``round(fraction * n)`` scans, at least one each when
+    their fraction is > 0, and training the rest, at least one (test gives way first, then validation). So 3 scans
+    give one per set, and 2 scans one for training, one for validation and none for test (score a held-out slab
+    instead). One scan cannot be split by scan: split it by region (``data.train_slices``, ``val_slices``,
+    ``test_slices``).
+
+    Args:
+        paths: The scans, e.g. from :func:`find_scans`; each listed once.
+        fractions: Shares of train, validation and test, each >= 0, summing to 1; train's must be > 0.
+        seed: Seed of the shuffle.
+
+    Returns:
+        The train, validation and test paths, each sorted.
+
+    Raises:
+        ValueError: A path is listed twice, ``fractions`` are invalid, or there are too few scans.
+    """
+    paths = sorted(Path(p) for p in paths)
+    repeated = sorted(str(p) for p, count in Counter(p.resolve() for p in paths).items() if count > 1)
+    if repeated:
+        raise ValueError(f"scans listed more than once, which would put them in two sets: {repeated}")
+    if len(fractions) != 3 or min(fractions) < 0 or fractions[0] <= 0 or abs(sum(fractions) - 1) > 1e-6:
+        raise ValueError(f"fractions must be 3 shares (train, val, test) >= 0 summing to 1, train > 0; got {fractions}")
+    n = len(paths)
+    n_val, n_test = (max(1, round(f * n)) if f > 0 else 0 for f in fractions[1:])
+    if n == 0 or (n == 1 and n_val + n_test):
+        found = f"one scan ({paths[0]})" if paths else "no scans"
+        raise ValueError(
+            f"{found} cannot be split by scan; split one scan by region with data.train_slices, val_slices, test_slices"
+        )
+    n_test = min(n_test, max(0, n - 1 - n_val))
+    n_val = min(n_val, n - 1 - n_test)
+    shuffled = [paths[i] for i in np.random.default_rng(seed).permutation(n)]
+    val, test, train = shuffled[:n_val], shuffled[n_val : n_val + n_test], shuffled[n_val + n_test :]
+    return sorted(train), sorted(val), sorted(test)
 
 
 def crop_to_multiple(volume: Volume, *, scale: Sequence[int]) -> Volume:
@@ -38,10 +120,13 @@ def prepare_scan(volume: Volume, degradation: Degradation) -> Volume:
     """An HR scan ready for training or evaluation: cropped to the scale, normalised with its LR's window.
 
     The window is computed on the simulated LR scan because that is all inference sees
-    (``infer.super_resolve`` computes it on its input), so training, evaluation and use agree exactly.
+    (``infer.super_resolve`` computes it on its input), so training, evaluation and use agree exactly. A random
+    degradation's window comes from one LR draw with a fixed seed, since inference sees a noisy LR too. The window
+    is kept in ``meta['window']`` so that :class:`PairDataset` adds noise in physical units.
     """
     cropped = crop_to_multiple(volume, scale=integer_scale(degradation.factors))
-    return normalize(cropped, default_window(degrade(cropped, degradation)))
+    window = default_window(degrade(cropped, degradation, rng=np.random.default_rng(0)))
+    return normalize(cropped, window).replace(meta={**cropped.meta, "window": window})
 
 
 def slice_range(volume: Volume, *, slices: tuple[int, int]) -> Volume:
@@ -54,17 +139,52 @@ def slice_range(volume: Volume, *, slices: tuple[int, int]) -> Volume:
     return volume.replace(array=volume.array[..., start:stop], affine=volume.affine @ shift)
 
 
+def _box(corner: Sequence[int], size: Sequence[int], scale: Sequence[int] = (1, 1, 1)) -> tuple[slice, ...]:
+    """Index of the block of ``size`` LR voxels at ``corner`` in a (C, I, J, K) array ``scale`` times finer."""
+    return (slice(None), *(slice(c * s, (c + n) * s) for c, n, s in zip(corner, size, scale, strict=True)))
+
+
+def _degrade_normalised(
+    volume: Volume, window: Window, degradation: Degradation, rng: np.random.Generator | None
+) -> torch.Tensor:
+    """``degrade`` in physical units (noise and log compression need them), normalised back: (C, *lr_shape)."""
+    return normalize(degrade(denormalize(volume, window), degradation, rng=rng), window).array
+
+
+def _margin(degradation: Degradation, spacing: Sequence[float], scale: Sequence[int]) -> tuple[int, ...]:
+    """LR voxels per axis beyond which a patch's LR no longer depends on the HR: PSF (4 sigma), slice profile."""
+    reach = [4 * fwhm / step / FWHM_PER_SIGMA for fwhm, step in zip(degradation.psf_fwhm, spacing, strict=True)]
+    reach[2] += 2 * (degradation.slice_thickness / spacing[2] or scale[2])  # a Gaussian profile reaches 1.7 FWHM
+    return tuple(math.ceil(r / s) + WINDOW_MARGIN for r, s in zip(reach, scale, strict=True))
+
+
 class PairDataset(Dataset[Pair]):
-    """Random aligned 2D patches from in-plane (i, j) slices of normalised HR scans and their simulated LR.
+    """Random aligned LR/HR patches from normalised HR scans: (i, j) slices in 2D or blocks in 3D.
+
+    LR voxel ``m`` covers HR voxels ``[m * s, (m + 1) * s)`` along each axis, and every pair is cut on that grid.
+    Each scan's region is degraded once without noise. Noise is drawn per item from the item's rng, in physical
+    units (through the window :func:`prepare_scan` keeps in ``meta['window']``; a volume without one is taken to be
+    in physical units), and has the distribution the whole-scan simulation gives the patch:
+
+    - 'rician' (MR) and 'poisson' (X-ray) act voxel by voxel, so they are applied to the noise-free LR patch.
+      Poisson's reference intensity is the region's, as :func:`degrade` computes it on the whole LR.
+    - 'gaussian' (CT, grain in-plane) and 'speckle' (US, formed inside the scanner model) are spatially correlated,
+      and degrading the bare HR patch would pad noise and PSF at the patch's edges. So the HR patch plus a margin
+      (PSF and slice-profile reach plus ``WINDOW_MARGIN`` LR voxels) is degraded with the item's rng, and the LR
+      patch is cut from its middle. Margins stop at the region's edges, where the whole-scan simulation has its
+      own. This assumes the scanner model is local; the CT noise is scaled to ``noise_sigma`` over the window, not
+      the whole scan.
 
     Args:
-        volumes: HR volumes from :func:`prepare_scan` (normalised, cropped to a multiple of the scale).
-        degradation: The LR simulation; factors must be integers in-plane and 1 along k.
-        slices: ``[start, stop)`` along k to draw slices from (the training region).
-        patch: HR patch edge in voxels (a multiple of the scale).
+        volumes: HR volumes from :func:`prepare_scan`, (C, I, J, K) each.
+        degradation: The LR simulation. Factors must be integers (the model scale), and 1 along k in 2D.
+        slices: ``[start, stop)`` along k to draw from (the training region), or None for every slice of every
+            scan. Each region is cropped to a multiple of the scale.
+        patch: HR patch size in voxels: an int (square or cube) or one per spatial axis; multiples of the scale.
         length: Items per epoch.
         seed: Each item is drawn from ``default_rng((seed, epoch, index))``: replayable and worker-safe.
-        min_foreground: Fraction of HR patch voxels that must be tissue; up to 20 draws try to meet it.
+        min_foreground: Fraction of HR patch voxels that must be tissue; up to ``FOREGROUND_TRIES`` draws try.
+        spatial_dims: 2 for (C, Pi, Pj) slice patches, 3 for (C, Pi, Pj, Pk) blocks.
     """
 
     def __init__(
@@ -72,28 +192,49 @@ class PairDataset(Dataset[Pair]):
         volumes: Sequence[Volume],
         degradation: Degradation,
         *,
-        slices: tuple[int, int],
-        patch: int,
+        slices: tuple[int, int] | None,
+        patch: int | Sequence[int],
         length: int,
         seed: int = 0,
         min_foreground: float = 0.3,
+        spatial_dims: int = 2,
     ) -> None:
-        scale = degradation.factors
-        if scale[2] != 1 or any(f != int(f) for f in scale):
-            raise ValueError(f"2D training pairs need integer in-plane factors and 1 along k, got {scale}")
-        self.scale = (int(scale[0]), int(scale[1]))
-        if patch % self.scale[0] or patch % self.scale[1]:
-            raise ValueError(f"patch {patch} is not a multiple of the scale {self.scale}")
-        self.hr = [slice_range(v, slices=slices).array for v in volumes]  # (C, I, J, K_region)
-        self.lr = [degrade(slice_range(v, slices=slices), degradation).array for v in volumes]
-        for hr in self.hr:
-            if min(hr.shape[1:3]) < patch:
-                raise ValueError(f"patch {patch} is larger than a slice {tuple(hr.shape[1:3])}")
-        self.patch, self.length, self.seed, self.min_foreground = patch, length, seed, min_foreground
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        self.scale = integer_scale(degradation.factors)
+        if spatial_dims == 2 and self.scale[2] != 1:
+            raise ValueError(f"2D training pairs need a factor of 1 along k, got {degradation.factors}")
+        size = (patch,) * spatial_dims if isinstance(patch, int) else tuple(patch)
+        self.patch = (*size, 1) if len(size) == spatial_dims == 2 else size  # HR (i, j, k)
+        if len(size) != spatial_dims or any(p < 1 or p % s for p, s in zip(self.patch, self.scale, strict=True)):
+            raise ValueError(
+                f"patch {patch} needs {spatial_dims} sizes, each a multiple of the scale {self.scale[:spatial_dims]}"
+            )
+        self.regions = [
+            crop_to_multiple(v if slices is None else slice_range(v, slices=slices), scale=self.scale) for v in volumes
+        ]
+        for index, region in enumerate(self.regions):
+            if any(p > n for p, n in zip(self.patch, region.spatial_shape, strict=True)):
+                raise ValueError(f"patch {self.patch} (i, j, k) is larger than scan {index}: {region.spatial_shape}")
+        self.degradation, self.spatial_dims = degradation, spatial_dims
+        self.on_the_fly = degradation.noise in ("gaussian", "speckle")
+        self.windows = [r.meta.get("window", PHYSICAL) for r in self.regions]
+        quiet = dataclasses.replace(degradation, noise="none")
+        pairs = zip(self.regions, self.windows, strict=True)
+        self.lr = [] if self.on_the_fly else [_degrade_normalised(r, w, quiet, None) for r, w in pairs]
+        self.reference = (  # physical intensity that gets ``photons`` quanta, as in degrade's X-ray model
+            [
+                float(np.percentile((lr * (w.hi - w.lo) + w.lo).numpy(), 99.9))
+                for lr, w in zip(self.lr, self.windows, strict=True)
+            ]
+            if degradation.noise == "poisson"
+            else []
+        )
+        self.length, self.seed, self.min_foreground = length, seed, min_foreground
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Call before each epoch (as timm's train.py does) so patches change."""
+        """Call before each epoch (as timm's train.py does) so patches and noise change."""
         self.epoch = epoch
 
     def __len__(self) -> int:
@@ -101,23 +242,48 @@ class PairDataset(Dataset[Pair]):
 
     def __getitem__(self, index: int) -> Pair:
         rng = np.random.default_rng((self.seed, self.epoch, index))
-        scan = int(rng.integers(len(self.hr)))
-        hr, lr = self.hr[scan], self.lr[scan]
-        sx, sy = self.scale
-        px, py = self.patch // sx, self.patch // sy  # LR patch size
-        for _ in range(20):
-            k = int(rng.integers(hr.shape[3]))
-            x = int(rng.integers(lr.shape[1] - px + 1))
-            y = int(rng.integers(lr.shape[2] - py + 1))
-            hr_patch = hr[:, x * sx : (x + px) * sx, y * sy : (y + py) * sy, k]  # LR voxel m covers HR [m*s, m*s+s)
+        scan = int(rng.integers(len(self.regions)))
+        hr = self.regions[scan].array
+        size = [p // s for p, s in zip(self.patch, self.scale, strict=True)]  # LR patch
+        grid = [n // s for n, s in zip(hr.shape[1:], self.scale, strict=True)]  # LR region
+        for _ in range(FOREGROUND_TRIES):
+            corner = [int(rng.integers(n - p + 1)) for n, p in zip(grid, size, strict=True)]
+            hr_patch = hr[_box(corner, size, self.scale)]
             if (hr_patch > FOREGROUND_LEVEL).float().mean() >= self.min_foreground:
                 break
-        lr_patch = lr[:, x : x + px, y : y + py, k]
-        # Flips and transposes map the block-centred LR grid onto itself, so the pair stays aligned.
-        if rng.random() < 0.5:
-            hr_patch, lr_patch = hr_patch.flip(1), lr_patch.flip(1)
-        if rng.random() < 0.5:
-            hr_patch, lr_patch = hr_patch.flip(2), lr_patch.flip(2)
-        if sx == sy and rng.random() < 0.5:
+        lr_patch = self._lr_patch(scan, corner, size, rng)
+        # Flips map the block-centred LR grid onto itself, so the pair stays aligned. Transposes swap i and j only:
+        # along k the scanner model differs (slice profile, in-plane noise grain).
+        for axis in (1, 2, 3):
+            if rng.random() < 0.5:
+                hr_patch, lr_patch = hr_patch.flip(axis), lr_patch.flip(axis)
+        if self.scale[0] == self.scale[1] and self.patch[0] == self.patch[1] and rng.random() < 0.5:
             hr_patch, lr_patch = hr_patch.transpose(1, 2), lr_patch.transpose(1, 2)
+        if self.spatial_dims == 2:
+            hr_patch, lr_patch = hr_patch[..., 0], lr_patch[..., 0]
         return Pair(lr=lr_patch.contiguous(), hr=hr_patch.contiguous())
+
+    def _lr_patch(self, scan: int, corner: list[int], size: list[int], rng: np.random.Generator) -> torch.Tensor:
+        """The noisy LR patch (C, *size) at LR ``corner`` of scan ``scan``, normalised like its HR."""
+        region, noise = self.regions[scan], self.degradation.noise
+        if self.on_the_fly:
+            margin = _margin(self.degradation, region.spacing, self.scale)
+            grid = [n // s for n, s in zip(region.spatial_shape, self.scale, strict=True)]
+            start = [max(0, c - m) for c, m in zip(corner, margin, strict=True)]
+            stop = [min(n, c + p + m) for n, c, p, m in zip(grid, corner, size, margin, strict=True)]
+            shift = np.eye(4)
+            shift[:3, 3] = [a * s for a, s in zip(start, self.scale, strict=True)]
+            extent = [b - a for a, b in zip(start, stop, strict=True)]
+            block = region.replace(array=region.array[_box(start, extent, self.scale)], affine=region.affine @ shift)
+            lr = _degrade_normalised(block, self.windows[scan], self.degradation, rng)
+            return lr[_box([c - a for c, a in zip(corner, start, strict=True)], size)]
+        lr = self.lr[scan][_box(corner, size)]
+        if noise == "none":
+            return lr
+        window = self.windows[scan]
+        physical = lr * (window.hi - window.lo) + window.lo
+        if noise == "rician":
+            noisy = rician(physical, self.degradation.noise_sigma, rng)
+        else:
+            noisy = poisson(physical, self.degradation.photons, rng, reference=self.reference[scan])
+        return (noisy - window.lo) / (window.hi - window.lo)

@@ -40,6 +40,11 @@ def read_dicom(path: Path) -> Volume:
     SequenceOfUltrasoundRegions measured in cm (PhysicalDeltaX/Y * 10 mm), else from ImagerPixelSpacing (X-ray,
     measured at the detector). The slice step of any single 2D image without a thickness tag is 1 mm.
 
+    A single 2D ultrasound image is cropped to its first region of SequenceOfUltrasoundRegions measured in cm
+    (the image plane, not an M-mode or Doppler strip), dropping the on-screen annotation around it; the affine's
+    origin moves to the crop's first pixel and ``meta["us_region"]`` records the region as ``(x0, y0, x1, y1)``
+    (columns, rows, inclusive) in the frame's pixels.
+
     Colour and palette images are converted to one luminance channel, with a warning.
 
     Args:
@@ -91,7 +96,36 @@ def read_dicom(path: Path) -> Volume:
     array = torch.from_numpy(np.stack(slices, axis=-1).astype(np.float32))[np.newaxis]  # (1, I, J, K)
     known = {m.value for m in Modality}
     modality = Modality(first.Modality) if first.get("Modality") in known else Modality.OT
-    return Volume(array, affine, modality, {"dicom": first, "dicom_source": str(path)})
+    volume = Volume(array, affine, modality, {"dicom": first, "dicom_source": str(path)})
+    if modality is Modality.US and len(headers) == 1:
+        volume = _crop_to_ultrasound_region(volume, first, headers[0][0])
+    return volume
+
+
+def _crop_to_ultrasound_region(volume: Volume, ds: Dataset, file: Path) -> Volume:
+    """Crop a (1, Columns, Rows, 1) ultrasound frame to its first region measured in cm (see read_dicom).
+
+    RegionLocationMinX0/MaxX1 are the region's first and last column (i), MinY0/MaxY1 its first and last row (j),
+    inclusive (PS3.3 C.8.5.5.1). Without such a region the volume is returned as is.
+    """
+    for region in ds.get("SequenceOfUltrasoundRegions", []):
+        if region.get("PhysicalUnitsXDirection") != _CM_UNITS or region.get("PhysicalUnitsYDirection") != _CM_UNITS:
+            continue  # M-mode and Doppler regions: not the image plane
+        corners = [region.get(f"RegionLocation{corner}") for corner in ("MinX0", "MinY0", "MaxX1", "MaxY1")]
+        if any(c is None for c in corners):
+            return volume
+        x0, y0, x1, y1 = (int(c) for c in corners)
+        columns, rows = volume.spatial_shape[:2]
+        if not (0 <= x0 <= x1 < columns and 0 <= y0 <= y1 < rows):
+            raise ValueError(
+                f"{file}: ultrasound region columns {x0}..{x1}, rows {y0}..{y1} lies outside the "
+                f"{columns} x {rows} image"
+            )
+        affine = volume.affine.copy()
+        affine[:3, 3] = volume.affine[:3, :3] @ np.array([x0, y0, 0.0]) + volume.affine[:3, 3]
+        array = volume.array[:, x0 : x1 + 1, y0 : y1 + 1].clone()  # a copy: the full frame is not kept alive
+        return volume.replace(array=array, affine=affine, meta={**volume.meta, "us_region": (x0, y0, x1, y1)})
+    return volume
 
 
 def _read_series_headers(path: Path) -> list[tuple[Path, Dataset]]:
@@ -188,7 +222,7 @@ def _planar_affine(ds: Dataset, file: Path) -> np.ndarray:
 
 def _in_plane_spacing(ds: Dataset, file: Path) -> tuple[float, float]:
     """(row spacing, column spacing) in mm: the distance between rows (along j) and between columns (along i)."""
-    if ds.get("PixelSpacing"):
+    if ds.get("PixelSpacing") and min(float(s) for s in ds.PixelSpacing) > 0:  # some files store 0: unknown
         return float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])
     if ds.get("Modality") == "US":
         for region in ds.get("SequenceOfUltrasoundRegions", []):
@@ -197,6 +231,10 @@ def _in_plane_spacing(ds: Dataset, file: Path) -> tuple[float, float]:
                 return float(region.PhysicalDeltaY) * 10.0, float(region.PhysicalDeltaX) * 10.0
     if ds.get("ImagerPixelSpacing"):
         return float(ds.ImagerPixelSpacing[0]), float(ds.ImagerPixelSpacing[1])
+    if ds.get("Modality") in ("CR", "DX", "MG", "RF", "XA"):
+        # A radiograph is a projection, not a place in patient space: without a pixel size, work in pixels.
+        warnings.warn(f"{file}: radiograph without a pixel size; using 1 mm pixels (sizes are in pixels)", stacklevel=4)
+        return 1.0, 1.0
     raise ValueError(
         f"{file} has no ImagePositionPatient/ImageOrientationPatient and no PixelSpacing: cannot place it in space"
     )

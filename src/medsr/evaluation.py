@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 
 from medsr.data import FOREGROUND_LEVEL, slice_range
 from medsr.degrade import Degradation, degrade
 from medsr.infer import Predictor, predict_volume
+from medsr.intensity import Window, denormalize, normalize
 from medsr.metrics import psnr, ssim
 from medsr.models.blocks import interpolate
 from medsr.volume import Volume, integer_scale
@@ -57,7 +59,9 @@ def compare_methods(
         ``lr`` (K, C, I / s, J / s) and ``hr``.
     """
     slab = slice_range(hr, slices=slices)
-    lr = degrade(slab, degradation)
+    # Degrade in physical units (noise levels and log compression are defined there), with a fixed noise draw.
+    window = slab.meta.get("window", Window(0.0, 1.0))
+    lr = normalize(degrade(denormalize(slab, window), degradation, rng=np.random.default_rng(0)), window)
     scale = integer_scale(degradation.factors)
     lr_slices = lr.array.permute(3, 0, 1, 2)  # (K, C, I / s, J / s)
     images = {"lr": lr_slices, "hr": slab.array.permute(3, 0, 1, 2)}

@@ -40,6 +40,15 @@ def file_format(path: Path) -> str:
     raise ValueError(f"{path}: unknown file type; expected a DICOM series folder or one of {known}")
 
 
+def is_dicom_file(path: Path) -> bool:
+    """A DICOM suffix, or the 'DICM' marker after the 128-byte preamble (DICOM PS3.10 7.1) of a suffix-less file."""
+    name = path.name.lower()
+    if name.endswith(NIFTI_SUFFIXES + IMAGE_SUFFIXES + DICOM_SUFFIXES):
+        return name.endswith(DICOM_SUFFIXES)
+    with path.open("rb") as stream:
+        return stream.read(132)[128:] == b"DICM"
+
+
 def read_volume(path: Path | str, *, modality: Modality | str | None = None) -> Volume:
     """Read a scan into a float32 ``(1, I, J, K)`` Volume in physical units with a RAS+ affine.
 

@@ -23,6 +23,7 @@ from medsr.degrade.noise import correlated_gaussian, poisson, rician
 from medsr.degrade.sampling import (
     KSPACE_WINDOWS,
     PROFILES,
+    aperture_sample,
     gaussian_blur,
     kspace_truncate,
     kspace_upsample,
@@ -32,6 +33,7 @@ from medsr.degrade.sampling import (
 from medsr.volume import Modality, Volume, scale_affine
 
 NOISES = ("none", "rician", "gaussian", "poisson", "speckle")
+NOISE_OF = {"MR": "rician", "CT": "gaussian", "CR": "poisson", "DX": "poisson", "US": "speckle"}  # each scanner's
 CT_NOISE_GRAIN = 1.5  # LR voxels: FWHM of the in-plane texture of CT noise
 
 
@@ -82,6 +84,11 @@ class Degradation:
             raise ValueError(f"unknown noise {self.noise!r}; choose one of {NOISES}")
         if self.slice_thickness < 0 or self.noise_sigma < 0 or self.photons < 0 or self.dynamic_range_db <= 0:
             raise ValueError("slice_thickness, noise_sigma and photons must be >= 0, dynamic_range_db > 0")
+        if self.noise != "none" and NOISE_OF.get(self.modality) != self.noise:
+            raise ValueError(
+                f"noise {self.noise!r} is not part of the {self.modality} scanner model; "
+                f"{self.modality} takes {NOISE_OF.get(self.modality, 'no noise')!r}"
+            )
         if self.noise in ("rician", "gaussian") and self.noise_sigma == 0:
             raise ValueError(f"noise {self.noise!r} needs noise_sigma > 0")
         if self.noise == "poisson" and self.photons == 0:
@@ -144,25 +151,16 @@ def _mr(array: torch.Tensor, spacing: Sequence[float], d: Degradation, rng) -> t
     return rician(array, d.noise_sigma, rng) if d.noise == "rician" else array
 
 
-def _aperture(array: torch.Tensor, axes: Sequence[int], factors: Sequence[float]) -> torch.Tensor:
-    """Detector-aperture sampling: each LR pixel averages the HR pixels it covers (a rect the LR pixel's width)."""
-    for axis, factor in zip(axes, factors, strict=True):
-        if factor != 1:
-            n = array.shape[axis]
-            array = profile_sample(array, axis, factor, profile="rect", fwhm=n / lr_shape([n], [factor])[0])
-    return array
-
-
 def _ct(array: torch.Tensor, spacing: Sequence[float], d: Degradation, rng) -> torch.Tensor:
     array = gaussian_blur(array, _voxels(d.psf_fwhm, spacing))
-    array = _slices(_aperture(array, (1, 2), d.factors[:2]), spacing, d)
+    array = _slices(aperture_sample(array, d.factors[:2]), spacing, d)
     if d.noise == "gaussian":
         array = correlated_gaussian(array, d.noise_sigma, rng, grain=CT_NOISE_GRAIN)
     return array
 
 
 def _xray(array: torch.Tensor, spacing: Sequence[float], d: Degradation, rng) -> torch.Tensor:
-    array = _aperture(gaussian_blur(array, _voxels(d.psf_fwhm, spacing)), (1, 2), d.factors[:2])
+    array = aperture_sample(gaussian_blur(array, _voxels(d.psf_fwhm, spacing)), d.factors[:2])
     if d.noise == "poisson":
         array = poisson(array, d.photons, rng, reference=float(np.percentile(array.numpy(), 99.9)))
     return array

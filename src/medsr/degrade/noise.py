@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from medsr.degrade.sampling import gaussian_blur
+from medsr.degrade.sampling import gaussian_blur, gaussian_taps
 
 
 def _normal(rng: np.random.Generator, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -25,17 +25,22 @@ def rician(array: torch.Tensor, sigma: float, rng: np.random.Generator) -> torch
 def correlated_gaussian(array: torch.Tensor, sigma: float, rng: np.random.Generator, *, grain: float) -> torch.Tensor:
     """Additive Gaussian noise of standard deviation ``sigma`` with an in-plane grain (CT reconstruction noise).
 
-    White noise is blurred in the first two spatial axes with a Gaussian of FWHM ``grain`` voxels, then rescaled
-    so its standard deviation is exactly ``sigma`` (filtered back-projection gives CT noise such a texture).
+    White noise is blurred in the first two spatial axes with a Gaussian of FWHM ``grain`` voxels and divided by
+    the filter's noise gain ``sqrt(sum(taps^2))`` per axis, so its standard deviation is ``sigma`` at every voxel
+    (filtered back-projection gives CT noise such a texture). The white field extends one kernel radius past the
+    image so no voxel sees padding.
 
     Args:
         array: (C, I, J, K) in HU.
     """
-    white = _normal(rng, tuple(array.shape), torch.float64)
-    if grain > 0:
-        white = gaussian_blur(white, (grain, grain, 0.0))
-        white = white / white.std()
-    return array + (sigma * white).to(array.dtype)
+    if grain <= 0:
+        return array + (sigma * _normal(rng, tuple(array.shape), torch.float64)).to(array.dtype)
+    taps = gaussian_taps(grain)
+    r = taps.numel() // 2
+    c, i, j, k = array.shape
+    white = _normal(rng, (c, i + 2 * r, j + 2 * r, k), torch.float64)
+    grainy = gaussian_blur(white, (grain, grain, 0.0))[:, r : r + i, r : r + j] / taps.pow(2).sum()  # two axes
+    return array + (sigma * grainy).to(array.dtype)
 
 
 def poisson(array: torch.Tensor, photons: float, rng: np.random.Generator, *, reference: float) -> torch.Tensor:

@@ -147,6 +147,26 @@ def profile_sample(array: torch.Tensor, axis: int, factor: float, *, profile: st
     return torch.movedim(torch.tensordot(weights, torch.movedim(array, axis, 0), dims=1), 0, axis)
 
 
+def aperture_sample(array: torch.Tensor, factors: Sequence[float]) -> torch.Tensor:
+    """Detector-aperture sampling of axes 1, 2, ... of (C, *spatial): each LR pixel averages what it covers.
+
+    The aperture is a rect as wide as the LR pixel (``n / m`` HR voxels). Axes with factor 1 are untouched.
+    """
+    for axis, factor in enumerate(factors, start=1):
+        if factor != 1:
+            n = array.shape[axis]
+            array = profile_sample(array, axis, factor, profile="rect", fwhm=n / lr_shape([n], [factor])[0])
+    return array
+
+
+def gaussian_taps(fwhm: float) -> torch.Tensor:
+    """Normalised 1D Gaussian kernel of FWHM ``fwhm`` voxels, truncated at 4 sigma; shape (2 r + 1,), float64."""
+    sigma = fwhm / FWHM_PER_SIGMA
+    radius = max(1, math.ceil(4 * sigma))
+    taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float64) / sigma) ** 2)
+    return taps / taps.sum()
+
+
 def gaussian_blur(array: torch.Tensor, fwhm: Sequence[float]) -> torch.Tensor:
     """Blur the last ``len(fwhm)`` axes with a Gaussian of the given FWHM per axis (HR voxels; 0 = none).
 
@@ -156,10 +176,8 @@ def gaussian_blur(array: torch.Tensor, fwhm: Sequence[float]) -> torch.Tensor:
     for axis, width in enumerate(fwhm, start=first_axis):
         if width <= 0:
             continue
-        sigma = width / FWHM_PER_SIGMA
-        radius = max(1, math.ceil(4 * sigma))
-        taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float64) / sigma) ** 2)
-        taps = (taps / taps.sum()).to(array.dtype)
+        taps = gaussian_taps(width).to(array.dtype)
+        radius = taps.numel() // 2
         moved = torch.movedim(array, axis, -1)
         flat = moved.reshape(-1, 1, moved.shape[-1])
         padded = torch.nn.functional.pad(flat, (radius, radius), mode="replicate")
