@@ -263,7 +263,7 @@ def test_xray_without_patient_geometry_uses_pixel_spacing(tmp_path, keyword):
 
     volume = read_dicom(file)
 
-    np.testing.assert_allclose(volume.affine, np.diag([0.15, 0.2, 1.0, 1.0]))
+    np.testing.assert_allclose(volume.affine, np.diag([-0.15, -0.2, 1.0, 1.0]))  # unrotated DICOM frame, in RAS
     assert volume.modality is Modality.DX
     np.testing.assert_array_equal(volume.array[0, :, :, 0].numpy(), pixels.T)
 

@@ -36,8 +36,9 @@ def test_cropped_pixels_keep_their_place_in_space(sample):
     """The crop's voxel (0, 0) is where the full frame's pixel (column 14, row 38) was."""
     volume = read_volume(sample)
     spacing = volume.spacing[0]
-    np.testing.assert_allclose(apply_affine(volume.affine, [0, 0, 0]), [14 * spacing, 38 * spacing, 0.0])
-    np.testing.assert_allclose(apply_affine(volume.affine, [10, 20, 0]), [24 * spacing, 58 * spacing, 0.0])
+    # An unrotated DICOM frame in RAS: columns run to -x (patient left), rows to -y (posterior).
+    np.testing.assert_allclose(apply_affine(volume.affine, [0, 0, 0]), [-14 * spacing, -38 * spacing, 0.0])
+    np.testing.assert_allclose(apply_affine(volume.affine, [10, 20, 0]), [-24 * spacing, -58 * spacing, 0.0])
 
 
 def _with_regions(sample: str, tmp_path, regions: list[pydicom.Dataset]) -> str:

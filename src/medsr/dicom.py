@@ -215,9 +215,10 @@ def _lps_to_ras(affine: np.ndarray) -> np.ndarray:
 
 
 def _planar_affine(ds: Dataset, file: Path) -> np.ndarray:
-    """Identity-orientation affine of a 2D image that has no patient frame (so there is no LPS to convert)."""
+    """Affine of a 2D image without a patient frame: placed as an unrotated DICOM image (rows along L, columns
+    along P, i.e. ImageOrientationPatient [1, 0, 0, 0, 1, 0]) at the origin, so displays show row 0 at the top."""
     row_spacing, column_spacing = _in_plane_spacing(ds, file)
-    return np.diag([column_spacing, row_spacing, float(ds.get("SliceThickness") or 1.0), 1.0])
+    return _lps_to_ras(np.diag([column_spacing, row_spacing, float(ds.get("SliceThickness") or 1.0), 1.0]))
 
 
 def _in_plane_spacing(ds: Dataset, file: Path) -> tuple[float, float]:

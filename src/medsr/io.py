@@ -142,7 +142,7 @@ def _write_nifti(volume: Volume, path: Path) -> None:
 def _read_image(path: Path) -> Volume:
     """A PNG/TIFF frame as (1, columns, rows, 1): i runs along columns, j along rows, as for a DICOM slice.
 
-    These formats carry no patient geometry, so the affine is 1 mm pixels in an arbitrary frame.
+    These formats carry no patient geometry: 1 mm pixels, placed like an unrotated DICOM image (LPS identity).
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -160,7 +160,8 @@ def _read_image(path: Path) -> Volume:
     if pixels.ndim != 2:
         raise ValueError(f"{path}: expected a 2D grey image, got shape {pixels.shape}")
     array = torch.from_numpy(pixels.T.astype(np.float32).copy())[None, :, :, None]
-    return Volume(array, np.eye(4), Modality.OT, meta={"pixel_dtype": str(pixels.dtype)})
+    # No patient frame: placed like an unrotated DICOM image (i along L, j along P; row 0 shows at the top).
+    return Volume(array, np.diag([-1.0, -1.0, 1.0, 1.0]), Modality.OT, meta={"pixel_dtype": str(pixels.dtype)})
 
 
 def _check_image(volume: Volume, path: Path) -> None:

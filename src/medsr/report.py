@@ -28,6 +28,16 @@ def format_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str]) -
     return "\n".join(lines)
 
 
+def _upright(affine: np.ndarray, vertical_axis: int) -> bool:
+    """Whether voxel index along ``vertical_axis`` increases towards world anterior/superior (then it goes up).
+
+    Radiological displays put anterior (axial) or superior (coronal, sagittal) at the top; an unrotated DICOM
+    image's rows run to posterior, so its row 0 shows at the top.
+    """
+    direction = affine[:3, vertical_axis]
+    return bool(direction[np.argmax(np.abs(direction))] > 0)
+
+
 def detail_box(hr: torch.Tensor, size: int) -> tuple[int, int]:
     """Corner (i, j) of the ``size`` x ``size`` square of an (I, J) image with the most edge energy."""
     image = hr.double()
@@ -150,6 +160,10 @@ def degradation_figure(path: Path, hr, lr, *, title: str = "") -> None:
     import matplotlib.pyplot as plt
 
     through_plane = lr.spatial_shape[2] != hr.spatial_shape[2]
+    upright = _upright(hr.affine, 2 if through_plane else 1)
+    source = hr.meta.get("dicom")
+    # MONOCHROME1 (common in CR/DX) stores high values as dark: show it as a radiologist would see it.
+    grey = "gray_r" if source is not None and source.get("PhotometricInterpretation") == "MONOCHROME1" else "gray"
     upsampled = torch.nn.functional.interpolate(  # same-FOV grids: align_corners=False maps centres correctly
         lr.array[None].double(), size=hr.spatial_shape, mode="trilinear", align_corners=False
     )[0].to(hr.array.dtype)
@@ -168,13 +182,19 @@ def degradation_figure(path: Path, hr, lr, *, title: str = "") -> None:
     limit = float(np.percentile(np.abs(difference), 99.5)) or 1.0
     figure, axes = plt.subplots(1, 3, figsize=(11, 4.2))
     panels = [
-        ("HR", plane(hr.array), "gray", (low, high)),
-        ("LR", plane(lr.array), "gray", (low, high)),
+        ("HR", plane(hr.array), grey, (low, high)),
+        ("LR", plane(lr.array), grey, (low, high)),
         ("LR (linear) - HR", difference, "coolwarm", (-limit, limit)),
     ]
     for ax, (name, image, cmap, (vmin, vmax)) in zip(axes, panels, strict=True):
         shown = ax.imshow(
-            image.T, cmap=cmap, vmin=vmin, vmax=vmax, origin="lower", interpolation="nearest", extent=extent
+            image.T,
+            cmap=cmap,
+            vmin=vmin,
+            vmax=vmax,
+            interpolation="nearest",
+            origin="lower" if upright else "upper",
+            extent=extent if upright else (extent[0], extent[1], extent[3], extent[2]),
         )
         ax.set_title(f"{name} ({image.shape[0]}x{image.shape[1]})", fontsize=9)
         ax.set_xlabel("i (mm)", fontsize=8)
