@@ -83,6 +83,17 @@ def test_simulate_mr_to_a_target_spacing_with_noise(colin_crop, tmp_path):
     np.testing.assert_allclose(lr.spacing, (2, 2, 2))
 
 
+def test_simulate_ultrasound_dicom_to_a_coarser_probe(tmp_path):
+    """The real echo frame: cropped to its US region, x2 with a wider PSF and new speckle, geometry kept."""
+    source, output = sample_path("us_echo"), tmp_path / "lr.nii.gz"
+    args = ["simulate", str(source), str(output), "--factors", "2,2,1", "--psf-fwhm", "3,1.5,0", "--noise", "speckle"]
+    assert main(args) == 0
+    hr, lr = read_volume(source), read_volume(output)
+    assert hr.spatial_shape == (997, 721, 1) and lr.spatial_shape == (498, 360, 1)
+    np.testing.assert_allclose(lr.affine, scale_affine(hr.affine, (498 / 997, 360 / 721, 1)), atol=1e-6)
+    assert 0 <= float(lr.array.min()) and float(lr.array.max()) <= 255
+
+
 def test_simulate_needs_a_modality_for_nifti(colin_crop, tmp_path, capsys):
     assert main(["simulate", str(colin_crop), str(tmp_path / "lr.nii.gz"), "--factors", "2,2,1"]) == 2
     assert "--modality" in capsys.readouterr().err and not (tmp_path / "lr.nii.gz").exists()

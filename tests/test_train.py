@@ -102,3 +102,29 @@ def test_fit_refuses_to_mix_runs(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("{}\n")
     with pytest.raises(ValueError, match="previous run"):
         fit(load_config(overrides=TINY), tmp_path, progress=False)
+
+
+def test_split_by_scan_trains_on_a_folder_and_evaluate_refuses_its_training_scans(tmp_path, capsys):
+    """Three real scans in a folder: one trains, one validates, one is held out for evaluate."""
+    from medsr.cli import main
+    from medsr.io import read_volume, write_volume
+    from medsr.samples import sample_path
+    from medsr.train import training_scans
+
+    colin = read_volume(sample_path("colin27"))
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for index, start in enumerate((40, 80, 120)):  # three distinct slabs stand in for three subjects
+        write_volume(
+            colin.replace(array=colin.array[:, 40:104, 60:124, start : start + 12]), folder / f"s{index}.nii.gz"
+        )
+    overrides = [o for o in TINY if "slices" not in o] + [f"data.scans=[{folder}]", "data.split=scan"]
+    config = load_config(overrides=overrides)
+    train, val, test = training_scans(config)
+    assert len(train) == len(val) == len(test) == 1 and len({*train, *val, *test}) == 3
+    fit(config, tmp_path / "run", progress=False)
+    checkpoint = str(tmp_path / "run" / "best")
+    assert main(["evaluate", "--model", checkpoint, "--scan", str(train[0])]) == 2
+    assert "trained or was validated on" in capsys.readouterr().err
+    assert main(["evaluate", "--model", checkpoint, "--scan", str(test[0])]) == 0
+    assert "slices 0..11" in capsys.readouterr().out

@@ -161,31 +161,34 @@ def _load_model(model_ref: str):
 
 def _evaluate_scan(model_ref: str, scan: str, slices: tuple[int, int] | None):
     """Compare a model with the baselines on a held-out slab of a scan; returns rows, images, degradation, slab."""
+    from medsr.config import config_from_dict
     from medsr.data import prepare_scan
-    from medsr.degrade import Degradation
     from medsr.evaluation import compare_methods
     from medsr.infer import model_predictor
     from medsr.io import read_volume
     from medsr.samples import resolve_scan
+    from medsr.train import training_scans
 
     model, description = _load_model(model_ref)
-    data = description["config"]["data"]
-    slices = slices or tuple(data["test_slices"])
+    config = config_from_dict(description["config"])
     path = resolve_scan(scan)
-    if path in {resolve_scan(trained) for trained in data["scans"]}:
-        for region in ("train_slices", "val_slices"):  # validation picked the checkpoint: not held out either
-            start, stop = data[region]
+    train, val, _ = training_scans(config)  # the model's own split, rebuilt as fit() made it
+    if config.data.split == "scan" and path in train + val:  # validation picked the checkpoint: not held out
+        raise ValueError(f"{path} is a scan {model_ref} trained or was validated on; evaluate on a test scan")
+    if config.data.split == "region" and path in train:
+        slices = slices or config.data.test_slices
+        for region, (start, stop) in (("train", config.data.train_slices), ("val", config.data.val_slices)):
             if slices[0] < stop and start < slices[1]:
                 raise ValueError(
-                    f"slices {slices} overlap the {region.split('_')[0]} slices ({start}, {stop}) "
-                    f"of {model_ref} on {path}; choose a held-out slab with --slices"
+                    f"slices {slices} overlap the {region} slices ({start}, {stop}) of {model_ref} "
+                    f"on {path}; choose a held-out slab with --slices"
                 )
-    degradation = Degradation(**description["degradation"])
-    hr = prepare_scan(read_volume(path, modality=description["modality"]), degradation)
+    hr = prepare_scan(read_volume(path, modality=description["modality"]), config.degradation)
+    slices = slices or (0, hr.spatial_shape[2])  # a scan the model never saw: all of it
     if slices[1] > hr.spatial_shape[2]:
         raise ValueError(f"{path}: has {hr.spatial_shape[2]} slices; choose a slab inside it with --slices")
-    rows, images = compare_methods(hr, degradation, {model_ref: model_predictor(model)}, slices=slices)
-    return rows, images, degradation, slices
+    rows, images = compare_methods(hr, config.degradation, {model_ref: model_predictor(model)}, slices=slices)
+    return rows, images, config.degradation, slices
 
 
 def _describe(degradation) -> str:

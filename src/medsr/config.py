@@ -26,8 +26,12 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-    scans: tuple[str, ...] = ("colin27",)  # sample names (see `medsr samples`) or paths to scans
+    scans: tuple[str, ...] = ("colin27",)  # sample names (see `medsr samples`), scan paths, or folders of scans
     modality: str = "MR"
+    # 'region': every scan is split along k by the slices below. 'scan': whole scans go to train/val/test
+    # (data.split_scans with `fractions` and train.seed); the slices are then unused.
+    split: str = "region"
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     # Region split along k (axial slices, [start, stop)): never evaluate on slices the model trained on.
     train_slices: tuple[int, int] = (20, 90)
     val_slices: tuple[int, int] = (95, 105)
@@ -77,6 +81,11 @@ def load_config(path: Path | str | None = None, overrides: Sequence[str] = ()) -
             raw[section][name] = yaml.safe_load(value)
         except yaml.YAMLError as error:
             raise ValueError(f"override {override!r}: value is not valid YAML ({error})") from error
+    return _build(Config, raw, "config")
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """The inverse of :func:`to_dict` (e.g. the config saved in a checkpoint), with the same checks as YAML."""
     return _build(Config, raw, "config")
 
 

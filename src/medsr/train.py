@@ -21,11 +21,11 @@ from tqdm import tqdm
 
 from medsr.checkpoint import save_checkpoint
 from medsr.config import Config, to_dict
-from medsr.data import Pair, PairDataset, prepare_scan
+from medsr.data import Pair, PairDataset, find_scans, prepare_scan, split_scans
 from medsr.degrade import Degradation
 from medsr.evaluation import compare_methods
 from medsr.infer import model_predictor
-from medsr.io import read_volume
+from medsr.io import is_dicom_file, read_volume
 from medsr.models import create_model
 from medsr.samples import resolve_scan
 from medsr.volume import Volume, integer_scale
@@ -47,18 +47,37 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Pair, 
     return {"loss": loss.item()}
 
 
-def load_scans(config: Config, degradation: Degradation) -> list[Volume]:
-    """The HR training scans, prepared as ``data.prepare_scan`` does (cropped, normalised with the LR window)."""
-    return [
-        prepare_scan(read_volume(resolve_scan(scan), modality=config.data.modality), degradation)
-        for scan in config.data.scans
-    ]
+def training_scans(config: Config) -> tuple[list[Path], list[Path], list[Path]]:
+    """Train, validation and test scan paths: folders expand to the scans inside them.
+
+    With ``data.split == 'region'`` every scan is in all three (each split along k by the slice ranges); with
+    'scan', whole scans are split by :func:`data.split_scans`, reproducibly from ``train.seed``.
+    """
+    paths = []
+    for scan in config.data.scans:
+        path = resolve_scan(scan)
+        paths += find_scans(path) if path.is_dir() and not _is_series(path) else [path]
+    if config.data.split == "region":
+        return paths, paths, paths
+    return split_scans(paths, fractions=config.data.fractions, seed=config.train.seed)
+
+
+def _is_series(folder: Path) -> bool:
+    """A folder holding DICOM files directly is one series, not a folder of scans."""
+    return any(is_dicom_file(p) for p in folder.iterdir() if p.is_file())
+
+
+def load_scans(paths: list[Path], config: Config) -> list[Volume]:
+    """HR scans prepared as ``data.prepare_scan`` does (cropped, normalised with the LR window)."""
+    return [prepare_scan(read_volume(path, modality=config.data.modality), config.degradation) for path in paths]
 
 
 def check_config(config: Config) -> None:
     """Refuse configs that would fail late or leak: disjoint slice regions, a model scale matching the data."""
     if config.train.loss not in LOSSES:
         raise ValueError(f"unknown loss {config.train.loss!r}; choose one of {sorted(LOSSES)}")
+    if config.data.split not in ("region", "scan"):
+        raise ValueError(f"data.split must be 'region' or 'scan', got {config.data.split!r}")
     regions = {"train": config.data.train_slices, "val": config.data.val_slices, "test": config.data.test_slices}
     for (name_a, (start_a, stop_a)), (name_b, (start_b, stop_b)) in itertools.combinations(regions.items(), 2):
         if start_a < stop_b and start_b < stop_a:
@@ -119,11 +138,15 @@ def fit(config: Config, run_dir: Path, *, progress: bool = True) -> dict[str, An
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
     degradation = config.degradation
-    volumes = load_scans(config, degradation)
+    train_paths, val_paths, _ = training_scans(config)
+    volumes = load_scans(train_paths, config)
+    by_region = config.data.split == "region"
+    val_volumes = volumes if by_region else load_scans(val_paths, config)
+    val_slices = config.data.val_slices if by_region else None
     dataset = PairDataset(
         volumes,
         degradation,
-        slices=config.data.train_slices,
+        slices=config.data.train_slices if by_region else None,
         patch=config.data.patch,
         length=EPOCH_LENGTH,
         seed=config.train.seed,
@@ -147,7 +170,7 @@ def fit(config: Config, run_dir: Path, *, progress: bool = True) -> dict[str, An
             schedule.step()
             bar.set_postfix(loss=f"{logs['loss']:.4f}")
             if step % config.train.val_every == 0 or step == config.train.steps:
-                row = validate(model, volumes, degradation, config.data.val_slices)
+                row = validate(model, val_volumes, degradation, val_slices)
                 row.update(step=step, loss=logs["loss"], lr=schedule.get_last_lr()[0])
                 log.write(json.dumps(row) + "\n")
                 log.flush()
@@ -159,10 +182,15 @@ def fit(config: Config, run_dir: Path, *, progress: bool = True) -> dict[str, An
     return best
 
 
-def validate(model: nn.Module, volumes: list[Volume], degradation: Degradation, slices: tuple[int, int]) -> dict:
-    """Validation PSNR/SSIM of the model, and bicubic's PSNR, averaged over the validation slab of every scan."""
+def validate(model: nn.Module, volumes: list[Volume], degradation: Degradation, slices: tuple[int, int] | None) -> dict:
+    """Validation PSNR/SSIM of the model, and bicubic's PSNR, averaged over the validation slab of every scan
+    (``slices`` None: all of each scan)."""
     predictor = model_predictor(model)
-    rows = [row for v in volumes for row in compare_methods(v, degradation, {"model": predictor}, slices=slices)[0]]
+    rows = [
+        row
+        for v in volumes
+        for row in compare_methods(v, degradation, {"model": predictor}, slices=slices or (0, v.spatial_shape[2]))[0]
+    ]
 
     def mean(method: str, key: str) -> float:
         values = [row[key] for row in rows if row["method"] == method]
