@@ -38,6 +38,19 @@ def _upright(affine: np.ndarray, vertical_axis: int) -> bool:
     return bool(direction[np.argmax(np.abs(direction))] > 0)
 
 
+def _save(figure, path: Path, title: str) -> None:
+    """Title, lay out and write a matplotlib figure as PNG atomically (temporary file, then rename); close it."""
+    import matplotlib.pyplot as plt
+
+    if title:
+        figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    tmp = path.with_name(f".tmp.{path.name}")
+    figure.savefig(tmp, dpi=115, format="png")
+    plt.close(figure)
+    os.replace(tmp, path)
+
+
 def detail_box(hr: torch.Tensor, size: int) -> tuple[int, int]:
     """Corner (i, j) of the ``size`` x ``size`` square of an (I, J) image with the most edge energy."""
     image = hr.double()
@@ -93,13 +106,7 @@ def comparison_figure(path: Path, panels: Mapping[str, torch.Tensor], *, title: 
             ax.set_yticks([])
         for spine in zoom.spines.values():
             spine.set_edgecolor("yellow")
-    if title:
-        figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    tmp = path.with_name(f".tmp.{path.name}")
-    figure.savefig(tmp, dpi=120, format="png")
-    plt.close(figure)
-    os.replace(tmp, path)
+    _save(figure, path, title)
 
 
 def model_card(name: str, description: Mapping, rows: Sequence[Mapping], *, scan: str, slices: tuple[int, int]) -> str:
@@ -201,10 +208,4 @@ def degradation_figure(path: Path, hr, lr, *, title: str = "") -> None:
         ax.set_ylabel(f"{'k' if through_plane else 'j'} (mm)", fontsize=8)
         ax.tick_params(labelsize=7)
     figure.colorbar(shown, ax=axes[2], fraction=0.046)
-    if title:
-        figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
-    tmp = path.with_name(f".tmp.{path.name}")
-    figure.savefig(tmp, dpi=110, format="png")
-    plt.close(figure)
-    os.replace(tmp, path)
+    _save(figure, path, title)
