@@ -31,7 +31,6 @@ FOREGROUND_LEVEL = 0.05  # normalised intensity above which a voxel counts as ti
 FOREGROUND_TRIES = 20  # patch draws per item to meet ``min_foreground``; the last draw is kept regardless
 WINDOW_MARGIN = 4  # LR voxels around a patch degraded on the fly; >= the reach of CT noise grain (3 LR voxels)
 PHYSICAL = Window(0.0, 1.0)  # the window of a volume that was never normalised (no ``meta['window']``)
-# The noise each scanner model in ``degrade`` adds; any other noise would be silently ignored there.
 
 
 class Pair(NamedTuple):
@@ -144,11 +143,14 @@ def _box(corner: Sequence[int], size: Sequence[int], scale: Sequence[int] = (1, 
     return (slice(None), *(slice(c * s, (c + n) * s) for c, n, s in zip(corner, size, scale, strict=True)))
 
 
-def _degrade_normalised(
-    volume: Volume, window: Window, degradation: Degradation, rng: np.random.Generator | None
-) -> torch.Tensor:
-    """``degrade`` in physical units (noise and log compression need them), normalised back: (C, *lr_shape)."""
-    return normalize(degrade(denormalize(volume, window), degradation, rng=rng), window).array
+def degrade_normalised(volume: Volume, degradation: Degradation, *, rng: np.random.Generator | None) -> Volume:
+    """``degrade`` a normalised volume in its physical units (noise levels and log compression are defined
+    there), then normalise back with the same window (``meta['window']``; none: already physical)."""
+    window = volume.meta.get("window", PHYSICAL)
+    physical = denormalize(volume, window)
+    if degradation.modality == "US":  # B-mode lives in 0..255; a float round trip can leave 255.00002
+        physical = physical.replace(array=physical.array.clamp(0, 255))
+    return normalize(degrade(physical, degradation, rng=rng), window)
 
 
 def _margin(degradation: Degradation, spacing: Sequence[float], scale: Sequence[int]) -> tuple[int, ...]:
@@ -218,10 +220,18 @@ class PairDataset(Dataset[Pair]):
                 raise ValueError(f"patch {self.patch} (i, j, k) is larger than scan {index}: {region.spatial_shape}")
         self.degradation, self.spatial_dims = degradation, spatial_dims
         self.on_the_fly = degradation.noise in ("gaussian", "speckle")
+        # Swapping i and j is a valid augmentation only if the scanner blurs and samples them alike (not for US,
+        # lateral vs axial; not for unequal PSFs, scales or spacings).
+        self.transposable = (
+            degradation.modality != "US"
+            and self.scale[0] == self.scale[1]
+            and self.patch[0] == self.patch[1]
+            and degradation.psf_fwhm[0] == degradation.psf_fwhm[1]
+            and all(abs(r.spacing[0] - r.spacing[1]) < 1e-6 for r in self.regions)
+        )
         self.windows = [r.meta.get("window", PHYSICAL) for r in self.regions]
         quiet = dataclasses.replace(degradation, noise="none")
-        pairs = zip(self.regions, self.windows, strict=True)
-        self.lr = [] if self.on_the_fly else [_degrade_normalised(r, w, quiet, None) for r, w in pairs]
+        self.lr = [] if self.on_the_fly else [degrade_normalised(r, quiet, rng=None).array for r in self.regions]
         self.reference = (  # physical intensity that gets ``photons`` quanta, as in degrade's X-ray model
             [
                 float(np.percentile((lr * (w.hi - w.lo) + w.lo).numpy(), 99.9))
@@ -252,12 +262,12 @@ class PairDataset(Dataset[Pair]):
             if (hr_patch > FOREGROUND_LEVEL).float().mean() >= self.min_foreground:
                 break
         lr_patch = self._lr_patch(scan, corner, size, rng)
-        # Flips map the block-centred LR grid onto itself, so the pair stays aligned. Transposes swap i and j only:
-        # along k the scanner model differs (slice profile, in-plane noise grain).
+        # Flips map the block-centred LR grid onto itself, so the pair stays aligned. Transposes swap i and j only
+        # where the scanner treats them alike (along k it never does: slice profile, noise grain).
         for axis in (1, 2, 3):
             if rng.random() < 0.5:
                 hr_patch, lr_patch = hr_patch.flip(axis), lr_patch.flip(axis)
-        if self.scale[0] == self.scale[1] and self.patch[0] == self.patch[1] and rng.random() < 0.5:
+        if self.transposable and rng.random() < 0.5:
             hr_patch, lr_patch = hr_patch.transpose(1, 2), lr_patch.transpose(1, 2)
         if self.spatial_dims == 2:
             hr_patch, lr_patch = hr_patch[..., 0], lr_patch[..., 0]
@@ -275,7 +285,7 @@ class PairDataset(Dataset[Pair]):
             shift[:3, 3] = [a * s for a, s in zip(start, self.scale, strict=True)]
             extent = [b - a for a, b in zip(start, stop, strict=True)]
             block = region.replace(array=region.array[_box(start, extent, self.scale)], affine=region.affine @ shift)
-            lr = _degrade_normalised(block, self.windows[scan], self.degradation, rng)
+            lr = degrade_normalised(block, self.degradation, rng=rng).array
             return lr[_box([c - a for c, a in zip(corner, start, strict=True)], size)]
         lr = self.lr[scan][_box(corner, size)]
         if noise == "none":

@@ -12,10 +12,9 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from medsr.data import FOREGROUND_LEVEL, slice_range
-from medsr.degrade import Degradation, degrade
+from medsr.data import FOREGROUND_LEVEL, degrade_normalised, slice_range
+from medsr.degrade import Degradation
 from medsr.infer import Predictor, predict_volume
-from medsr.intensity import Window, denormalize, normalize
 from medsr.metrics import psnr, ssim
 from medsr.models.blocks import interpolate
 from medsr.volume import Volume, integer_scale
@@ -45,6 +44,7 @@ def compare_methods(
     models: Mapping[str, Predictor],
     *,
     slices: tuple[int, int],
+    seed: int = 0,
 ) -> tuple[list[dict[str, float | str]], dict[str, torch.Tensor]]:
     """Score the baselines and 2D ``models`` on the slab ``slices`` of ``hr``.
 
@@ -53,15 +53,14 @@ def compare_methods(
         degradation: In-plane integer factors, 1 along k.
         models: Name -> 2D predictor (see ``infer.model_predictor``).
         slices: ``[start, stop)`` along k; must not overlap the slices the models trained on.
+        seed: Seed of the LR noise draw (random degradations), so a comparison can be replayed.
 
     Returns:
         One row per method (``method`` plus the scores), and the images: name -> (K, C, I, J), including
         ``lr`` (K, C, I / s, J / s) and ``hr``.
     """
     slab = slice_range(hr, slices=slices)
-    # Degrade in physical units (noise levels and log compression are defined there), with a fixed noise draw.
-    window = slab.meta.get("window", Window(0.0, 1.0))
-    lr = normalize(degrade(denormalize(slab, window), degradation, rng=np.random.default_rng(0)), window)
+    lr = degrade_normalised(slab, degradation, rng=np.random.default_rng(seed))
     scale = integer_scale(degradation.factors)
     lr_slices = lr.array.permute(3, 0, 1, 2)  # (K, C, I / s, J / s)
     images = {"lr": lr_slices, "hr": slab.array.permute(3, 0, 1, 2)}

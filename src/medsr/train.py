@@ -188,8 +188,10 @@ def validate(model: nn.Module, volumes: list[Volume], degradation: Degradation, 
     predictor = model_predictor(model)
     rows = [
         row
-        for v in volumes
-        for row in compare_methods(v, degradation, {"model": predictor}, slices=slices or (0, v.spatial_shape[2]))[0]
+        for index, v in enumerate(volumes)
+        for row in compare_methods(
+            v, degradation, {"model": predictor}, slices=slices or (0, v.spatial_shape[2]), seed=index
+        )[0]
     ]
 
     def mean(method: str, key: str) -> float:

@@ -29,11 +29,13 @@ from medsr.degrade.sampling import (
     kspace_upsample,
     lr_shape,
     profile_sample,
+    voxels,
 )
 from medsr.volume import Modality, Volume, scale_affine
 
 NOISES = ("none", "rician", "gaussian", "poisson", "speckle")
-NOISE_OF = {"MR": "rician", "CT": "gaussian", "CR": "poisson", "DX": "poisson", "US": "speckle"}  # each scanner's
+# The noise each scanner model adds (none of them adds another).
+NOISE_OF = {"MR": "rician", "CT": "gaussian", "CR": "poisson", "DX": "poisson", "US": "speckle"}
 CT_NOISE_GRAIN = 1.5  # LR voxels: FWHM of the in-plane texture of CT noise
 
 
@@ -75,7 +77,8 @@ class Degradation:
         psf = tuple(float(f) for f in self.psf_fwhm)
         if len(psf) != 3 or any(not math.isfinite(f) or f < 0 for f in psf):
             raise ValueError(f"psf_fwhm must be 3 widths >= 0 mm (i, j, k), got {self.psf_fwhm}")
-        Modality(self.modality)  # raises on an unknown modality
+        if Modality(self.modality) == Modality.OT:  # Modality() raises on an unknown name
+            raise ValueError("modality OT has no scanner model; choose MR, CT, US, CR or DX")
         if self.kspace_window not in KSPACE_WINDOWS:
             raise ValueError(f"unknown kspace_window {self.kspace_window!r}; choose one of {KSPACE_WINDOWS}")
         if self.slice_profile not in PROFILES:
@@ -93,6 +96,8 @@ class Degradation:
             raise ValueError(f"noise {self.noise!r} needs noise_sigma > 0")
         if self.noise == "poisson" and self.photons == 0:
             raise ValueError("noise 'poisson' needs photons > 0")
+        if self.noise == "speckle" and min(psf[:2]) <= 0:
+            raise ValueError("noise 'speckle' needs a PSF: psf_fwhm > 0 mm laterally and axially (i, j)")
         object.__setattr__(self, "factors", factors)
         object.__setattr__(self, "psf_fwhm", psf)
 
@@ -128,10 +133,6 @@ def degrade(volume: Volume, degradation: Degradation, *, rng: np.random.Generato
     return volume.replace(array=array, affine=scale_affine(volume.affine, [1.0 / f for f in applied]))
 
 
-def _voxels(fwhm_mm: Sequence[float], spacing: Sequence[float]) -> tuple[float, ...]:
-    return tuple(w / s for w, s in zip(fwhm_mm, spacing, strict=True))
-
-
 def _slices(array: torch.Tensor, spacing: Sequence[float], d: Degradation) -> torch.Tensor:
     """Thick slices along k: the slice profile of FWHM ``slice_thickness`` every ``factors[2]`` HR slices."""
     if d.factors[2] == 1 and d.slice_thickness == 0:
@@ -145,14 +146,14 @@ def _slices(array: torch.Tensor, spacing: Sequence[float], d: Degradation) -> to
 
 
 def _mr(array: torch.Tensor, spacing: Sequence[float], d: Degradation, rng) -> torch.Tensor:
-    array = gaussian_blur(array, _voxels(d.psf_fwhm, spacing))
+    array = gaussian_blur(array, voxels(d.psf_fwhm, spacing))
     in_plane = kspace_truncate(array, (*d.factors[:2], 1.0), window=d.kspace_window)  # (C, I', J', K)
     array = _slices(in_plane, spacing, d)
     return rician(array, d.noise_sigma, rng) if d.noise == "rician" else array
 
 
 def _ct(array: torch.Tensor, spacing: Sequence[float], d: Degradation, rng) -> torch.Tensor:
-    array = gaussian_blur(array, _voxels(d.psf_fwhm, spacing))
+    array = gaussian_blur(array, voxels(d.psf_fwhm, spacing))
     array = _slices(aperture_sample(array, d.factors[:2]), spacing, d)
     if d.noise == "gaussian":
         array = correlated_gaussian(array, d.noise_sigma, rng, grain=CT_NOISE_GRAIN)
@@ -160,7 +161,7 @@ def _ct(array: torch.Tensor, spacing: Sequence[float], d: Degradation, rng) -> t
 
 
 def _xray(array: torch.Tensor, spacing: Sequence[float], d: Degradation, rng) -> torch.Tensor:
-    array = aperture_sample(gaussian_blur(array, _voxels(d.psf_fwhm, spacing)), d.factors[:2])
+    array = aperture_sample(gaussian_blur(array, voxels(d.psf_fwhm, spacing)), d.factors[:2])
     if d.noise == "poisson":
         array = poisson(array, d.photons, rng, reference=float(np.percentile(array.numpy(), 99.9)))
     return array
@@ -172,17 +173,12 @@ def _ultrasound(array: torch.Tensor, spacing: Sequence[float], d: Degradation, r
     return degrade_bmode(array, spacing, d, rng)
 
 
-def _unknown(array: torch.Tensor, spacing: Sequence[float], d: Degradation, rng) -> torch.Tensor:
-    raise ValueError("modality OT has no scanner model; set Degradation(modality=...) to MR, CT, US, CR or DX")
-
-
 _PIPELINES = {
     Modality.MR: _mr,
     Modality.CT: _ct,
     Modality.CR: _xray,
     Modality.DX: _xray,
     Modality.US: _ultrasound,
-    Modality.OT: _unknown,
 }
 
 __all__ = ["Degradation", "degrade", "factors_for_spacing", "kspace_truncate", "kspace_upsample", "lr_shape"]

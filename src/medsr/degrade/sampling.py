@@ -147,6 +147,11 @@ def profile_sample(array: torch.Tensor, axis: int, factor: float, *, profile: st
     return torch.movedim(torch.tensordot(weights, torch.movedim(array, axis, 0), dims=1), 0, axis)
 
 
+def voxels(lengths_mm: Sequence[float], spacing: Sequence[float]) -> tuple[float, ...]:
+    """Lengths in mm (e.g. PSF FWHMs per axis) as lengths in voxels of the given spacing."""
+    return tuple(length / step for length, step in zip(lengths_mm, spacing, strict=True))
+
+
 def aperture_sample(array: torch.Tensor, factors: Sequence[float]) -> torch.Tensor:
     """Detector-aperture sampling of axes 1, 2, ... of (C, *spatial): each LR pixel averages what it covers.
 

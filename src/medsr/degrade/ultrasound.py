@@ -49,12 +49,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from medsr.degrade.sampling import FWHM_PER_SIGMA, aperture_sample, gaussian_blur
+from medsr.degrade.sampling import aperture_sample, gaussian_blur, gaussian_taps, voxels
 
 if TYPE_CHECKING:
     from medsr.degrade import Degradation
 
 BMODE_MAX = 255.0  # display value of 0 dB (the brightest echo)
+TOLERANCE = 1e-3  # display values this far outside 0..255 are rounding, clamped rather than refused
 
 
 def to_amplitude(bmode: torch.Tensor, dynamic_range_db: float) -> torch.Tensor:
@@ -95,29 +96,31 @@ def degrade_bmode(
     if d.noise == "speckle" and rng is None:
         raise ValueError("speckle is random: pass rng=np.random.default_rng(seed)")
     low, high = float(array.min()), float(array.max())
-    if low < 0 or high > BMODE_MAX:
+    if low < -TOLERANCE or high > BMODE_MAX + TOLERANCE:  # tolerance: float round trips through a window
         raise ValueError(
             f"ultrasound B-mode must hold display values in 0..255, got {low:.4g}..{high:.4g}; "
             "degrade before normalising intensities"
         )
-    fwhm = tuple(w / s for w, s in zip(d.psf_fwhm, spacing, strict=True))  # HR voxels
-    amplitude = to_amplitude(array.double(), d.dynamic_range_db)
-    if d.noise == "speckle":
-        phase = torch.from_numpy(rng.uniform(0.0, 2.0 * math.pi, size=tuple(array.shape)))
-        gain = 1.0 / math.sqrt(_energy(fwhm))  # unit-energy PSF: keeps the mean echo intensity
-        real = gaussian_blur(amplitude * torch.cos(phase), fwhm) * gain
-        imaginary = gaussian_blur(amplitude * torch.sin(phase), fwhm) * gain
-        envelope = torch.sqrt(real**2 + imaginary**2)
-    else:
-        envelope = gaussian_blur(amplitude, fwhm)
-    bmode = to_bmode(envelope, d.dynamic_range_db)
-    bmode = aperture_sample(bmode, d.factors)  # k too, for 3D ultrasound (elevation)
-    return bmode.clamp(0.0, BMODE_MAX).to(array.dtype)
+    fwhm = voxels(d.psf_fwhm, spacing)
+    amplitude = to_amplitude(array.double().clamp(0.0, BMODE_MAX), d.dynamic_range_db)
+    envelope = _speckle(amplitude, fwhm, rng) if d.noise == "speckle" else gaussian_blur(amplitude, fwhm)
+    return aperture_sample(to_bmode(envelope, d.dynamic_range_db), d.factors).to(array.dtype)  # k too (3D US)
 
 
-def _energy(fwhm: Sequence[float]) -> float:
-    """Sum of squared taps of ``gaussian_blur``'s kernel (unit sum) for these FWHMs in voxels: its impulse response."""
-    radii = [max(1, math.ceil(4 * w / FWHM_PER_SIGMA)) if w > 0 else 0 for w in fwhm]
-    impulse = torch.zeros([2 * r + 1 for r in radii], dtype=torch.float64)
-    impulse[tuple(radii)] = 1.0
-    return float((gaussian_blur(impulse, fwhm) ** 2).sum())
+def _speckle(amplitude: torch.Tensor, fwhm: Sequence[float], rng: np.random.Generator) -> torch.Tensor:
+    """Envelope of random-phase scatterers of this amplitude seen through a unit-energy Gaussian PSF.
+
+    The field extends one kernel radius past the image (amplitude replicated, phases fresh) and is cropped after
+    blurring: padding the complex field by replication would repeat one phasor, which adds up coherently into
+    bright borders. Unit energy (sum of squared taps 1) keeps each region's mean echo intensity.
+    """
+    taps = [gaussian_taps(w) if w > 0 else torch.ones(1, dtype=torch.float64) for w in fwhm]
+    radii = [t.numel() // 2 for t in taps]
+    padding = [p for r in reversed(radii) for p in (r, r)]  # F.pad order: last axis first
+    extended = torch.nn.functional.pad(amplitude[None], padding, mode="replicate")[0]  # (C, I + 2 ri, ...)
+    phase = torch.from_numpy(rng.uniform(0.0, 2.0 * math.pi, size=tuple(extended.shape)))
+    gain = 1.0 / math.sqrt(math.prod(float(t.pow(2).sum()) for t in taps))
+    real = gaussian_blur(extended * torch.cos(phase), fwhm) * gain
+    imaginary = gaussian_blur(extended * torch.sin(phase), fwhm) * gain
+    crop = (slice(None), *(slice(r, r + n) for r, n in zip(radii, amplitude.shape[1:], strict=True)))
+    return torch.sqrt(real[crop] ** 2 + imaginary[crop] ** 2)
