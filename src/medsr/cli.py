@@ -172,7 +172,8 @@ def _evaluate_scan(model_ref: str, scan: str, slices: tuple[int, int] | None):
     model, description = _load_model(model_ref)
     config = config_from_dict(description["config"])
     path = resolve_scan(scan)
-    train, val, _ = training_scans(config)  # the model's own split, rebuilt as fit() made it
+    saved = description.get("scans")  # the split fit() used; older checkpoints: rebuilt from the config
+    train, val = ([Path(p) for p in saved[k]] for k in ("train", "val")) if saved else training_scans(config)[:2]
     if config.data.split == "scan" and path in train + val:  # validation picked the checkpoint: not held out
         raise ValueError(f"{path} is a scan {model_ref} trained or was validated on; evaluate on a test scan")
     if config.data.split == "region" and path in train:

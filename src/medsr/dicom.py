@@ -3,7 +3,7 @@
 DICOM places a slice in the patient's LPS frame (x to the patient's Left, y Posterior, z Superior) with
 ImagePositionPatient (IPP, centre of the first transmitted pixel), ImageOrientationPatient (IOP, the unit
 direction cosines of a row and of a column) and PixelSpacing (row spacing, column spacing) [1]. The affine is built
-as in MONAI's ``PydicomReader._get_affine``, then flipped once to RAS+ by ``_lps_to_ras``.
+as in MONAI's ``PydicomReader._get_affine``, then flipped once to RAS+ by ``lps_to_ras``.
 
 [1] DICOM PS3.3 C.7.6.2.1.1, "Image Position and Image Orientation".
 """
@@ -70,7 +70,7 @@ def read_dicom(path: Path) -> Volume:
 
     if all("ImagePositionPatient" in ds and "ImageOrientationPatient" in ds for _, ds in headers):
         headers, step = _sort_slices(headers, path)
-        affine = _lps_to_ras(_patient_affine(headers[0][1], headers[0][0], step))
+        affine = lps_to_ras(_patient_affine(headers[0][1], headers[0][0], step))
     elif len(headers) == 1:
         affine = _planar_affine(headers[0][1], headers[0][0])
     else:
@@ -209,16 +209,16 @@ def _patient_affine(ds: Dataset, file: Path, step: np.ndarray) -> np.ndarray:
     return affine
 
 
-def _lps_to_ras(affine: np.ndarray) -> np.ndarray:
+def lps_to_ras(affine: np.ndarray) -> np.ndarray:
     """DICOM's patient frame is LPS; NIfTI/nibabel's is RAS+: negate the world x and y axes (the one place)."""
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
 
 
 def _planar_affine(ds: Dataset, file: Path) -> np.ndarray:
-    """Affine of a 2D image without a patient frame: placed as an unrotated DICOM image (rows along L, columns
-    along P, i.e. ImageOrientationPatient [1, 0, 0, 0, 1, 0]) at the origin, so displays show row 0 at the top."""
+    """Affine of a 2D image without a patient frame: placed as an unrotated DICOM image (column index towards L,
+    row index towards P: ImageOrientationPatient [1, 0, 0, 0, 1, 0]) at the origin; displays show row 0 on top."""
     row_spacing, column_spacing = _in_plane_spacing(ds, file)
-    return _lps_to_ras(np.diag([column_spacing, row_spacing, float(ds.get("SliceThickness") or 1.0), 1.0]))
+    return lps_to_ras(np.diag([column_spacing, row_spacing, float(ds.get("SliceThickness") or 1.0), 1.0]))
 
 
 def _in_plane_spacing(ds: Dataset, file: Path) -> tuple[float, float]:

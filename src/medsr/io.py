@@ -160,8 +160,10 @@ def _read_image(path: Path) -> Volume:
     if pixels.ndim != 2:
         raise ValueError(f"{path}: expected a 2D grey image, got shape {pixels.shape}")
     array = torch.from_numpy(pixels.T.astype(np.float32).copy())[None, :, :, None]
-    # No patient frame: placed like an unrotated DICOM image (i along L, j along P; row 0 shows at the top).
-    return Volume(array, np.diag([-1.0, -1.0, 1.0, 1.0]), Modality.OT, meta={"pixel_dtype": str(pixels.dtype)})
+    from medsr.dicom import lps_to_ras
+
+    # No patient frame: placed like an unrotated DICOM image (i towards L, j towards P; row 0 shows on top).
+    return Volume(array, lps_to_ras(np.eye(4)), Modality.OT, meta={"pixel_dtype": str(pixels.dtype)})
 
 
 def _check_image(volume: Volume, path: Path) -> None:

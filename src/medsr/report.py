@@ -155,7 +155,8 @@ Reproduce: `medsr train configs/edsr_mr_x2.yaml --out runs/edsr_mr_x2` then
 
 
 def degradation_figure(path: Path, hr, lr, *, title: str = "") -> None:
-    """HR | LR | (LR interpolated to the HR grid) - HR, for one plane, in mm at true aspect; written atomically.
+    """HR | LR | (LR interpolated to the HR grid) - HR, for one plane, in mm at true aspect, radiological
+    orientation (anterior/superior up, patient right on the left); written atomically.
 
     The plane is (i, j) through the middle slice, or (i, k) through the middle of j when the k axis lost
     resolution (thick slices), so the loss is visible. ``hr`` and ``lr`` are Volumes covering the same field
@@ -168,6 +169,8 @@ def degradation_figure(path: Path, hr, lr, *, title: str = "") -> None:
 
     through_plane = lr.spatial_shape[2] != hr.spatial_shape[2]
     upright = _upright(hr.affine, 2 if through_plane else 1)
+    # Radiological convention: the patient's right on the viewer's left, so an i axis running to R is mirrored.
+    right_to_left = abs(hr.affine[0, 0]) == np.abs(hr.affine[:3, 0]).max() and hr.affine[0, 0] > 0
     source = hr.meta.get("dicom")
     # MONOCHROME1 (common in CR/DX) stores high values as dark: show it as a radiologist would see it.
     grey = "gray_r" if source is not None and source.get("PhotometricInterpretation") == "MONOCHROME1" else "gray"
@@ -204,6 +207,8 @@ def degradation_figure(path: Path, hr, lr, *, title: str = "") -> None:
             extent=extent if upright else (extent[0], extent[1], extent[3], extent[2]),
         )
         ax.set_title(f"{name} ({image.shape[0]}x{image.shape[1]})", fontsize=9)
+        if right_to_left:
+            ax.invert_xaxis()
         ax.set_xlabel("i (mm)", fontsize=8)
         ax.set_ylabel(f"{'k' if through_plane else 'j'} (mm)", fontsize=8)
         ax.tick_params(labelsize=7)

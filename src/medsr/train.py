@@ -25,7 +25,7 @@ from medsr.data import Pair, PairDataset, find_scans, prepare_scan, split_scans
 from medsr.degrade import Degradation
 from medsr.evaluation import compare_methods
 from medsr.infer import model_predictor
-from medsr.io import is_dicom_file, read_volume
+from medsr.io import read_volume
 from medsr.models import create_model
 from medsr.samples import resolve_scan
 from medsr.volume import Volume, integer_scale
@@ -56,15 +56,10 @@ def training_scans(config: Config) -> tuple[list[Path], list[Path], list[Path]]:
     paths = []
     for scan in config.data.scans:
         path = resolve_scan(scan)
-        paths += find_scans(path) if path.is_dir() and not _is_series(path) else [path]
+        paths += [p.resolve() for p in find_scans(path)] if path.is_dir() else [path]  # a series folder: itself
     if config.data.split == "region":
         return paths, paths, paths
     return split_scans(paths, fractions=config.data.fractions, seed=config.train.seed)
-
-
-def _is_series(folder: Path) -> bool:
-    """A folder holding DICOM files directly is one series, not a folder of scans."""
-    return any(is_dicom_file(p) for p in folder.iterdir() if p.is_file())
 
 
 def load_scans(paths: list[Path], config: Config) -> list[Volume]:
@@ -103,8 +98,14 @@ def batches(dataset: PairDataset, batch_size: int, start_step: int) -> Iterator[
         yield default_collate(items)
 
 
-def describe(config: Config, step: int, scores: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The checkpoint's JSON description: enough to rebuild the model and to know what it is for."""
+def describe(
+    config: Config, step: int, scores: dict[str, Any], scans: tuple[list[Path], list[Path], list[Path]]
+) -> dict[str, Any]:
+    """The checkpoint's JSON description: enough to rebuild the model and to know what it is for.
+
+    ``scans`` (train, validation, test paths, resolved) is saved as used, so evaluation can refuse every scan or
+    slab the model saw without rebuilding the split from a folder that may have changed since.
+    """
     return {
         "model_name": config.model.name,
         "model_kwargs": {
@@ -118,7 +119,8 @@ def describe(config: Config, step: int, scores: dict[str, Any] | None = None) ->
         "intensity": "normalised per LR scan: 0.5th percentile -> 0, 99.9th -> 1 (CT: -1024..3071 HU -> 0..1)",
         "config": to_dict(config),
         "step": step,
-        "scores": scores or {},
+        "scores": scores,
+        "scans": {name: [str(p) for p in paths] for name, paths in zip(("train", "val", "test"), scans, strict=True)},
     }
 
 
@@ -138,7 +140,8 @@ def fit(config: Config, run_dir: Path, *, progress: bool = True) -> dict[str, An
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
     degradation = config.degradation
-    train_paths, val_paths, _ = training_scans(config)
+    split = training_scans(config)
+    train_paths, val_paths, _ = split
     volumes = load_scans(train_paths, config)
     by_region = config.data.split == "region"
     val_volumes = volumes if by_region else load_scans(val_paths, config)
@@ -174,10 +177,10 @@ def fit(config: Config, run_dir: Path, *, progress: bool = True) -> dict[str, An
                 row.update(step=step, loss=logs["loss"], lr=schedule.get_last_lr()[0])
                 log.write(json.dumps(row) + "\n")
                 log.flush()
-                save_checkpoint(run_dir / "last", model, describe(config, step, {"validation": row}))
+                save_checkpoint(run_dir / "last", model, describe(config, step, {"validation": row}, split))
                 if row["psnr"] > best["psnr"]:
                     best = row
-                    save_checkpoint(run_dir / "best", model, describe(config, step, {"validation": row}))
+                    save_checkpoint(run_dir / "best", model, describe(config, step, {"validation": row}, split))
                 bar.write(f"step {step}: val PSNR {row['psnr']:.2f} dB (bicubic {row['psnr_cubic']:.2f})")
     return best
 

@@ -15,6 +15,8 @@ def _normal(rng: np.random.Generator, shape: tuple[int, ...], dtype: torch.dtype
 def rician(array: torch.Tensor, sigma: float, rng: np.random.Generator) -> torch.Tensor:
     """MR magnitude noise: ``|x + n_re + i n_im|`` with ``n ~ N(0, sigma^2)`` on each channel (Gudbjartsson 1995).
 
+    ``array`` is a magnitude image of any shape; ``sigma`` is in its units. Returns the same shape.
+
     In air (x = 0) this is Rayleigh with mean ``sigma * sqrt(pi / 2)``; at high SNR it tends to ``N(x, sigma^2)``.
     """
     real = array + sigma * _normal(rng, tuple(array.shape), array.dtype)
@@ -32,6 +34,11 @@ def correlated_gaussian(array: torch.Tensor, sigma: float, rng: np.random.Genera
 
     Args:
         array: (C, I, J, K) in HU.
+        sigma: Standard deviation in HU.
+        grain: FWHM of the in-plane texture, in voxels (0: white noise).
+
+    Returns:
+        ``array`` plus the noise, same shape and dtype.
     """
     if grain <= 0:
         return array + (sigma * _normal(rng, tuple(array.shape), torch.float64)).to(array.dtype)
@@ -47,6 +54,13 @@ def poisson(array: torch.Tensor, photons: float, rng: np.random.Generator, *, re
     """Quantum noise: intensity ``reference`` is ``photons`` detected quanta per pixel, counts are Poisson.
 
     Treats pixel values as proportional to detected quanta (a raw, "for processing" radiograph).
+
+    Args:
+        array: Intensities of any shape, >= 0 (negative values count as 0).
+        photons: Detected quanta per pixel at intensity ``reference`` (> 0).
+        reference: The intensity that receives ``photons`` quanta, in the image's units (> 0).
     """
+    if reference <= 0 or photons <= 0:
+        raise ValueError(f"Poisson noise needs photons > 0 and a reference intensity > 0, got {photons}, {reference}")
     counts = (array.clamp(min=0) / reference * photons).double().numpy()
     return torch.from_numpy(rng.poisson(counts) * (reference / photons)).to(array.dtype)
