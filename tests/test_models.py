@@ -1,21 +1,40 @@
+"""Every registered model, tested without anyone writing a test for it (timm's test_models.py, for SR)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from medsr.models import create_model, list_models
-from medsr.models.blocks import pixel_shuffle
+from medsr.models.blocks import interpolate, pixel_shuffle
+from medsr.models.fsrcnn import deconv_padding
+from medsr.models.rrdb import plan_upsampling
+
+GEOMETRIES = [(2, (2, 2)), (2, (3, 1)), (2, (4, 4)), (3, (1, 1, 2)), (3, (2, 2, 2))]
 
 
 @pytest.mark.parametrize("name", list_models())
-@pytest.mark.parametrize("spatial_dims, scale", [(2, (2, 2)), (2, (3, 1)), (3, (1, 1, 2))])
+@pytest.mark.parametrize("spatial_dims, scale", GEOMETRIES)
 def test_forward_backward(name, spatial_dims, scale):
-    model = create_model(name, spatial_dims=spatial_dims, scale=scale, channels=8, num_blocks=1)
+    """Exact output shape, finite values, and a non-zero gradient for every parameter, in 2D and 3D."""
+    torch.manual_seed(0)
+    model = create_model(name, spatial_dims=spatial_dims, scale=scale)
     lr = torch.rand(2, 1, *[6] * spatial_dims)
     sr = model(lr)
     assert sr.shape == (2, 1, *(6 * s for s in scale))
     assert torch.isfinite(sr).all()
+    parameters = list(model.parameters())
+    if not parameters:  # an interpolation baseline: nothing to learn
+        return
     sr.mean().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in parameters)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_models_refuse_what_they_cannot_do(name):
+    with pytest.raises(TypeError):
+        create_model(name, spatial_dims=2, scale=(2, 2), no_such_option=1)
+    with pytest.raises(ValueError):
+        create_model(name, spatial_dims=3, scale=(2, 2))  # a scale per spatial axis
 
 
 def test_pixel_shuffle_matches_torch_in_2d():
@@ -32,5 +51,76 @@ def test_pixel_shuffle_places_each_channel_at_its_sub_voxel():
 
 
 def test_unknown_model_lists_the_known_ones():
-    with pytest.raises(ValueError, match="unknown model 'edsr_huge'; known: edsr_baseline"):
+    with pytest.raises(ValueError, match="unknown model 'edsr_huge'; known: bicubic, edsr_baseline"):
         create_model("edsr_huge")
+
+
+@pytest.mark.parametrize("spatial_dims, scale", GEOMETRIES)
+def test_bicubic_is_the_interpolation(spatial_dims, scale):
+    model = create_model("bicubic", spatial_dims=spatial_dims, scale=scale)
+    assert list(model.parameters()) == []
+    lr = torch.rand(2, 1, *(6, 7, 8)[:spatial_dims])
+    sr = model(lr)
+    assert sr.shape == (2, 1, *(n * s for n, s in zip(lr.shape[2:], scale, strict=True)))
+    assert torch.equal(sr, interpolate(lr, scale, "cubic" if spatial_dims == 2 else "linear"))
+
+
+def test_bicubic_checks_channels_and_mode():
+    with pytest.raises(ValueError, match=r"expected \(N, 1, \*spatial\)"):
+        create_model("bicubic")(torch.rand(1, 2, 4, 4))
+    with pytest.raises(ValueError, match="2D only"):
+        create_model("bicubic", spatial_dims=3, scale=(2, 2, 2), mode="cubic")
+
+
+@pytest.mark.parametrize("scale", [(1, 1), (2, 2), (3, 3), (4, 4), (1, 3), (4, 2)])
+def test_fsrcnn_output_size_for_odd_lr_sizes(scale):
+    model = create_model("fsrcnn_tiny", spatial_dims=2, scale=scale)
+    assert model(torch.rand(1, 1, 7, 5)).shape == (1, 1, 7 * scale[0], 5 * scale[1])
+
+
+def test_fsrcnn_output_size_3d_odd():
+    model = create_model("fsrcnn_tiny", spatial_dims=3, scale=(3, 1, 4))
+    assert model(torch.rand(1, 1, 5, 3, 7)).shape == (1, 1, 15, 3, 28)
+
+
+@pytest.mark.parametrize("stride, expected", [(1, (4, 0)), (2, (4, 1)), (3, (3, 0)), (4, (3, 1))])
+def test_deconv_padding(stride, expected):
+    assert deconv_padding(9, stride) == expected
+
+
+@pytest.mark.parametrize("stride", [1, 2, 3, 4])
+def test_fsrcnn_deconv_centres_each_lr_voxel_on_its_footprint(stride):
+    """A centre-tap kernel puts LR voxel i at HR index i r + floor((r - 1) / 2): the middle of [i r, (i + 1) r)."""
+    model = create_model("fsrcnn_tiny", spatial_dims=2, scale=(stride, 1))
+    with torch.no_grad():
+        model.deconv.weight.zero_()
+        model.deconv.weight[0, 0, 4, 4] = 1.0
+        model.deconv.bias.zero_()
+        features = torch.zeros(1, 16, 5, 1)
+        features[0, 0, :, 0] = torch.arange(1.0, 6.0)
+        out = model.deconv(features)[0, 0, :, 0]
+    expected = torch.zeros(5 * stride)
+    expected[torch.arange(5) * stride + (stride - 1) // 2] = torch.arange(1.0, 6.0)
+    assert torch.equal(out, expected)
+
+
+def test_srcnn_residual_adds_the_interpolated_input():
+    model = create_model("srcnn_tiny", residual=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    lr = torch.rand(1, 1, 6, 6)
+    assert torch.equal(model(lr), interpolate(lr, (2, 2), "cubic"))
+
+
+@pytest.mark.parametrize(
+    "scale, steps",
+    [((4, 4), [(2, 2), (2, 2)]), ((3, 1), [(3, 1)]), ((2, 3), [(2, 3)]), ((8, 1, 1), [(2, 1, 1)] * 3), ((1, 1), [])],
+)
+def test_rrdb_upsampling_plan(scale, steps):
+    assert plan_upsampling(scale) == steps
+
+
+def test_rrdb_upsampling_plan_rejects_zero():
+    with pytest.raises(ValueError, match=r"scale must be integers >= 1, got \(0, 2\)"):
+        plan_upsampling((0, 2))

@@ -114,7 +114,7 @@ def predict_tiled(
 def model_predictor(model: torch.nn.Module) -> Predictor:
     """Wrap a model for inference: eval mode, no gradients, float32 on the model's device."""
     model.eval()
-    device = next(model.parameters()).device
+    device = next(model.parameters(), torch.empty(0)).device  # parameterless models (interpolation) run on CPU
 
     @torch.no_grad()
     def predict(batch: torch.Tensor) -> torch.Tensor:

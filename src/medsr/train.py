@@ -158,6 +158,8 @@ def fit(config: Config, run_dir: Path, *, progress: bool = True) -> dict[str, An
     model = create_model(
         config.model.name, spatial_dims=config.model.spatial_dims, scale=config.model.scale, **config.model.kwargs
     )
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"model {config.model.name!r} has no trainable parameters (an interpolation baseline)")
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
     # Cosine decay to zero (Loshchilov & Hutter 2017): the standard schedule for a fixed step budget.
     schedule = torch.optim.lr_scheduler.LambdaLR(
