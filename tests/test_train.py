@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from medsr.checkpoint import load_checkpoint, save_checkpoint, shipped_models
-from medsr.config import load_config
+from medsr.config import load_config, to_dict
 from medsr.data import Pair, PairDataset
 from medsr.degrade import Degradation
 from medsr.models import create_model
@@ -132,3 +132,49 @@ def test_split_by_scan_trains_on_a_folder_and_evaluate_refuses_its_training_scan
     write_volume(colin.replace(array=colin.array[:, 40:104, 60:124, 10:22]), folder / "s3.nii.gz")
     assert main(["evaluate", "--model", checkpoint, "--scan", str(train[0])]) == 2
     assert "trained or was validated on" in capsys.readouterr().err
+
+
+def test_a_run_killed_mid_way_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
+    """kill -9 a real `medsr train` process after its third checkpoint, resume it, compare with a clean run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    from medsr.cli import main
+
+    overrides = [o for o in TINY if not o.startswith("train.")] + [
+        "data.patch=16",
+        "train.steps=600",
+        "train.val_every=50",
+    ]
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(to_dict(load_config(overrides=overrides))))
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "medsr.cli", "train", str(config_file), "--out", str(killed)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    log = killed / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (log.exists() and len(log.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    steps_done = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert 150 <= steps_done[-1] < 600, "the run must be killed mid-way for this test to mean anything"
+
+    assert main(["train", "--resume", str(killed)]) == 0
+    fit(load_config(config_file), tmp_path / "clean", progress=False)
+    resumed, clean = (
+        load_file(killed / "last" / "model.safetensors"),
+        load_file(tmp_path / "clean" / "last" / "model.safetensors"),
+    )
+    assert all(torch.equal(resumed[name], clean[name]) for name in clean)
+    rows = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert rows == list(range(50, 601, 50))  # no row lost or written twice

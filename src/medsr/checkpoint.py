@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -20,25 +21,48 @@ from medsr.models import create_model
 
 WEIGHTS = "model.safetensors"
 DESCRIPTION = "model.json"
+TRAINING_STATE = "training_state.pt"
 SHIPPED_DIR = Path(__file__).parent / "weights"
 
 
-def save_checkpoint(directory: Path, model: nn.Module, description: dict[str, Any]) -> None:
+def save_checkpoint(
+    directory: Path, model: nn.Module, description: dict[str, Any], state: dict[str, Any] | None = None
+) -> None:
     """Write ``directory/model.safetensors`` and ``directory/model.json``, each atomically.
 
-    ``description`` must hold ``model_name`` and ``model_kwargs`` (what :func:`create_model` needs).
+    ``description`` must hold ``model_name`` and ``model_kwargs`` (what :func:`create_model` needs). ``state``
+    (optimiser, schedule, step: what resuming needs) goes to ``training_state.pt``. The three files are not
+    replaced together: to update a checkpoint as a whole, write a new folder and swap it in (``train`` does).
     """
     missing = {"model_name", "model_kwargs"} - set(description)
     if missing:
         raise ValueError(f"checkpoint description lacks {sorted(missing)}")
     directory.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+    if state is not None:
+        tmp_state = directory / f".tmp.{TRAINING_STATE}"
+        torch.save(state, tmp_state)
+        os.replace(tmp_state, directory / TRAINING_STATE)
+    weights = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
     tmp_weights = directory / f".tmp.{WEIGHTS}"
-    save_file(state, str(tmp_weights))
+    save_file(weights, str(tmp_weights))
     tmp_json = directory / f".tmp.{DESCRIPTION}"
     tmp_json.write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")
     os.replace(tmp_weights, directory / WEIGHTS)
     os.replace(tmp_json, directory / DESCRIPTION)
+
+
+def load_training_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Weights and training state of a ``last/`` checkpoint, for resuming; the state must match the weights' step.
+
+    The state is plain tensors and numbers, loaded with ``weights_only=True`` (no pickled code).
+    """
+    if not (directory / TRAINING_STATE).is_file():
+        raise FileNotFoundError(f"{directory}: no {TRAINING_STATE}; nothing to resume (was the run ever validated?)")
+    state = torch.load(directory / TRAINING_STATE, weights_only=True)
+    step = json.loads((directory / DESCRIPTION).read_text())["step"]
+    if state["step"] != step:
+        raise ValueError(f"{directory}: training state is at step {state['step']} but the weights at {step}")
+    return load_file(str(directory / WEIGHTS)), state
 
 
 def update_description(directory: Path, **fields: Any) -> None:

@@ -110,9 +110,16 @@ def _train(args: argparse.Namespace) -> int:
     from medsr.config import load_config
     from medsr.train import fit
 
-    config = load_config(args.config, args.set)
-    run_dir = args.out or Path("runs") / args.config.stem
-    best = fit(config, run_dir)
+    if args.resume:
+        if args.config or args.set or args.out:
+            raise ValueError("--resume continues a run with its own config.yaml; pass only the run folder")
+        run_dir, config = args.resume, None
+    elif args.config is None:
+        raise ValueError("pass a CONFIG.yaml to train, or --resume RUN_DIR")
+    else:
+        config = load_config(args.config, args.set)
+        run_dir = args.out or Path("runs") / args.config.stem
+    best = fit(config, run_dir, resume=bool(args.resume))
     print(f"best validation PSNR {best['psnr']:.2f} dB at step {best['step']}; checkpoints in {run_dir}")
     return 0
 
@@ -331,9 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.set_defaults(run=_simulate)
 
     train = commands.add_parser("train", help="Train a model from a YAML config.")
-    train.add_argument("config", type=Path, help="YAML config, e.g. configs/edsr_mr_x2.yaml.")
+    train.add_argument("config", type=Path, nargs="?", help="YAML config, e.g. configs/edsr_mr_x2.yaml.")
     train.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE", help="Override config values.")
     train.add_argument("--out", type=Path, help="Run folder (default runs/<config name>).")
+    train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="Continue an interrupted run from its last/.")
     train.set_defaults(run=_train)
 
     upscale = commands.add_parser("upscale", help="Super-resolve a scan; the output keeps its field of view.")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,8 +21,8 @@ from torch import nn
 from torch.utils.data import default_collate
 from tqdm import tqdm
 
-from medsr.checkpoint import save_checkpoint
-from medsr.config import Config, to_dict
+from medsr.checkpoint import load_training_state, save_checkpoint
+from medsr.config import Config, load_config, to_dict
 from medsr.data import Pair, PairDataset, find_scans, prepare_scan, split_scans
 from medsr.degrade import Degradation
 from medsr.evaluation import compare_methods
@@ -124,20 +126,31 @@ def describe(
     }
 
 
-def fit(config: Config, run_dir: Path, *, progress: bool = True) -> dict[str, Any]:
-    """Train from scratch into ``run_dir``; returns the best validation row.
+def fit(config: Config | None, run_dir: Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train into ``run_dir``, from scratch or resuming its last checkpoint; returns the best validation row.
 
-    Validation runs every ``train.val_every`` steps on the ``data.val_slices`` region (never trained on);
-    ``best/`` keeps the weights with the highest validation PSNR.
+    Validation runs every ``train.val_every`` steps on held-out data (the ``data.val_slices`` region, or the
+    validation scans); then ``last/`` is saved with the optimiser and schedule state, and ``best/`` keeps the
+    weights with the highest validation PSNR. A run killed at any point resumes from ``last/`` with the same
+    batches it would have drawn (``batches`` replays the stream from the saved step), so with a fixed seed the
+    resumed run ends with the weights of an uninterrupted one.
+
+    Args:
+        config: The run's config; ignored when resuming (the run's own ``config.yaml`` is used).
+        run_dir: The run folder.
+        resume: Continue the run in ``run_dir``.
     """
+    if resume:
+        config = load_config(run_dir / "config.yaml")
+    elif (run_dir / "metrics.jsonl").exists():
+        raise ValueError(f"{run_dir}: holds a previous run; choose another --out, or --resume it")
     check_config(config)
-    if (run_dir / "metrics.jsonl").exists():
-        raise ValueError(f"{run_dir}: holds a previous run; choose another --out")
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     torch.manual_seed(config.train.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    if not resume:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
     degradation = config.degradation
     split = training_scans(config)
@@ -154,6 +167,7 @@ def fit(config: Config, run_dir: Path, *, progress: bool = True) -> dict[str, An
         length=EPOCH_LENGTH,
         seed=config.train.seed,
         min_foreground=config.data.min_foreground,
+        spatial_dims=config.model.spatial_dims,
     )
     model = create_model(
         config.model.name, spatial_dims=config.model.spatial_dims, scale=config.model.scale, **config.model.kwargs
@@ -165,11 +179,12 @@ def fit(config: Config, run_dir: Path, *, progress: bool = True) -> dict[str, An
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / config.train.steps))
     )
+    start, best = _restore(run_dir, model, optimizer, schedule) if resume else (0, {"psnr": -math.inf})
     loss_fn = LOSSES[config.train.loss]
-    best: dict[str, Any] = {"psnr": -math.inf}
-    stream = batches(dataset, config.data.batch_size, 0)
-    bar = tqdm(range(1, config.train.steps + 1), desc="train", unit="step", disable=not progress)
-    with (run_dir / "metrics.jsonl").open("x") as log:
+    stream = batches(dataset, config.data.batch_size, start)
+    steps = range(start + 1, config.train.steps + 1)
+    bar = tqdm(steps, desc="train", unit="step", initial=start, total=config.train.steps, disable=not progress)
+    with (run_dir / "metrics.jsonl").open("a" if resume else "x") as log:
         for step in bar:
             logs = train_step(model, optimizer, next(stream), loss_fn)
             schedule.step()
@@ -179,12 +194,46 @@ def fit(config: Config, run_dir: Path, *, progress: bool = True) -> dict[str, An
                 row.update(step=step, loss=logs["loss"], lr=schedule.get_last_lr()[0])
                 log.write(json.dumps(row) + "\n")
                 log.flush()
-                save_checkpoint(run_dir / "last", model, describe(config, step, {"validation": row}, split))
                 if row["psnr"] > best["psnr"]:
                     best = row
                     save_checkpoint(run_dir / "best", model, describe(config, step, {"validation": row}, split))
+                state = {
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "step": step,
+                    "best": best,
+                }
+                _save_last(run_dir, model, describe(config, step, {"validation": row}, split), state)
                 bar.write(f"step {step}: val PSNR {row['psnr']:.2f} dB (bicubic {row['psnr_cubic']:.2f})")
     return best
+
+
+def _save_last(run_dir: Path, model: nn.Module, description: dict[str, Any], state: dict[str, Any]) -> None:
+    """Replace ``last/`` as a whole: write ``last.tmp/``, then swap folders. A kill between the two renames
+    leaves ``last.old/``, which :func:`_restore` falls back to."""
+    last, tmp, old = run_dir / "last", run_dir / "last.tmp", run_dir / "last.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_checkpoint(tmp, model, description, state)
+    if last.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(last, old)
+    os.replace(tmp, last)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _restore(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule) -> tuple[int, dict]:
+    """Load ``last/`` into the model, optimiser and schedule; drop log rows written after it. Returns (step, best)."""
+    last = run_dir / "last" if (run_dir / "last").exists() else run_dir / "last.old"
+    weights, state = load_training_state(last)
+    model.load_state_dict(weights)
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    step = int(state["step"])
+    # A kill between logging a validation and saving its checkpoint leaves a row the resumed run will write again.
+    log = run_dir / "metrics.jsonl"
+    rows = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= step]
+    log.write_text("".join(f"{row}\n" for row in rows))
+    return step, state["best"]
 
 
 def validate(model: nn.Module, volumes: list[Volume], degradation: Degradation, slices: tuple[int, int] | None) -> dict:
