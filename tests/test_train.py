@@ -1,5 +1,6 @@
 import itertools
 import json
+import math
 
 import numpy as np
 import pytest
@@ -91,11 +92,20 @@ def test_shipped_default_model_is_present():
         (["degradation.factors=[3,3,1]"], "model.scale"),
         (["degradation.factors=[1.5,1.5,1]"], "integer factors"),
         (["train.loss=l3"], "unknown loss"),
+        (["train.loss_terms={l1: 1.0, l3: 0.1}"], "unknown loss"),
+        (["train.loss_terms={l1: 0}"], "weight"),
     ],
 )
 def test_configs_that_would_leak_or_fail_late_are_refused(overrides, match):
     with pytest.raises(ValueError, match=match):
         check_config(load_config(overrides=overrides))
+
+
+def test_fit_with_a_weighted_loss(tmp_path):
+    best = fit(
+        load_config(overrides=[*TINY, "train.loss_terms={l1: 1.0, ssim: 0.1, gradient: 0.5}"]), tmp_path, progress=False
+    )
+    assert math.isfinite(best["psnr"])
 
 
 def test_fit_refuses_to_mix_runs(tmp_path):

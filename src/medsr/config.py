@@ -45,7 +45,10 @@ class DataConfig:
 class TrainConfig:
     steps: int = 3000
     lr: float = 5e-4
-    loss: str = "l1"
+    loss: str = "l1"  # one of medsr.losses.LOSSES: l1, mse, charbonnier, ssim, gradient, frequency
+    loss_terms: dict[str, float] = dataclasses.field(
+        default_factory=dict
+    )  # weighted sum instead, e.g. {l1: 1, ssim: 0.1}
     seed: int = 0
     val_every: int = 250
     threads: int = 0  # 0: leave torch's default

@@ -28,14 +28,11 @@ from medsr.degrade import Degradation
 from medsr.evaluation import compare_methods
 from medsr.infer import model_predictor
 from medsr.io import read_volume
+from medsr.losses import LOSSES, combined
 from medsr.models import create_model
 from medsr.samples import resolve_scan
 from medsr.volume import Volume, integer_scale
 
-LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "l1": nn.functional.l1_loss,
-    "mse": nn.functional.mse_loss,
-}
 EPOCH_LENGTH = 1024  # patches per dataset epoch; an epoch only changes the patch seeds
 
 
@@ -73,6 +70,8 @@ def check_config(config: Config) -> None:
     """Refuse configs that would fail late or leak: disjoint slice regions, a model scale matching the data."""
     if config.train.loss not in LOSSES:
         raise ValueError(f"unknown loss {config.train.loss!r}; choose one of {sorted(LOSSES)}")
+    if config.train.loss_terms:
+        combined(config.train.loss_terms)  # raises on unknown names or bad weights, before any data is loaded
     if config.data.split not in ("region", "scan"):
         raise ValueError(f"data.split must be 'region' or 'scan', got {config.data.split!r}")
     regions = {"train": config.data.train_slices, "val": config.data.val_slices, "test": config.data.test_slices}
@@ -180,7 +179,7 @@ def fit(config: Config | None, run_dir: Path, *, resume: bool = False, progress:
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / config.train.steps))
     )
     start, best = _restore(run_dir, model, optimizer, schedule) if resume else (0, {"psnr": -math.inf})
-    loss_fn = LOSSES[config.train.loss]
+    loss_fn = combined(config.train.loss_terms) if config.train.loss_terms else LOSSES[config.train.loss]
     stream = batches(dataset, config.data.batch_size, start)
     steps = range(start + 1, config.train.steps + 1)
     bar = tqdm(steps, desc="train", unit="step", initial=start, total=config.train.steps, disable=not progress)
