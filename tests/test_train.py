@@ -36,6 +36,17 @@ def test_train_step_updates_every_parameter():
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
+def test_gradient_clipping_and_bf16_autocast():
+    torch.manual_seed(0)
+    model = create_model("edsr_tiny", spatial_dims=2, scale=(2, 2))
+    batch = Pair(lr=torch.rand(2, 1, 8, 8), hr=torch.rand(2, 1, 16, 16) * 10)  # far off: large gradients
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: only the gradients matter here
+    logs = train_step(model, optimizer, batch, LOSSES["l1"], clip_grad_norm=0.1, bf16=True)
+    assert logs["grad_norm"] > 0.1 and math.isfinite(logs["loss"])  # the norm before clipping
+    after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    assert float(after) == pytest.approx(0.1, rel=1e-4)
+
+
 def test_a_resumed_stream_replays_the_same_batches(rng):
     volume = Volume(torch.from_numpy(rng.random((1, 32, 32, 4), dtype=np.float32)), np.eye(4))
     dataset = PairDataset([volume], Degradation((2, 2, 1)), slices=(0, 4), patch=16, length=5, min_foreground=0)
@@ -92,6 +103,9 @@ def test_shipped_default_model_is_present():
         (["degradation.factors=[3,3,1]"], "model.scale"),
         (["degradation.factors=[1.5,1.5,1]"], "integer factors"),
         (["train.loss=l3"], "unknown loss"),
+        (["train.optimizer=sgd"], "adam or adamw"),
+        (["train.schedule=step"], "step_every"),
+        (["train.ema_decay=1.0"], "ema_decay"),
         (["train.loss_terms={l1: 1.0, l3: 0.1}"], "unknown loss"),
         (["train.loss_terms={l1: 0}"], "weight"),
     ],
@@ -156,10 +170,20 @@ def test_a_run_killed_mid_way_resumes_to_the_weights_of_an_uninterrupted_run(tmp
 
     from medsr.cli import main
 
+    engine = [
+        "train.optimizer=adamw",
+        "train.weight_decay=1e-4",
+        "train.schedule=step",
+        "train.step_every=200",
+        "train.clip_grad_norm=0.5",
+        "train.ema_decay=0.99",
+        "train.bf16=true",
+    ]  # all of it must resume
     overrides = [o for o in TINY if not o.startswith("train.")] + [
         "data.patch=16",
         "train.steps=600",
         "train.val_every=50",
+        *engine,
     ]
     config_file = tmp_path / "tiny.yaml"
     config_file.write_text(yaml.safe_dump(to_dict(load_config(overrides=overrides))))

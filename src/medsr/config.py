@@ -49,6 +49,14 @@ class TrainConfig:
     loss_terms: dict[str, float] = dataclasses.field(
         default_factory=dict
     )  # weighted sum instead, e.g. {l1: 1, ssim: 0.1}
+    optimizer: str = "adam"  # adam | adamw
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
+    schedule: str = "cosine"  # cosine (to zero over `steps`) | step (x step_gamma every step_every) | constant
+    step_every: int = 0
+    step_gamma: float = 0.5
+    clip_grad_norm: float = 0.0  # max global gradient norm; 0: off
+    ema_decay: float = 0.0  # exponential moving average of the weights (e.g. 0.999); checkpoints hold the EMA
+    bf16: bool = False  # bfloat16 autocast for the forward pass (about 2x faster on recent CPUs)
     seed: int = 0
     val_every: int = 250
     threads: int = 0  # 0: leave torch's default

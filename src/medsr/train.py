@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import yaml
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import default_collate
 from tqdm import tqdm
 
@@ -36,14 +37,51 @@ from medsr.volume import Volume, integer_scale
 EPOCH_LENGTH = 1024  # patches per dataset epoch; an epoch only changes the patch seeds
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Pair, loss_fn: Callable) -> dict[str, float]:
-    """One optimisation step on a batch of (N, C, *spatial) pairs; returns the logged values."""
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: Pair,
+    loss_fn: Callable,
+    *,
+    clip_grad_norm: float = 0.0,
+    bf16: bool = False,
+    ema: AveragedModel | None = None,
+) -> dict[str, float]:
+    """One optimisation step on a batch of (N, C, *spatial) pairs; returns the logged values.
+
+    Args:
+        clip_grad_norm: Rescale gradients whose global norm exceeds this (0: off).
+        bf16: Run the forward pass under bfloat16 autocast; the loss is computed in float32.
+        ema: Averaged copy of the model, updated after the step.
+    """
     model.train()
-    loss = loss_fn(model(batch.lr), batch.hr)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        sr = model(batch.lr)
+    loss = loss_fn(sr.float(), batch.hr)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    norm = nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm if clip_grad_norm > 0 else math.inf)
     optimizer.step()
-    return {"loss": loss.item()}
+    if ema is not None:
+        ema.update_parameters(model)
+    return {"loss": loss.item(), "grad_norm": float(norm)}
+
+
+def _optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
+    if config.train.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=config.train.lr)
+
+
+def _schedule(optimizer: torch.optim.Optimizer, config: Config) -> torch.optim.lr_scheduler.LambdaLR:
+    """Learning-rate factor per step: cosine decay to zero (Loshchilov & Hutter 2017), step decay, or constant."""
+    train = config.train
+    factors = {
+        "cosine": lambda step: 0.5 * (1 + math.cos(math.pi * step / train.steps)),
+        "step": lambda step: train.step_gamma ** (step // train.step_every),
+        "constant": lambda step: 1.0,
+    }
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors[train.schedule])
 
 
 def training_scans(config: Config) -> tuple[list[Path], list[Path], list[Path]]:
@@ -70,6 +108,18 @@ def check_config(config: Config) -> None:
     """Refuse configs that would fail late or leak: disjoint slice regions, a model scale matching the data."""
     if config.train.loss not in LOSSES:
         raise ValueError(f"unknown loss {config.train.loss!r}; choose one of {sorted(LOSSES)}")
+    train = config.train
+    if train.optimizer not in ("adam", "adamw") or train.schedule not in ("cosine", "step", "constant"):
+        raise ValueError(
+            f"train.optimizer must be adam or adamw, train.schedule cosine, step or constant; got "
+            f"{train.optimizer!r}, {train.schedule!r}"
+        )
+    if train.schedule == "step" and train.step_every < 1:
+        raise ValueError("train.schedule 'step' needs train.step_every >= 1")
+    if not 0 <= train.ema_decay < 1 or train.clip_grad_norm < 0:
+        raise ValueError(
+            f"train.ema_decay must be in [0, 1) and clip_grad_norm >= 0, got {train.ema_decay}, {train.clip_grad_norm}"
+        )
     if config.train.loss_terms:
         combined(config.train.loss_terms)  # raises on unknown names or bad weights, before any data is loaded
     if config.data.split not in ("region", "scan"):
@@ -173,36 +223,49 @@ def fit(config: Config | None, run_dir: Path, *, resume: bool = False, progress:
     )
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"model {config.model.name!r} has no trainable parameters (an interpolation baseline)")
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
-    # Cosine decay to zero (Loshchilov & Hutter 2017): the standard schedule for a fixed step budget.
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / config.train.steps))
+    optimizer = _optimizer(model, config)
+    schedule = _schedule(optimizer, config)
+    ema = (
+        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.train.ema_decay))
+        if config.train.ema_decay
+        else None
     )
-    start, best = _restore(run_dir, model, optimizer, schedule) if resume else (0, {"psnr": -math.inf})
+    start, best = _restore(run_dir, model, optimizer, schedule, ema) if resume else (0, {"psnr": -math.inf})
+    final = ema.module if ema is not None else model  # what is validated and saved
     loss_fn = combined(config.train.loss_terms) if config.train.loss_terms else LOSSES[config.train.loss]
     stream = batches(dataset, config.data.batch_size, start)
     steps = range(start + 1, config.train.steps + 1)
     bar = tqdm(steps, desc="train", unit="step", initial=start, total=config.train.steps, disable=not progress)
     with (run_dir / "metrics.jsonl").open("a" if resume else "x") as log:
         for step in bar:
-            logs = train_step(model, optimizer, next(stream), loss_fn)
+            logs = train_step(
+                model,
+                optimizer,
+                next(stream),
+                loss_fn,
+                clip_grad_norm=config.train.clip_grad_norm,
+                bf16=config.train.bf16,
+                ema=ema,
+            )
             schedule.step()
             bar.set_postfix(loss=f"{logs['loss']:.4f}")
             if step % config.train.val_every == 0 or step == config.train.steps:
-                row = validate(model, val_volumes, degradation, val_slices)
+                row = validate(final, val_volumes, degradation, val_slices)
                 row.update(step=step, loss=logs["loss"], lr=schedule.get_last_lr()[0])
                 log.write(json.dumps(row) + "\n")
                 log.flush()
                 if row["psnr"] > best["psnr"]:
                     best = row
-                    save_checkpoint(run_dir / "best", model, describe(config, step, {"validation": row}, split))
+                    save_checkpoint(run_dir / "best", final, describe(config, step, {"validation": row}, split))
                 state = {
                     "optimizer": optimizer.state_dict(),
                     "schedule": schedule.state_dict(),
                     "step": step,
                     "best": best,
                 }
-                _save_last(run_dir, model, describe(config, step, {"validation": row}, split), state)
+                if ema is not None:  # the checkpoint holds the average: keep the raw weights to go on training
+                    state |= {"model": model.state_dict(), "ema": ema.state_dict()}
+                _save_last(run_dir, final, describe(config, step, {"validation": row}, split), state)
                 bar.write(f"step {step}: val PSNR {row['psnr']:.2f} dB (bicubic {row['psnr_cubic']:.2f})")
     return best
 
@@ -220,11 +283,18 @@ def _save_last(run_dir: Path, model: nn.Module, description: dict[str, Any], sta
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _restore(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule) -> tuple[int, dict]:
-    """Load ``last/`` into the model, optimiser and schedule; drop log rows written after it. Returns (step, best)."""
+def _restore(
+    run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule, ema: AveragedModel | None
+) -> tuple[int, dict]:
+    """Load ``last/`` into the model, optimiser, schedule and EMA; drop log rows written after it.
+
+    Returns (step, best validation row).
+    """
     last = run_dir / "last" if (run_dir / "last").exists() else run_dir / "last.old"
     weights, state = load_training_state(last)
-    model.load_state_dict(weights)
+    model.load_state_dict(state["model"] if ema is not None else weights)
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
     step = int(state["step"])
