@@ -35,6 +35,8 @@ def test_models_refuse_what_they_cannot_do(name):
         create_model(name, spatial_dims=2, scale=(2, 2), no_such_option=1)
     with pytest.raises(ValueError):
         create_model(name, spatial_dims=3, scale=(2, 2))  # a scale per spatial axis
+    with pytest.raises(ValueError):
+        create_model(name, spatial_dims=2, scale=(2.5, 2))  # never silently truncated to 2
 
 
 def test_pixel_shuffle_matches_torch_in_2d():

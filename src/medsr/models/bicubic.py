@@ -12,18 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from medsr.models.blocks import interpolate
+from medsr.models.blocks import check_scale, interpolate
 from medsr.models.registry import register_model
-
-
-def check_scale(spatial_dims: int, scale: Sequence[int]) -> tuple[int, ...]:
-    """Validate ``spatial_dims`` (2 or 3) and return ``scale`` as one integer >= 1 per spatial axis."""
-    if spatial_dims not in (2, 3):
-        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
-    checked = tuple(int(s) for s in scale)
-    if len(checked) != spatial_dims or min(checked) < 1 or checked != tuple(scale):
-        raise ValueError(f"scale must be {spatial_dims} integers >= 1, got {tuple(scale)}")
-    return checked
 
 
 class Interpolation(nn.Module):

@@ -17,6 +17,16 @@ def conv(spatial_dims: int, in_channels: int, out_channels: int, kernel_size: in
     return conv_type(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
 
 
+def check_scale(spatial_dims: int, scale: Sequence[int]) -> tuple[int, ...]:
+    """Validate ``spatial_dims`` (2 or 3) and return ``scale`` as one integer >= 1 per spatial axis."""
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    checked = tuple(int(s) for s in scale)
+    if len(checked) != spatial_dims or min(checked) < 1 or checked != tuple(scale):
+        raise ValueError(f"scale must be {spatial_dims} integers >= 1, got {tuple(scale)}")
+    return checked
+
+
 def pixel_shuffle(x: torch.Tensor, scale: Sequence[int]) -> torch.Tensor:
     """Rearrange channels into space with a separate factor per axis (Shi et al. 2016, generalised to N-D).
 
@@ -61,9 +71,7 @@ class Upsample(nn.Module):
 
     def __init__(self, spatial_dims: int, channels: int, scale: Sequence[int]) -> None:
         super().__init__()
-        self.scale = tuple(int(s) for s in scale)
-        if len(self.scale) != spatial_dims or min(self.scale) < 1:
-            raise ValueError(f"scale must be {spatial_dims} integers >= 1, got {tuple(scale)}")
+        self.scale = check_scale(spatial_dims, scale)
         self.conv = conv(spatial_dims, channels, channels * math.prod(self.scale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

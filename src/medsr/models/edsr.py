@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from medsr.models.blocks import ResidualBlock, Upsample, conv, interpolate
+from medsr.models.blocks import ResidualBlock, Upsample, check_scale, conv, interpolate
 from medsr.models.registry import register_model
 
 
@@ -41,7 +41,7 @@ class EDSR(nn.Module):
         skip: str = "cubic",
     ) -> None:
         super().__init__()
-        self.scale = tuple(int(s) for s in scale)
+        self.scale = check_scale(spatial_dims, scale)
         self.skip = skip if not (skip == "cubic" and spatial_dims == 3) else "linear"  # no tricubic in torch
         self.head = conv(spatial_dims, in_channels, channels)
         self.body = nn.Sequential(*[ResidualBlock(spatial_dims, channels, res_scale) for _ in range(num_blocks)])

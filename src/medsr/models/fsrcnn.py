@@ -22,8 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from medsr.models.bicubic import check_scale
-from medsr.models.blocks import conv
+from medsr.models.blocks import check_scale, conv
 from medsr.models.registry import register_model
 
 

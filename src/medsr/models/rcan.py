@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from medsr.models.blocks import Upsample, conv
+from medsr.models.blocks import Upsample, check_scale, conv
 from medsr.models.registry import register_model
 
 
@@ -107,7 +107,7 @@ class RCAN(nn.Module):
         res_scale: float = 1.0,
     ) -> None:
         super().__init__()
-        self.scale = tuple(int(s) for s in scale)
+        self.scale = check_scale(spatial_dims, scale)
         self.head = conv(spatial_dims, in_channels, channels)
         groups = [ResidualGroup(spatial_dims, channels, num_blocks, reduction, res_scale) for _ in range(num_groups)]
         self.body = nn.Sequential(*groups, conv(spatial_dims, channels, channels))

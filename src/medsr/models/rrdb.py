@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from medsr.models.blocks import conv, interpolate
+from medsr.models.blocks import check_scale, conv, interpolate
 from medsr.models.registry import register_model
 
 
@@ -106,9 +106,7 @@ class RRDBNet(nn.Module):
         res_scale: float = 0.2,
     ) -> None:
         super().__init__()
-        self.scale = tuple(int(s) for s in scale)
-        if len(self.scale) != spatial_dims:
-            raise ValueError(f"scale must be {spatial_dims} integers >= 1, got {tuple(scale)}")
+        self.scale = check_scale(spatial_dims, scale)
         self.steps = plan_upsampling(self.scale)
         self.head = conv(spatial_dims, in_channels, channels)
         self.body = nn.Sequential(
