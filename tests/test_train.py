@@ -104,6 +104,7 @@ def test_shipped_default_model_is_present():
         (["degradation.factors=[1.5,1.5,1]"], "integer factors"),
         (["train.loss=l3"], "unknown loss"),
         (["train.optimizer=sgd"], "adam or adamw"),
+        (["model.spatial_dims=3", "model.scale=[2,2,1]"], "2D slices only"),
         (["train.schedule=step"], "step_every"),
         (["train.ema_decay=1.0"], "ema_decay"),
         (["train.loss_terms={l1: 1.0, l3: 0.1}"], "unknown loss"),

@@ -108,6 +108,11 @@ def check_config(config: Config) -> None:
     """Refuse configs that would fail late or leak: disjoint slice regions, a model scale matching the data."""
     if config.train.loss not in LOSSES:
         raise ValueError(f"unknown loss {config.train.loss!r}; choose one of {sorted(LOSSES)}")
+    if config.model.spatial_dims != 2:
+        raise ValueError(
+            "model.spatial_dims 3: PairDataset makes 3D pairs, but validation scores 2D slices only so "
+            "far; train 2D models for now"
+        )
     train = config.train
     if train.optimizer not in ("adam", "adamw") or train.schedule not in ("cosine", "step", "constant"):
         raise ValueError(
