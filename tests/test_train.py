@@ -213,3 +213,29 @@ def test_a_run_killed_mid_way_resumes_to_the_weights_of_an_uninterrupted_run(tmp
     assert all(torch.equal(resumed[name], clean[name]) for name in clean)
     rows = [json.loads(line)["step"] for line in log.read_text().splitlines()]
     assert rows == list(range(50, 601, 50))  # no row lost or written twice
+
+
+def test_ddp_with_two_processes_follows_the_single_process_loss_curve(tmp_path):
+    """torchrun, 2 CPU processes (gloo), global batch 4 = one process with batch 4: same losses, same weights."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    config = load_config(
+        overrides=[o for o in TINY if not o.startswith("train.")]
+        + ["data.batch_size=4", "train.steps=20", "train.val_every=10"]
+    )
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(to_dict(config)))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command = [*torchrun, "-m", "medsr.cli", "train", str(config_file), "--out", str(tmp_path / "ddp")]
+    subprocess.run(command, check=True, capture_output=True, timeout=300)
+    fit(config, tmp_path / "one", progress=False)
+
+    def losses(run: str) -> list[float]:
+        return [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    assert losses("ddp") == pytest.approx(losses("one"), rel=1e-5)
+    ddp, one = (load_file(tmp_path / run / "last" / "model.safetensors") for run in ("ddp", "one"))
+    assert all(torch.allclose(ddp[name], one[name], atol=1e-6) for name in one)

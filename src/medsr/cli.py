@@ -120,7 +120,8 @@ def _train(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.set)
         run_dir = args.out or Path("runs") / args.config.stem
     best = fit(config, run_dir, resume=bool(args.resume))
-    print(f"best validation PSNR {best['psnr']:.2f} dB at step {best['step']}; checkpoints in {run_dir}")
+    if "step" in best:  # under torchrun only rank 0 validates
+        print(f"best validation PSNR {best['psnr']:.2f} dB at step {best['step']}; checkpoints in {run_dir}")
     return 0
 
 

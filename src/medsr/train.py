@@ -6,6 +6,7 @@ folders ``last/`` and ``best/`` (safetensors + JSON, see ``checkpoint.py``).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -13,9 +14,10 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
+import torch.distributed as dist
 import yaml
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -142,16 +144,31 @@ def check_config(config: Config) -> None:
         raise ValueError(f"model.scale {config.model.scale} must equal the degradation factors {expected}")
 
 
-def batches(dataset: PairDataset, batch_size: int, start_step: int) -> Iterator[Pair]:
-    """Batch ``t`` is items ``t * batch_size ...`` of the endless stream; a resumed run replays it exactly."""
+def batches(
+    dataset: PairDataset, batch_size: int, start_step: int, *, rank: int = 0, world_size: int = 1
+) -> Iterator[Pair]:
+    """Batch ``t`` is items ``t * batch_size ...`` of the endless stream; a resumed run replays it exactly.
+
+    Under DDP each of ``world_size`` processes takes every ``world_size``-th item of the same global batch
+    (``batch_size`` is the global batch), so the processes together see exactly what one process would.
+    """
     position = start_step * batch_size
     while True:
         items = []
-        for _ in range(batch_size):
-            dataset.set_epoch(position // len(dataset))
-            items.append(dataset[position % len(dataset)])
-            position += 1
+        for offset in range(batch_size):
+            if offset % world_size == rank:
+                dataset.set_epoch((position + offset) // len(dataset))
+                items.append(dataset[(position + offset) % len(dataset)])
+        position += batch_size
         yield default_collate(items)
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); under ``torchrun`` (WORLD_SIZE > 1) this joins the process group (gloo on CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world_size) if world_size > 1 else (0, 1)
 
 
 def describe(
@@ -199,11 +216,14 @@ def fit(config: Config | None, run_dir: Path, *, resume: bool = False, progress:
     elif (run_dir / "metrics.jsonl").exists():
         raise ValueError(f"{run_dir}: holds a previous run; choose another --out, or --resume it")
     check_config(config)
+    rank, world_size = _distributed()
+    if config.data.batch_size % world_size:
+        raise ValueError(f"data.batch_size {config.data.batch_size} must divide among {world_size} processes")
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     torch.manual_seed(config.train.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
+    if not resume and rank == 0:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
     degradation = config.degradation
@@ -235,16 +255,20 @@ def fit(config: Config | None, run_dir: Path, *, resume: bool = False, progress:
         if config.train.ema_decay
         else None
     )
-    start, best = _restore(run_dir, model, optimizer, schedule, ema) if resume else (0, {"psnr": -math.inf})
+    start, best = _restore(run_dir, model, optimizer, schedule, ema, rank=rank) if resume else (0, {"psnr": -math.inf})
     final = ema.module if ema is not None else model  # what is validated and saved
+    # DDP averages gradients over processes: with equal shares of the global batch, the same update as one process.
+    trained = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
     loss_fn = combined(config.train.loss_terms) if config.train.loss_terms else LOSSES[config.train.loss]
-    stream = batches(dataset, config.data.batch_size, start)
+    stream = batches(dataset, config.data.batch_size, start, rank=rank, world_size=world_size)
     steps = range(start + 1, config.train.steps + 1)
-    bar = tqdm(steps, desc="train", unit="step", initial=start, total=config.train.steps, disable=not progress)
-    with (run_dir / "metrics.jsonl").open("a" if resume else "x") as log:
+    bar = tqdm(
+        steps, desc="train", unit="step", initial=start, total=config.train.steps, disable=not progress or rank > 0
+    )
+    with _log_file(run_dir, resume, rank) as log:
         for step in bar:
             logs = train_step(
-                model,
+                trained,
                 optimizer,
                 next(stream),
                 loss_fn,
@@ -254,7 +278,13 @@ def fit(config: Config | None, run_dir: Path, *, resume: bool = False, progress:
             )
             schedule.step()
             bar.set_postfix(loss=f"{logs['loss']:.4f}")
-            if step % config.train.val_every == 0 or step == config.train.steps:
+            if world_size > 1:  # log the global batch's loss, as one process would see it
+                loss = torch.tensor(logs["loss"])
+                dist.all_reduce(loss)
+                logs["loss"] = float(loss) / world_size
+            if (step % config.train.val_every == 0 or step == config.train.steps) and rank > 0:
+                dist.barrier()  # wait while rank 0 validates and saves
+            elif step % config.train.val_every == 0 or step == config.train.steps:
                 row = validate(final, val_volumes, degradation, val_slices)
                 row.update(step=step, loss=logs["loss"], lr=schedule.get_last_lr()[0])
                 log.write(json.dumps(row) + "\n")
@@ -272,7 +302,21 @@ def fit(config: Config | None, run_dir: Path, *, resume: bool = False, progress:
                     state |= {"model": model.state_dict(), "ema": ema.state_dict()}
                 _save_last(run_dir, final, describe(config, step, {"validation": row}, split), state)
                 bar.write(f"step {step}: val PSNR {row['psnr']:.2f} dB (bicubic {row['psnr_cubic']:.2f})")
+                if world_size > 1:
+                    dist.barrier()
+    if world_size > 1:
+        dist.destroy_process_group()
     return best
+
+
+@contextlib.contextmanager
+def _log_file(run_dir: Path, resume: bool, rank: int) -> Iterator[TextIO | None]:
+    """``metrics.jsonl`` for rank 0 (appended to when resuming; new otherwise), nothing for other ranks."""
+    if rank > 0:
+        yield None
+        return
+    with (run_dir / "metrics.jsonl").open("a" if resume else "x") as log:
+        yield log
 
 
 def _save_last(run_dir: Path, model: nn.Module, description: dict[str, Any], state: dict[str, Any]) -> None:
@@ -289,7 +333,13 @@ def _save_last(run_dir: Path, model: nn.Module, description: dict[str, Any], sta
 
 
 def _restore(
-    run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule, ema: AveragedModel | None
+    run_dir: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule,
+    ema: AveragedModel | None,
+    *,
+    rank: int = 0,
 ) -> tuple[int, dict]:
     """Load ``last/`` into the model, optimiser, schedule and EMA; drop log rows written after it.
 
@@ -304,9 +354,10 @@ def _restore(
     schedule.load_state_dict(state["schedule"])
     step = int(state["step"])
     # A kill between logging a validation and saving its checkpoint leaves a row the resumed run will write again.
-    log = run_dir / "metrics.jsonl"
-    rows = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= step]
-    log.write_text("".join(f"{row}\n" for row in rows))
+    if rank == 0:  # the log is rank 0's
+        log = run_dir / "metrics.jsonl"
+        rows = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= step]
+        log.write_text("".join(f"{row}\n" for row in rows))
     return step, state["best"]
 
 
