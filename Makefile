@@ -34,8 +34,8 @@ figures: samples
 		--factors 2,2,1 --psf-fwhm 0.5,0.5,0 --noise poisson --photons 2000 --figure $(FIGURES)/degrade_xray.png
 
 lint: install
-	$(BIN)/ruff format --check src tests
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks
 
 test: samples lint
 	$(BIN)/python -m pytest -q
