@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from medsr.volume import Modality, Volume, integer_scale, scale_affine, world_coordinates
+from medsr.volume import Modality, Volume, crop, integer_scale, scale_affine, world_coordinates
 
 from .conftest import oblique_affine
 
@@ -59,3 +59,16 @@ def test_integer_scale_refuses_to_truncate():
     assert integer_scale((2.0, 2.0, 1.0)) == (2, 2, 1)
     with pytest.raises(ValueError, match="integer factors"):
         integer_scale((1.5, 2, 1))
+
+
+def test_crop_keeps_every_kept_voxel_where_it_was():
+    affine = oblique_affine()
+    volume = Volume(torch.rand(1, 8, 7, 6), affine)
+    part = crop(volume, (2, 1, 3), (6, 7, 5))
+    assert part.spatial_shape == (4, 6, 2)
+    assert torch.equal(part.array, volume.array[:, 2:6, 1:7, 3:5])
+    np.testing.assert_allclose(
+        world_coordinates(part.affine, (4, 6, 2)), world_coordinates(affine, (8, 7, 6))[:, 2:6, 1:7, 3:5]
+    )
+    with pytest.raises(ValueError, match="outside"):
+        crop(volume, (0, 0, 0), (9, 7, 6))

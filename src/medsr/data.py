@@ -21,11 +21,11 @@ import torch
 from torch.utils.data import Dataset
 
 from medsr.degrade import Degradation, degrade
-from medsr.degrade.noise import poisson, rician
+from medsr.degrade.noise import poisson, quanta_reference, rician
 from medsr.degrade.sampling import FWHM_PER_SIGMA
 from medsr.intensity import Window, default_window, denormalize, normalize
 from medsr.io import IMAGE_SUFFIXES, NIFTI_SUFFIXES, is_dicom_file
-from medsr.volume import Volume, integer_scale
+from medsr.volume import Volume, crop, integer_scale
 
 FOREGROUND_LEVEL = 0.05  # normalised intensity above which a voxel counts as tissue, not air
 FOREGROUND_TRIES = 20  # patch draws per item to meet ``min_foreground``; the last draw is kept regardless
@@ -111,8 +111,7 @@ def split_scans(
 
 def crop_to_multiple(volume: Volume, *, scale: Sequence[int]) -> Volume:
     """Drop trailing voxels so each axis is a multiple of its scale; the affine is unchanged (same origin)."""
-    i, j, k = (n - n % s for n, s in zip(volume.spatial_shape, scale, strict=True))
-    return volume.replace(array=volume.array[:, :i, :j, :k])
+    return crop(volume, (0, 0, 0), [n - n % s for n, s in zip(volume.spatial_shape, scale, strict=True)])
 
 
 def prepare_scan(volume: Volume, degradation: Degradation) -> Volume:
@@ -133,9 +132,7 @@ def slice_range(volume: Volume, *, slices: tuple[int, int]) -> Volume:
     start, stop = slices
     if not 0 <= start < stop <= volume.spatial_shape[2]:
         raise ValueError(f"slices [{start}, {stop}) outside the volume's {volume.spatial_shape[2]} slices")
-    shift = np.eye(4)
-    shift[2, 3] = start
-    return volume.replace(array=volume.array[..., start:stop], affine=volume.affine @ shift)
+    return crop(volume, (0, 0, start), (*volume.spatial_shape[:2], stop))
 
 
 def _box(corner: Sequence[int], size: Sequence[int], scale: Sequence[int] = (1, 1, 1)) -> tuple[slice, ...]:
@@ -233,10 +230,7 @@ class PairDataset(Dataset[Pair]):
         quiet = dataclasses.replace(degradation, noise="none")
         self.lr = [] if self.on_the_fly else [degrade_normalised(r, quiet, rng=None).array for r in self.regions]
         self.reference = (  # physical intensity that gets ``photons`` quanta, as in degrade's X-ray model
-            [
-                float(np.percentile((lr * (w.hi - w.lo) + w.lo).numpy(), 99.9))
-                for lr, w in zip(self.lr, self.windows, strict=True)
-            ]
+            [quanta_reference(w.to_physical(lr)) for lr, w in zip(self.lr, self.windows, strict=True)]
             if degradation.noise == "poisson"
             else []
         )
@@ -281,19 +275,17 @@ class PairDataset(Dataset[Pair]):
             grid = [n // s for n, s in zip(region.spatial_shape, self.scale, strict=True)]
             start = [max(0, c - m) for c, m in zip(corner, margin, strict=True)]
             stop = [min(n, c + p + m) for n, c, p, m in zip(grid, corner, size, margin, strict=True)]
-            shift = np.eye(4)
-            shift[:3, 3] = [a * s for a, s in zip(start, self.scale, strict=True)]
-            extent = [b - a for a, b in zip(start, stop, strict=True)]
-            block = region.replace(array=region.array[_box(start, extent, self.scale)], affine=region.affine @ shift)
+            hr_start = [a * s for a, s in zip(start, self.scale, strict=True)]
+            block = crop(region, hr_start, [b * s for b, s in zip(stop, self.scale, strict=True)])
             lr = degrade_normalised(block, self.degradation, rng=rng).array
             return lr[_box([c - a for c, a in zip(corner, start, strict=True)], size)]
         lr = self.lr[scan][_box(corner, size)]
         if noise == "none":
             return lr
         window = self.windows[scan]
-        physical = lr * (window.hi - window.lo) + window.lo
+        physical = window.to_physical(lr)
         if noise == "rician":
             noisy = rician(physical, self.degradation.noise_sigma, rng)
         else:
             noisy = poisson(physical, self.degradation.photons, rng, reference=self.reference[scan])
-        return (noisy - window.lo) / (window.hi - window.lo)
+        return window.to_unit(noisy)

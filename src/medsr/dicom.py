@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, get_decoder
 
-from medsr.volume import Modality, Volume
+from medsr.volume import Modality, Volume, crop
 
 _CM_UNITS = 3  # PhysicalUnitsX/YDirection code for centimetres (PS3.3 C.8.5.5.1.15)
 _LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601 luminance weights of R, G, B
@@ -121,10 +121,9 @@ def _crop_to_ultrasound_region(volume: Volume, ds: Dataset, file: Path) -> Volum
                 f"{file}: ultrasound region columns {x0}..{x1}, rows {y0}..{y1} lies outside the "
                 f"{columns} x {rows} image"
             )
-        affine = volume.affine.copy()
-        affine[:3, 3] = volume.affine[:3, :3] @ np.array([x0, y0, 0.0]) + volume.affine[:3, 3]
-        array = volume.array[:, x0 : x1 + 1, y0 : y1 + 1].clone()  # a copy: the full frame is not kept alive
-        return volume.replace(array=array, affine=affine, meta={**volume.meta, "us_region": (x0, y0, x1, y1)})
+        cropped = crop(volume, (x0, y0, 0), (x1 + 1, y1 + 1, 1))
+        # A copy: the full frame (annotation included) is not kept alive behind the view.
+        return cropped.replace(array=cropped.array.clone(), meta={**volume.meta, "us_region": (x0, y0, x1, y1)})
     return volume
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import torch
 
 from medsr.volume import Modality, Volume
 
@@ -28,6 +29,14 @@ class Window:
         if not np.isfinite([self.lo, self.hi]).all() or self.hi <= self.lo:
             raise ValueError(f"window needs finite lo < hi, got ({self.lo}, {self.hi})")
 
+    def to_unit(self, values: torch.Tensor) -> torch.Tensor:
+        """Physical units -> [0, 1] (lo -> 0, hi -> 1), any shape."""
+        return (values - self.lo) / (self.hi - self.lo)
+
+    def to_physical(self, values: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_unit`."""
+        return values * (self.hi - self.lo) + self.lo
+
 
 def default_window(volume: Volume) -> Window:
     """The window a model for this modality was trained with.
@@ -46,9 +55,9 @@ def default_window(volume: Volume) -> Window:
 
 def normalize(volume: Volume, window: Window) -> Volume:
     """Map ``window.lo -> 0`` and ``window.hi -> 1`` linearly."""
-    return volume.replace(array=(volume.array - window.lo) / (window.hi - window.lo))
+    return volume.replace(array=window.to_unit(volume.array))
 
 
 def denormalize(volume: Volume, window: Window) -> Volume:
     """Inverse of :func:`normalize`: back to physical units."""
-    return volume.replace(array=volume.array * (window.hi - window.lo) + window.lo)
+    return volume.replace(array=window.to_physical(volume.array))

@@ -113,6 +113,19 @@ def scale_affine(affine: np.ndarray, scale: Sequence[float]) -> np.ndarray:
     return np.asarray(affine, dtype=np.float64) @ new_to_old
 
 
+def crop(volume: Volume, start: Sequence[int], stop: Sequence[int]) -> Volume:
+    """The voxels ``[start, stop)`` per axis (i, j, k), with the affine's origin moved to the first of them.
+
+    The array is a view of ``volume.array``; the world position of every kept voxel is unchanged.
+    """
+    if any(not 0 <= a < b <= n for a, b, n in zip(start, stop, volume.spatial_shape, strict=True)):
+        raise ValueError(f"crop [{tuple(start)}, {tuple(stop)}) is outside the volume's {volume.spatial_shape} voxels")
+    affine = volume.affine.copy()
+    affine[:3, 3] = volume.affine[:3, :3] @ np.asarray(start, dtype=np.float64) + volume.affine[:3, 3]
+    array = volume.array[(slice(None), *(slice(a, b) for a, b in zip(start, stop, strict=True)))]
+    return volume.replace(array=array, affine=affine)
+
+
 def integer_scale(factors: Sequence[float]) -> tuple[int, ...]:
     """Factors as integers, e.g. (2.0, 2.0, 1.0) -> (2, 2, 1); a non-integer factor is an error, not truncated."""
     scale = tuple(int(round(f)) for f in factors)

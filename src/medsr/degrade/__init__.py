@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from medsr.degrade.noise import correlated_gaussian, poisson, rician
+from medsr.degrade.noise import correlated_gaussian, poisson, quanta_reference, rician
 from medsr.degrade.sampling import (
     KSPACE_WINDOWS,
     PROFILES,
@@ -163,7 +163,7 @@ def _ct(array: torch.Tensor, spacing: Sequence[float], d: Degradation, rng) -> t
 def _xray(array: torch.Tensor, spacing: Sequence[float], d: Degradation, rng) -> torch.Tensor:
     array = aperture_sample(gaussian_blur(array, voxels(d.psf_fwhm, spacing)), d.factors[:2])
     if d.noise == "poisson":
-        array = poisson(array, d.photons, rng, reference=float(np.percentile(array.numpy(), 99.9)))
+        array = poisson(array, d.photons, rng, reference=quanta_reference(array))
     return array
 
 

@@ -50,6 +50,14 @@ def correlated_gaussian(array: torch.Tensor, sigma: float, rng: np.random.Genera
     return array + (sigma * grainy).to(array.dtype)
 
 
+QUANTA_PERCENTILE = 99.9  # the intensity that receives ``photons`` quanta: robust to a few saturated pixels
+
+
+def quanta_reference(array: torch.Tensor) -> float:
+    """The intensity (image units) that receives ``Degradation.photons`` quanta: the 99.9th percentile."""
+    return float(np.percentile(array.numpy(), QUANTA_PERCENTILE))
+
+
 def poisson(array: torch.Tensor, photons: float, rng: np.random.Generator, *, reference: float) -> torch.Tensor:
     """Quantum noise: intensity ``reference`` is ``photons`` detected quanta per pixel, counts are Poisson.
 
