@@ -259,9 +259,12 @@ def _write_card(model_ref: str, rows: list[dict], scan: str, slices: tuple[int, 
     directory = resolve_checkpoint(model_ref)
     model, description = _load_model(str(directory))
     parameters = sum(p.numel() for p in model.parameters())
-    test = {"scan": scan, "slices": list(slices), "rows": rows}
-    update_description(directory, parameters=parameters, scores=description["scores"] | {"test": test})
-    _, description = _load_model(str(directory))
+    updates = {
+        "parameters": parameters,
+        "scores": description["scores"] | {"test": {"scan": scan, "slices": list(slices), "rows": rows}},
+    }
+    update_description(directory, **updates)
+    description |= updates
     card = directory / "MODEL_CARD.md"
     tmp = directory / ".tmp.MODEL_CARD.md"
     tmp.write_text(model_card(directory.name, description, rows, scan=scan, slices=slices))
