@@ -189,8 +189,59 @@ def test_unknown_options_are_rejected(colin_crop, tmp_path):
     with pytest.raises(SystemExit):
         main(["upscale", str(colin_crop), str(tmp_path / "o.nii.gz"), "--scale", "2,2"])
     assert main(["upscale", str(colin_crop), str(tmp_path / "o.nii.gz"), "--model", "nope"]) == 2
-    assert main(["upscale", str(colin_crop), str(tmp_path / "o.nii.gz"), "--scale", "4,4,1"]) == 2
+    assert main(["upscale", str(colin_crop), str(tmp_path / "o.nii.gz"), "--scale", "2,2,2"]) == 2
+    assert main(["upscale", str(colin_crop), str(tmp_path / "o.nii.gz"), "--scale", "2,2,1", "--spacing", "1,1,1"]) == 2
     assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_upscale_to_a_non_integer_target_spacing(colin_crop, tmp_path):
+    """--spacing 0.7 mm from 1 mm: the model's x2, then linear resampling to round(64 / 0.7) = 91 voxels over the
+    same field of view (outer edges unchanged)."""
+    output = tmp_path / "sr.nii.gz"
+    assert main(["upscale", str(colin_crop), str(output), "--spacing", "0.7,0.7,1", "--precision", "fp32"]) == 0
+    lr, sr = read_volume(colin_crop), read_volume(output)
+    assert sr.spatial_shape == (91, 91, 4)
+    np.testing.assert_allclose(sr.affine, scale_affine(lr.affine, (91 / 64, 91 / 64, 1)), atol=1e-6)
+    np.testing.assert_allclose(sr.spacing, (64 / 91, 64 / 91, 1.0), atol=1e-6)
+    assert abs(float(sr.array.mean()) - float(lr.array.mean())) < 0.02 * float(lr.array.mean())
+
+
+def test_upscale_dicom_series_to_a_new_dicom_series(colin_crop, tmp_path):
+    """DICOM in, DICOM out: a new derived series whose geometry a second reader (SimpleITK) agrees with."""
+    import SimpleITK as sitk
+
+    source = tmp_path / "series"
+    lr = read_volume(colin_crop, modality="MR")
+    write_volume(lr, source, description="T1 source")
+    output = tmp_path / "series_sr"
+    assert main(["upscale", str(source), str(output), "--anonymize"]) == 0
+    files = sorted(output.iterdir())
+    assert len(files) == 4
+    first, original = pydicom.dcmread(files[0]), pydicom.dcmread(sorted(source.iterdir())[0])
+    assert (first.Rows, first.Columns) == (128, 128) and "DERIVED" in first.ImageType
+    assert first.SeriesInstanceUID != original.SeriesInstanceUID and "edsr_mr_x2" in first.SeriesDescription
+    assert first.PatientIdentityRemoved == "YES"
+    image = sitk.ReadImage(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(output)))
+    sr = read_volume(output)
+    np.testing.assert_allclose(sr.affine, scale_affine(lr.affine, (2, 2, 1)), atol=1e-4)
+    # A landmark: the world position of SR voxel (10, 20, 3) by SimpleITK (LPS) equals the one from the LR geometry.
+    ras = scale_affine(lr.affine, (2, 2, 1)) @ np.array([10, 20, 3, 1.0])
+    lps = np.array(image.TransformIndexToPhysicalPoint((10, 20, 3)))
+    np.testing.assert_allclose(lps, ras[:3] * (-1, -1, 1), atol=1e-3)
+    assert abs(float(sr.array.mean()) - float(lr.array.mean())) < 0.02 * float(lr.array.mean())
+
+
+def test_upscale_a_folder_reports_and_skips_bad_files(colin_crop, tmp_path, capsys):
+    folder = tmp_path / "scans"
+    (folder / "b").mkdir(parents=True)
+    (folder / "a.nii.gz").write_bytes(colin_crop.read_bytes())
+    (folder / "b" / "c.nii.gz").write_bytes(colin_crop.read_bytes())
+    (folder / "broken.nii.gz").write_bytes(b"\x1f\x8b not a scan")
+    assert main(["upscale", str(folder), str(tmp_path / "out"), "--precision", "fp32"]) == 1
+    captured = capsys.readouterr()
+    assert f"skipped {folder / 'broken.nii.gz'}" in captured.err and "upscaled 2 of 3 scans" in captured.out
+    assert read_volume(tmp_path / "out" / "b" / "c.nii.gz").spatial_shape == (128, 128, 4)
+    assert (tmp_path / "out" / "a.nii.gz").exists() and not (tmp_path / "out" / "broken.nii.gz").exists()
 
 
 @pytest.mark.parametrize("slab, region", [("50:60", "train"), ("100:112", "val")])

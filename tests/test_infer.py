@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from medsr.infer import model_predictor, predict_tiled, predict_volume, tile_starts
+from medsr.infer import model_plan, model_predictor, predict_tiled, predict_volume, super_resolve, tile_starts
 from medsr.models import create_model
 from medsr.models.blocks import interpolate
 from medsr.volume import Modality, Volume, scale_affine, world_coordinates
@@ -30,7 +30,8 @@ def test_tiled_equals_whole_when_the_receptive_field_fits_in_a_quarter_overlap()
     image = torch.rand(1, 150, 131)
     with torch.no_grad():
         whole = model(image[None])[0]
-    tiled = predict_tiled(model_predictor(model), image, scale=(2, 2), tile=(64, 64), overlap=(32, 32))
+    predictor = model_predictor(model, precision="fp32")
+    tiled = predict_tiled(predictor, image, scale=(2, 2), tile=(64, 64), overlap=(32, 32))
     torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=0)
 
 
@@ -72,6 +73,42 @@ def test_predict_volume_with_a_3d_model(phantom):
     np.testing.assert_allclose(sr.spacing, np.array(phantom.spacing) / (1, 1, 2))
 
 
-def test_a_2d_model_cannot_upsample_through_plane(phantom):
-    with pytest.raises(ValueError, match="in-plane only"):
+def test_a_2d_model_upsamples_in_plane_or_through_plane_not_both(phantom):
+    with pytest.raises(ValueError, match="not both"):
         predict_volume(pointwise_model, phantom, scale=(2, 2, 2), spatial_dims=2, progress=False)
+    with pytest.raises(ValueError, match="self-supervised mode"):
+        model_plan((2, 2, 2), (2, 2))
+    assert model_plan((2, 2, 1), (2, 2)) == (2, 2, 1) and model_plan((1, 1, 2.5), (1, 2)) == (1, 1, 2)
+
+
+def test_through_plane_with_a_2d_model_on_both_orthogonal_planes(phantom):
+    """A (1, 3) 2D cubic upsampler run on the (i, k) and (j, k) planes is exactly the cubic along k."""
+    sr = predict_volume(
+        lambda b: interpolate(b, (1, 3), "cubic"), phantom, scale=(1, 1, 3), spatial_dims=2, tile=16, overlap=8
+    )
+    expected = interpolate(phantom.array[None], (1, 1, 3), "cubic")[0]
+    torch.testing.assert_close(sr.array, expected, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(sr.affine, scale_affine(phantom.affine, (1, 1, 3)))
+
+
+def test_super_resolve_to_non_integer_factors(phantom):
+    """The model's integer scale, then linear resampling to round(n * factor) voxels over the same field of view:
+    a ramp along i through a linear x2 'model' lands on the new voxel centres' positions."""
+    ramp = phantom.replace(array=torch.arange(24.0).reshape(1, 24, 1, 1).expand(1, 24, 20, 16).contiguous() + 1)
+    model = create_model("bicubic", spatial_dims=2, scale=(2, 2), mode="linear")
+    sr = super_resolve(ramp, model, model_scale=(2, 2), factors=(1.5, 2.5, 1), progress=False)
+    assert sr.spatial_shape == (36, 50, 16)
+    np.testing.assert_allclose(sr.affine, scale_affine(phantom.affine, (36 / 24, 50 / 20, 1)))
+    position = (np.arange(36) + 0.5) / 1.5 - 0.5  # LR index of each output voxel centre
+    np.testing.assert_allclose(sr.array[0, 2:-2, 5, 3].numpy(), position[2:-2] + 1, atol=1e-4)
+
+
+def test_bf16_precision_is_close_to_fp32():
+    torch.manual_seed(0)
+    model = create_model("edsr_tiny", spatial_dims=2, scale=(2, 2))
+    lr = torch.rand(2, 1, 16, 16)
+    fp32, bf16 = model_predictor(model, precision="fp32")(lr), model_predictor(model, precision="bf16")(lr)
+    assert bf16.dtype == torch.float32 and bf16.is_contiguous()
+    assert 0 < float((fp32 - bf16).abs().max()) < 0.02  # bf16 keeps 8 bits of mantissa
+    with pytest.raises(ValueError, match="precision"):
+        model_predictor(model, precision="fp16")

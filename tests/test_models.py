@@ -1,5 +1,6 @@
 """Every registered model, tested without anyone writing a test for it (timm's test_models.py, for SR)."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -64,14 +65,41 @@ def test_bicubic_is_the_interpolation(spatial_dims, scale):
     lr = torch.rand(2, 1, *(6, 7, 8)[:spatial_dims])
     sr = model(lr)
     assert sr.shape == (2, 1, *(n * s for n, s in zip(lr.shape[2:], scale, strict=True)))
-    assert torch.equal(sr, interpolate(lr, scale, "cubic" if spatial_dims == 2 else "linear"))
+    assert torch.equal(sr, interpolate(lr, scale, "cubic"))
+
+
+def keys_upsample(line: np.ndarray, factor: int, a: float = -0.75) -> np.ndarray:
+    """1D cubic convolution (Keys 1981) at the voxel-centre positions of a ``factor`` times finer grid, edges
+    replicated: written from the formula, independently of PyTorch."""
+
+    def kernel(t: np.ndarray) -> np.ndarray:
+        t = np.abs(t)
+        near = ((a + 2) * t - (a + 3)) * t * t + 1
+        far = ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+        return np.where(t <= 1, near, np.where(t < 2, far, 0.0))
+
+    x = (np.arange(len(line) * factor) + 0.5) / factor - 0.5
+    base = np.floor(x).astype(int)
+    taps = base[:, None] + np.arange(-1, 3)[None, :]
+    weights = kernel(x[:, None] - taps)
+    return (weights * line[np.clip(taps, 0, len(line) - 1)]).sum(1)
+
+
+def test_3d_cubic_is_keys_along_each_axis(rng):
+    """Separable tricubic: a product image f(i) g(j) h(k) upsamples to the product of the 1D Keys upsamplings."""
+    f, g, h = rng.random(5), rng.random(6), rng.random(7)
+    image = torch.from_numpy(np.einsum("i,j,k->ijk", f, g, h))[None, None]
+    expected = np.einsum("i,j,k->ijk", keys_upsample(f, 2), keys_upsample(g, 3), keys_upsample(h, 4))
+    np.testing.assert_allclose(interpolate(image, (2, 3, 4), "cubic")[0, 0].numpy(), expected, atol=1e-12)
+    per_slice = torch.stack([interpolate(image[..., k], (2, 3), "cubic") for k in range(7)], dim=-1)
+    assert torch.equal(interpolate(image, (2, 3, 1), "cubic"), per_slice)  # factor 1 along k: slices untouched
 
 
 def test_bicubic_checks_channels_and_mode():
     with pytest.raises(ValueError, match=r"expected \(N, 1, \*spatial\)"):
         create_model("bicubic")(torch.rand(1, 2, 4, 4))
-    with pytest.raises(ValueError, match="2D only"):
-        create_model("bicubic", spatial_dims=3, scale=(2, 2, 2), mode="cubic")
+    with pytest.raises(ValueError, match="mode must be"):
+        create_model("bicubic", spatial_dims=3, scale=(2, 2, 2), mode="quintic")
 
 
 @pytest.mark.parametrize("scale", [(1, 1), (2, 2), (3, 3), (4, 4), (1, 3), (4, 2)])

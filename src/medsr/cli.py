@@ -40,10 +40,7 @@ def _check_output(output: Path, inputs: Sequence[Path], force: bool) -> None:
         raise ValueError(f"{output}: output is the input; medsr never overwrites its input")
     if output.exists() and not force:
         raise ValueError(f"{output}: exists; pass --force to replace it")
-    if not output.parent.is_dir():
-        raise FileNotFoundError(f"{output}: folder {output.parent} does not exist")
-    if file_format(output) == "dicom":
-        raise ValueError(f"{output}: writing DICOM is not supported yet; write a .nii.gz instead")
+    file_format(output)  # raises on an unknown suffix
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -126,34 +123,65 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _upscale(args: argparse.Namespace) -> int:
+    """One scan, or every scan under a folder (batch: bad files are reported and skipped)."""
+    from tqdm import tqdm
+
+    from medsr.data import find_scans
+
+    if args.scale and args.spacing:
+        raise ValueError("give --scale or --spacing, not both")
+    scans = find_scans(args.input) if args.input.is_dir() else [args.input]
+    model, description = _load_model(args.model)
+    if scans == [args.input]:  # a file, or a folder that is one DICOM series
+        _check_output(args.output, [args.input], args.force)
+        _upscale_scan(args.input, args.output, model, description, args)
+        return 0
+    if args.output.exists() and not args.output.is_dir():
+        raise ValueError(f"{args.output}: batch mode writes into a folder, and this is a file")
+    failed = []
+    for scan in tqdm(scans, desc="scans", unit="scan"):
+        output = args.output / scan.relative_to(args.input)
+        try:
+            _check_output(output, [scan], args.force)
+            _upscale_scan(scan, output, model, description, args)
+        except (ValueError, OSError) as error:
+            failed.append(scan)
+            tqdm.write(f"medsr upscale: skipped {scan}: {error}", file=sys.stderr)
+    print(f"upscaled {len(scans) - len(failed)} of {len(scans)} scans into {args.output}")
+    return 1 if failed else 0
+
+
+def _upscale_scan(source: Path, output: Path, model, description: dict, args: argparse.Namespace) -> None:
     from medsr.infer import super_resolve
     from medsr.io import read_volume, write_volume
 
-    _check_output(args.output, [args.input], args.force)
-    model, description = _load_model(args.model)
-    scale = tuple(description["scale"])
-    if args.scale is not None and tuple(args.scale) != scale:
-        raise ValueError(f"model {args.model} upsamples by {scale}; --scale {args.scale} needs another model")
-    volume = read_volume(args.input, modality=args.modality)
+    volume = read_volume(source, modality=args.modality)
     if volume.modality.value == "OT":  # NIfTI/PNG carry no modality: take the model's (it sets the window rule)
         volume = volume.replace(modality=description["modality"])
     elif volume.modality.value != description["modality"]:
         print(
-            f"medsr upscale: warning: {args.input} is {volume.modality.value}, but {args.model} was trained on "
+            f"medsr upscale: warning: {source} is {volume.modality.value}, but {args.model} was trained on "
             f"{description['modality']}; expect poor results",
             file=sys.stderr,
         )
+    factors = args.scale
+    if args.spacing:
+        factors = tuple(float(a / b) for a, b in zip(volume.spacing, args.spacing, strict=True))
+    output.parent.mkdir(parents=True, exist_ok=True)
     sr = super_resolve(
         volume,
         model,
-        scale=scale,
-        spatial_dims=description["model_kwargs"]["spatial_dims"],
+        model_scale=description["model_kwargs"]["scale"],
+        factors=factors,
         tile=args.tile,
         overlap=args.overlap,
+        precision=args.precision,
     )
-    write_volume(sr, args.output)
-    print(f"wrote {args.output}: {sr!r}")
-    return 0
+    spacing = ",".join(f"{s:.3g}" for s in sr.spacing)
+    write_volume(
+        sr, output, description=f"medsr SR {spacing} mm {Path(args.model).name}"[:64], anonymize=args.anonymize
+    )
+    print(f"wrote {output}: {sr!r}")
 
 
 def _load_model(model_ref: str):
@@ -196,7 +224,13 @@ def _evaluate_scan(model_ref: str, scan: str, slices: tuple[int, int] | None):
     slices = slices or (0, hr.spatial_shape[2])  # a scan the model never saw: all of it
     if slices[1] > hr.spatial_shape[2]:
         raise ValueError(f"{path}: has {hr.spatial_shape[2]} slices; choose a slab inside it with --slices")
-    rows, images = compare_methods(hr, config.degradation, {model_ref: model_predictor(model)}, slices=slices)
+    rows, images = compare_methods(
+        hr,
+        config.degradation,
+        {model_ref: model_predictor(model)},
+        slices=slices,
+        spatial_dims=config.model.spatial_dims,
+    )
     return rows, images, config.degradation, slices
 
 
@@ -276,9 +310,9 @@ def _figure(images, model_name: str, path: Path, degradation, slices: tuple[int,
     from medsr.report import comparison_figure
 
     middle = images["hr"].shape[0] // 2
-    panels = {
-        name: images[key][middle, 0]
-        for name, key in (("LR", "lr"), ("bicubic", "cubic"), (model_name, model_name), ("HR", "hr"))
+    lr_middle = middle * images["lr"].shape[0] // images["hr"].shape[0]  # the thick slice holding it
+    panels = {"LR": images["lr"][lr_middle, 0]} | {
+        name: images[key][middle, 0] for name, key in (("bicubic", "cubic"), (model_name, model_name), ("HR", "hr"))
     }
     title = f"slice {slices[0] + middle}, k-space truncation {_factors_text(degradation)}"
     comparison_figure(path, panels, title=title)
@@ -303,7 +337,7 @@ def _demo(args: argparse.Namespace) -> int:
     hr = crop_to_multiple(read_volume(sample_path("colin27"), modality="MR"), scale=description["scale"])
     lr = degrade(hr, degradation)
     write_volume(lr, args.out / "colin27_lr.nii.gz")
-    sr = super_resolve(lr, model, scale=description["scale"], spatial_dims=description["model_kwargs"]["spatial_dims"])
+    sr = super_resolve(lr, model, model_scale=description["model_kwargs"]["scale"])
     write_volume(sr, args.out / "colin27_sr.nii.gz")
     print(f"\nLR   {lr!r}\nSR   {sr!r}\nHR   {hr!r}")
     print(f"wrote {args.out}/: scores.csv, scores.json, comparison.png, colin27_lr.nii.gz, colin27_sr.nii.gz")
@@ -349,13 +383,24 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=_train)
 
     upscale = commands.add_parser("upscale", help="Super-resolve a scan; the output keeps its field of view.")
-    upscale.add_argument("input", type=Path)
-    upscale.add_argument("output", type=Path, help="NIfTI or PNG/TIFF to write.")
+    upscale.add_argument("input", type=Path, help="NIfTI, PNG/TIFF, DICOM series folder, or a folder of scans.")
+    upscale.add_argument(
+        "output",
+        type=Path,
+        help="NIfTI, PNG/TIFF, or a new DICOM series folder (a name without suffix); a folder in batch mode.",
+    )
     upscale.add_argument("--model", default=DEFAULT_MODEL, help="Shipped model name or checkpoint folder.")
-    upscale.add_argument("--scale", type=_triple, help="Per axis i,j,k; must match the model's (e.g. 2,2,1).")
+    upscale.add_argument(
+        "--scale", type=_triple, help="Output voxels per input voxel along i,j,k, e.g. 2,2,1 (default: the model's)."
+    )
+    upscale.add_argument("--spacing", type=_triple, help="Target spacing in mm along i,j,k (instead of --scale).")
     upscale.add_argument("--modality", help="Override the modality (NIfTI/PNG carry none).")
-    upscale.add_argument("--tile", type=int, default=128, help="Tile edge in input voxels (bounds memory).")
+    upscale.add_argument("--tile", type=int, help="Tile edge in input voxels (bounds memory; 128 in 2D, 48 in 3D).")
     upscale.add_argument("--overlap", type=int, default=8, help="Tile overlap in input voxels.")
+    upscale.add_argument(
+        "--precision", choices=("auto", "fp32", "bf16"), default="auto", help="bf16 where the CPU has it (auto)."
+    )
+    upscale.add_argument("--anonymize", action="store_true", help="DICOM output: remove patient identifiers.")
     upscale.add_argument("-f", "--force", action="store_true", help="Replace OUTPUT if it exists.")
     upscale.set_defaults(run=_upscale)
 

@@ -36,7 +36,7 @@ class DataConfig:
     train_slices: tuple[int, int] = (20, 90)
     val_slices: tuple[int, int] = (95, 105)
     test_slices: tuple[int, int] = (110, 150)
-    patch: int = 96  # HR patch edge in voxels; a multiple of the scale
+    patch: tuple[int, ...] = (96,)  # HR patch size in voxels: one edge for every axis, or one per model axis
     batch_size: int = 16
     min_foreground: float = 0.3  # fraction of patch voxels above 5 % of the window, so patches are not mostly air
 

@@ -179,7 +179,7 @@ class PairDataset(Dataset[Pair]):
         degradation: The LR simulation. Factors must be integers (the model scale), and 1 along k in 2D.
         slices: ``[start, stop)`` along k to draw from (the training region), or None for every slice of every
             scan. Each region is cropped to a multiple of the scale.
-        patch: HR patch size in voxels: an int (square or cube) or one per spatial axis; multiples of the scale.
+        patch: HR patch size in voxels: one edge (square or cube) or one per spatial axis; multiples of the scale.
         length: Items per epoch.
         seed: Each item is drawn from ``default_rng((seed, epoch, index))``: replayable and worker-safe.
         min_foreground: Fraction of HR patch voxels that must be tissue; up to ``FOREGROUND_TRIES`` draws try.
@@ -203,7 +203,8 @@ class PairDataset(Dataset[Pair]):
         self.scale = integer_scale(degradation.factors)
         if spatial_dims == 2 and self.scale[2] != 1:
             raise ValueError(f"2D training pairs need a factor of 1 along k, got {degradation.factors}")
-        size = (patch,) * spatial_dims if isinstance(patch, int) else tuple(patch)
+        size = tuple(patch) if isinstance(patch, Sequence) else (patch,)
+        size = size * spatial_dims if len(size) == 1 else size
         self.patch = (*size, 1) if len(size) == spatial_dims == 2 else size  # HR (i, j, k)
         if len(size) != spatial_dims or any(p < 1 or p % s for p, s in zip(self.patch, self.scale, strict=True)):
             raise ValueError(

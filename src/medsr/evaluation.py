@@ -1,8 +1,9 @@
 """Compare SR methods with interpolation baselines on held-out slices of HR scans.
 
-The HR slab is degraded with the known model, every method upsamples the same LR slab, and each is scored
-against HR slice by slice (2D PSNR/SSIM, ``data_range = 1`` on normalised intensities), over the whole slice
-and over the body (foreground) mask, since air inflates both scores.
+The HR slab is degraded with the known model, every method upsamples the same LR slab (baselines in 3D, so
+through-plane factors are interpolated too), and each is scored against HR slice by slice (2D PSNR/SSIM,
+``data_range = 1`` on normalised intensities), over the whole slice and over the body (foreground) mask, since
+air inflates both scores.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from medsr.data import FOREGROUND_LEVEL, degrade_normalised, slice_range
+from medsr.data import FOREGROUND_LEVEL, crop_to_multiple, degrade_normalised, slice_range
 from medsr.degrade import Degradation
 from medsr.infer import Predictor, predict_volume
 from medsr.metrics import psnr, ssim
@@ -44,30 +45,32 @@ def compare_methods(
     models: Mapping[str, Predictor],
     *,
     slices: tuple[int, int],
+    spatial_dims: int = 2,
     seed: int = 0,
 ) -> tuple[list[dict[str, float | str]], dict[str, torch.Tensor]]:
-    """Score the baselines and 2D ``models`` on the slab ``slices`` of ``hr``.
+    """Score the baselines and ``models`` on the slab ``slices`` of ``hr``.
 
     Args:
         hr: HR volume from ``data.prepare_scan`` (normalised with its LR's window, cropped to the factors).
-        degradation: In-plane integer factors, 1 along k.
-        models: Name -> 2D predictor (see ``infer.model_predictor``).
-        slices: ``[start, stop)`` along k; must not overlap the slices the models trained on.
+        degradation: Integer factors; 1 along k for 2D models.
+        models: Name -> predictor taking ``spatial_dims`` (see ``infer.model_predictor``).
+        slices: ``[start, stop)`` along k, cut down to a multiple of the k factor; must not overlap the slices
+            the models trained on.
+        spatial_dims: 2 (the models run slice by slice) or 3 (on the whole slab).
         seed: Seed of the LR noise draw (random degradations), so a comparison can be replayed.
 
     Returns:
         One row per method (``method`` plus the scores), and the images: name -> (K, C, I, J), including
-        ``lr`` (K, C, I / s, J / s) and ``hr``.
+        ``lr`` (K / sk, C, I / si, J / sj) and ``hr``.
     """
-    slab = slice_range(hr, slices=slices)
-    lr = degrade_normalised(slab, degradation, rng=np.random.default_rng(seed))
     scale = integer_scale(degradation.factors)
-    lr_slices = lr.array.permute(3, 0, 1, 2)  # (K, C, I / s, J / s)
-    images = {"lr": lr_slices, "hr": slab.array.permute(3, 0, 1, 2)}
+    slab = crop_to_multiple(slice_range(hr, slices=slices), scale=scale)
+    lr = degrade_normalised(slab, degradation, rng=np.random.default_rng(seed))
+    images = {"lr": lr.array.permute(3, 0, 1, 2), "hr": slab.array.permute(3, 0, 1, 2)}  # (K, C, I, J)
     for method in BASELINES:
-        images[method] = interpolate(lr_slices, scale[:2], method)
+        images[method] = interpolate(lr.array[None], scale, method)[0].permute(3, 0, 1, 2)
     for name, predictor in models.items():
-        sr = predict_volume(predictor, lr, scale=scale, spatial_dims=2, progress=False)
+        sr = predict_volume(predictor, lr, scale=scale, spatial_dims=spatial_dims, progress=False)
         images[name] = sr.array.permute(3, 0, 1, 2)
     mask = body_mask(images["hr"])
     rows = [{"method": name, **score_slices(images[name], images["hr"], mask)} for name in (*BASELINES, *models)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -111,16 +112,78 @@ def predict_tiled(
     return (output / weight).to(torch.float32)
 
 
-def model_predictor(model: torch.nn.Module) -> Predictor:
-    """Wrap a model for inference: eval mode, no gradients, float32 on the model's device."""
+def native_bf16() -> bool:
+    """Whether this CPU has bfloat16 instructions (AVX512-BF16 or AMX). Without them oneDNN emulates bf16, and
+    autocast is 4x slower than float32 (measured with ONEDNN_MAX_CPU_ISA=AVX2); with them it is about 2x faster."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no way to ask without private torch APIs; float32 is the safe choice
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def model_predictor(model: torch.nn.Module, *, precision: str = "auto") -> Predictor:
+    """Wrap a model for inference: eval mode, no gradients, float32 in and out, on the model's device.
+
+    Args:
+        precision: 'fp32'; 'bf16' (bfloat16 autocast with channels-last memory, about 2x faster on CPUs with bf16
+            instructions, within 0.01 dB PSNR of float32 on the shipped MR model); 'auto' picks bf16 where the CPU
+            (or CUDA GPU) supports it natively, fp32 elsewhere.
+    """
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
     model.eval()
     device = next(model.parameters(), torch.empty(0)).device  # parameterless models (interpolation) run on CPU
+    if precision == "auto":
+        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else native_bf16()
+        precision = "bf16" if native else "fp32"
+    bf16 = precision == "bf16"
 
     @torch.no_grad()
     def predict(batch: torch.Tensor) -> torch.Tensor:
-        return model(batch.to(device, torch.float32)).cpu()
+        batch = batch.to(device, torch.float32)
+        if bf16:  # channels-last alone can be slower (pixel shuffle reshapes); with bf16 it pays
+            layout = torch.channels_last if batch.ndim == 4 else torch.channels_last_3d
+            batch = batch.contiguous(memory_format=layout)
+            model.to(memory_format=layout)  # a no-op after the first batch
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            return model(batch).float().contiguous().cpu()
 
     return predict
+
+
+def model_plan(factors: Sequence[float], model_scale: Sequence[int]) -> tuple[int, int, int]:
+    """The per-axis (i, j, k) scale a model applies to a volume when the user asks for ``factors``.
+
+    A 3D model applies its scale. A 2D model of scale (a, b) works in-plane, giving (a, b, 1), unless a factor
+    along k is asked for: then it must upsample one axis only, (1, c) or (c, 1), and runs through-plane, giving
+    (1, 1, c) (see :func:`predict_volume`). What the model does not reach, :func:`resample` does.
+    """
+    model_scale = tuple(model_scale)
+    if len(model_scale) == 3:
+        return model_scale
+    if factors[2] <= 1 + 1e-6:
+        return (*model_scale, 1)
+    if 1 not in model_scale:
+        raise ValueError(
+            f"a 2D model of scale {model_scale} upsamples two axes of a plane; for a factor along k "
+            f"({factors[2]:g}) use a 2D model of scale (1, s) (self-supervised mode) or a 3D model"
+        )
+    return (1, 1, max(model_scale))
+
+
+def resample(volume: Volume, shape: Sequence[int]) -> Volume:
+    """Resample to ``shape`` (I, J, K) over the same field of view, (tri)linearly: the step from a model's integer
+    scale to a requested non-integer factor or spacing. Linear never overshoots, so HU stay in range."""
+    if tuple(shape) == volume.spatial_shape:
+        return volume
+    if min(shape) < 1:
+        raise ValueError(f"cannot resample {volume.spatial_shape} to {tuple(shape)}")
+    array = torch.nn.functional.interpolate(
+        volume.array[None], size=tuple(shape), mode="trilinear", align_corners=False
+    )
+    factors = [m / n for m, n in zip(shape, volume.spatial_shape, strict=True)]
+    return volume.replace(array=array[0], affine=scale_affine(volume.affine, factors))
 
 
 def predict_volume(
@@ -129,7 +192,7 @@ def predict_volume(
     *,
     scale: Sequence[int],
     spatial_dims: int,
-    tile: int = 128,
+    tile: int | None = None,
     overlap: int = 8,
     batch_size: int = 4,
     progress: bool = True,
@@ -139,32 +202,48 @@ def predict_volume(
     Args:
         predictor: A 2D (N, C, I, J) or 3D (N, C, I, J, K) upsampler, see :func:`model_predictor`.
         volume: Input, array (C, I, J, K), intensities as the predictor expects them.
-        scale: Per voxel axis (i, j, k). A 2D predictor runs on each (i, j) slice and needs ``scale[2] == 1``.
-        spatial_dims: 2 or 3, what the predictor takes.
-        tile, overlap: Tile edge and overlap in input voxels.
+        scale: Per voxel axis (i, j, k). A 2D predictor runs on each (i, j) slice when ``scale[2] == 1``. With
+            ``scale == (1, 1, c)`` it must upsample its second axis by c, (N, C, n, K) -> (N, C, n, c K), and
+            runs through-plane: on every (i, k) plane and every (j, k) plane, and the two results are averaged
+            (the orthogonal-planes scheme of Zhao et al., SMORE, IEEE TMI 2021).
+        tile, overlap: Tile edge and overlap in input voxels; tiles default to 128^2 in 2D and 48^3 in 3D (a
+            64-channel feature map of a 48^3 tile is 28 MB in float32).
     """
     scale = integer_scale(scale)
-    if spatial_dims == 2:
-        if scale[2] != 1:
-            raise ValueError(f"a 2D model upsamples in-plane only; scale along k must be 1, got {scale}")
-        slices = [
-            predict_tiled(
-                predictor,
-                volume.array[..., k],
-                scale=scale[:2],
-                tile=(tile, tile),
-                overlap=(overlap, overlap),
-                batch_size=batch_size,
-            )
-            for k in tqdm(range(volume.spatial_shape[2]), desc="upscale", unit="slice", disable=not progress)
-        ]
-        array = torch.stack(slices, dim=-1)  # (C, I * si, J * sj, K)
-    elif spatial_dims == 3:
+    tile = tile or (128 if spatial_dims == 2 else 48)
+    if spatial_dims == 3:
         array = predict_tiled(
             predictor, volume.array, scale=scale, tile=(tile,) * 3, overlap=(overlap,) * 3, batch_size=batch_size
         )
-    else:
+        return volume.replace(array=array, affine=scale_affine(volume.affine, scale))
+    if spatial_dims != 2:
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+
+    def planes(array: torch.Tensor, plane_scale: tuple[int, int], desc: str) -> torch.Tensor:
+        """Predict every plane array[:, n] of a (C, N, A, B) array; returns (C, N, A * sa, B * sb)."""
+        return torch.stack(
+            [
+                predict_tiled(
+                    predictor,
+                    array[:, n],
+                    scale=plane_scale,
+                    tile=(tile, tile),
+                    overlap=(overlap, overlap),
+                    batch_size=batch_size,
+                )
+                for n in tqdm(range(array.shape[1]), desc=desc, unit="plane", disable=not progress)
+            ],
+            dim=1,
+        )
+
+    if scale[2] == 1:
+        array = planes(volume.array.permute(0, 3, 1, 2), scale[:2], "upscale (i, j)").permute(0, 2, 3, 1)
+    elif scale[:2] == (1, 1):
+        along_i = planes(volume.array.permute(0, 2, 1, 3), (1, scale[2]), "upscale (i, k)").permute(0, 2, 1, 3)
+        along_j = planes(volume.array, (1, scale[2]), "upscale (j, k)")
+        array = (along_i + along_j) / 2
+    else:
+        raise ValueError(f"a 2D model upsamples in-plane or through-plane (1, 1, s), not both: got scale {scale}")
     return volume.replace(array=array, affine=scale_affine(volume.affine, scale))
 
 
@@ -172,27 +251,35 @@ def super_resolve(
     volume: Volume,
     model: torch.nn.Module,
     *,
-    scale: Sequence[int],
-    spatial_dims: int,
-    tile: int = 128,
+    model_scale: Sequence[int],
+    factors: Sequence[float] | None = None,
+    tile: int | None = None,
     overlap: int = 8,
+    precision: str = "auto",
     progress: bool = True,
 ) -> Volume:
-    """Super-resolve a volume in physical units: normalise with its default window, predict, map back.
+    """Super-resolve a volume in physical units: normalise with its default window, predict, resample to the
+    requested factors, map back.
 
     Args:
         volume: Input in physical units (HU, scanner units), array (C, I, J, K).
         model: A trained upsampler taking [0, 1] intensities, as the checkpoints are trained.
-        scale: Per voxel axis (i, j, k).
+        model_scale: The model's scale per model axis: (a, b) for 2D models, (a, b, c) for 3D.
+        factors: Output voxels per input voxel along (i, j, k), possibly non-integer (e.g. from a target spacing);
+            default: the model's own scale (see :func:`model_plan`). The output has round(n * factor) voxels.
+        precision: See :func:`model_predictor`.
     """
+    scale = model_plan(factors or (1, 1, 1), model_scale)
+    factors = factors or scale
     window = default_window(volume)
     sr = predict_volume(
-        model_predictor(model),
+        model_predictor(model, precision=precision),
         normalize(volume, window),
         scale=scale,
-        spatial_dims=spatial_dims,
+        spatial_dims=len(model_scale),
         tile=tile,
         overlap=overlap,
         progress=progress,
     )
-    return denormalize(sr, window)
+    shape = [max(1, round(n * f)) for n, f in zip(volume.spatial_shape, factors, strict=True)]
+    return denormalize(resample(sr, shape), window)

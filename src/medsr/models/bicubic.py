@@ -1,7 +1,7 @@
 """Interpolation as a model: the baseline every SR network has to beat, behind the same interface as the networks.
 
-Bicubic in 2D (PyTorch's Keys kernel, a = -0.75) and trilinear in 3D (PyTorch has no tricubic), both with the
-voxel-centre convention of :func:`medsr.models.blocks.interpolate`. It has no parameters, so training it is
+Bicubic in 2D and separable tricubic in 3D (PyTorch's Keys kernel, a = -0.75), with the voxel-centre convention
+of :func:`medsr.models.blocks.interpolate`. It has no parameters, so training it is
 meaningless: there is nothing to optimise, and ``train.py`` is to refuse models without parameters.
 """
 
@@ -23,18 +23,16 @@ class Interpolation(nn.Module):
         spatial_dims: 2 or 3.
         scale: Integer upsampling factor per spatial axis, e.g. (2, 2) or (1, 1, 4).
         in_channels: Image channels; checked against the input, since the interpolation itself works on any number.
-        mode: 'nearest', 'linear' or 'cubic' (2D only); ``None`` picks 'cubic' in 2D and 'linear' in 3D.
+        mode: 'nearest', 'linear' or 'cubic' (the default).
     """
 
-    def __init__(
-        self, spatial_dims: int, scale: Sequence[int], *, in_channels: int = 1, mode: str | None = None
-    ) -> None:
+    def __init__(self, spatial_dims: int, scale: Sequence[int], *, in_channels: int = 1, mode: str = "cubic") -> None:
         super().__init__()
         self.scale = check_scale(spatial_dims, scale)
         self.in_channels = in_channels
-        self.mode = mode if mode is not None else ("cubic" if spatial_dims == 2 else "linear")
-        if self.mode not in ("nearest", "linear", "cubic") or (self.mode == "cubic" and spatial_dims == 3):
-            raise ValueError(f"mode must be 'nearest', 'linear' or (2D only) 'cubic', got {mode!r} in {spatial_dims}D")
+        if mode not in ("nearest", "linear", "cubic"):
+            raise ValueError(f"mode must be 'nearest', 'linear' or 'cubic', got {mode!r}")
+        self.mode = mode
 
     def forward(self, lr: torch.Tensor) -> torch.Tensor:
         """(N, C, *spatial) -> (N, C, *(spatial * scale))."""
@@ -47,5 +45,5 @@ class Interpolation(nn.Module):
 
 @register_model
 def bicubic(spatial_dims: int = 2, scale: Sequence[int] = (2, 2), **kwargs) -> Interpolation:
-    """Bicubic in 2D, trilinear in 3D: the interpolation baseline. No parameters; do not train it."""
+    """Bicubic in 2D, tricubic in 3D: the interpolation baseline. No parameters; do not train it."""
     return Interpolation(spatial_dims, scale, **kwargs)

@@ -81,14 +81,24 @@ class Upsample(nn.Module):
 def interpolate(x: torch.Tensor, scale: Sequence[int], mode: str) -> torch.Tensor:
     """Upsample (N, C, *spatial) by ``scale`` per axis with the voxel-centre convention (align_corners=False).
 
-    ``mode`` is 'nearest', 'linear' or 'cubic'; 'linear' means bi/trilinear, and 'cubic' is PyTorch's bicubic
-    (Keys, a = -0.75), available in 2D only.
+    ``mode`` is 'nearest', 'linear' (bi/trilinear) or 'cubic': PyTorch's bicubic (Keys, a = -0.75), applied
+    separably in 3D (in-plane, then along k), since PyTorch has no tricubic. A factor of 1 leaves an axis exactly
+    as it is in every mode, so a 3D call with scale (si, sj, 1) equals the 2D call on each slice.
     """
     dims = x.ndim - 2
-    if mode == "nearest":
-        return nn.functional.interpolate(x, scale_factor=tuple(float(s) for s in scale), mode="nearest-exact")
-    torch_mode = {("linear", 2): "bilinear", ("linear", 3): "trilinear", ("cubic", 2): "bicubic"}.get((mode, dims))
-    if torch_mode is None:
+    if dims not in (2, 3) or mode not in ("nearest", "linear", "cubic"):
         raise ValueError(f"no {mode!r} interpolation for {dims} spatial dims")
     scale_factor = tuple(float(s) for s in scale)
-    return nn.functional.interpolate(x, scale_factor=scale_factor, mode=torch_mode, align_corners=False)
+    if mode == "nearest":
+        return nn.functional.interpolate(x, scale_factor=scale_factor, mode="nearest-exact")
+    if mode == "linear":
+        torch_mode = "bilinear" if dims == 2 else "trilinear"
+        return nn.functional.interpolate(x, scale_factor=scale_factor, mode=torch_mode, align_corners=False)
+    if dims == 2:
+        return nn.functional.interpolate(x, scale_factor=scale_factor, mode="bicubic", align_corners=False)
+    n, c, _, _, k = x.shape
+    slices = interpolate(x.permute(0, 4, 1, 2, 3).reshape(n * k, c, *x.shape[2:4]), scale[:2], "cubic")
+    i, j = slices.shape[2:]
+    columns = slices.reshape(n, k, c, i, j).permute(0, 3, 2, 4, 1).reshape(n * i, c, j, k)  # (N * I, C, J, K)
+    columns = interpolate(columns, (1, scale[2]), "cubic")
+    return columns.reshape(n, i, c, j, k * scale[2]).permute(0, 2, 1, 3, 4)
