@@ -1,31 +1,169 @@
-"""DICOM series -> Volume: sort slices, build the affine from the tags, convert LPS to RAS (only here).
+"""DICOM series <-> Volume: sort slices, build the affine from the tags, convert between LPS and RAS (only here).
 
 DICOM places a slice in the patient's LPS frame (x to the patient's Left, y Posterior, z Superior) with
 ImagePositionPatient (IPP, centre of the first transmitted pixel), ImageOrientationPatient (IOP, the unit
 direction cosines of a row and of a column) and PixelSpacing (row spacing, column spacing) [1]. The affine is built
-as in MONAI's ``PydicomReader._get_affine``, then flipped once to RAS+ by ``lps_to_ras``.
+as in MONAI's ``PydicomReader._get_affine``, then flipped once to RAS+ by ``lps_to_ras``. ``write_series`` runs the
+same construction backwards to write a new, derived series [2], optionally de-identified [3].
 
 [1] DICOM PS3.3 C.7.6.2.1.1, "Image Position and Image Orientation".
+[2] DICOM PS3.3 C.7.6.1.1.2, "Image Type" (DERIVED\\SECONDARY) and C.7.6.3, "Image Pixel Module".
+[3] DICOM PS3.15 Annex E, "Attribute Confidentiality Profiles" (Table E.1-1, Basic Profile).
 """
 
 from __future__ import annotations
 
+import copy
+import datetime
+import os
+import shutil
+import uuid
 import warnings
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import torch
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
+from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, get_decoder
+from pydicom.uid import (
+    UID,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    MRImageStorage,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
+from pydicom.valuerep import DSfloat
 
 from medsr.volume import Modality, Volume, crop
 
 _CM_UNITS = 3  # PhysicalUnitsX/YDirection code for centimetres (PS3.3 C.8.5.5.1.15)
 _LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601 luminance weights of R, G, B
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+# Writing. Storage class of a series written without a source header, by modality.
+_STORAGE_CLASS = {Modality.CT: CTImageStorage, Modality.MR: MRImageStorage, Modality.OT: SecondaryCaptureImageStorage}
+# Type 2 attributes (present, may be empty) of the Patient, General Study, General Series, Frame of Reference and
+# General Equipment modules, then the modality's image module (PS3.3 A.3 CT, A.4 MR, A.8 Secondary Capture).
+_MINIMAL_HEADER = {
+    "SpecificCharacterSet": "ISO_IR 192",  # UTF-8, for the caller's description
+    "ImageType": ["DERIVED", "SECONDARY"],
+    "PatientName": "",
+    "PatientID": "",
+    "PatientBirthDate": "",
+    "PatientSex": "",
+    "StudyDate": "",
+    "StudyTime": "",
+    "ReferringPhysicianName": "",
+    "StudyID": "",
+    "AccessionNumber": "",
+    "PatientPosition": "",
+    "Manufacturer": "",
+    "PositionReferenceIndicator": "",
+}
+_MODALITY_HEADER = {
+    Modality.CT: {
+        "ImageType": ["DERIVED", "SECONDARY", "AXIAL"],
+        "KVP": "",
+        "AcquisitionNumber": "",
+        "RescaleType": "HU",
+    },
+    # ScanningSequence RM (research mode) and SequenceVariant NONE: the acquisition is unknown (PS3.3 C.8.3.1)
+    Modality.MR: {
+        "ScanningSequence": "RM",
+        "SequenceVariant": "NONE",
+        "ScanOptions": "",
+        "MRAcquisitionType": "",
+        "RepetitionTime": "",
+        "EchoTime": "",
+        "EchoTrainLength": "",
+        "RescaleType": "US",  # unspecified units
+    },
+    Modality.OT: {"ConversionType": "WSD", "RescaleType": "US"},  # WSD: made on a workstation
+}
+# Attributes of the source that describe its own pixels or instance and would be wrong in the new series.
+_SOURCE_ONLY = (
+    "PixelPaddingValue",
+    "PixelPaddingRangeLimit",
+    "SmallestImagePixelValue",
+    "LargestImagePixelValue",
+    "SmallestPixelValueInSeries",
+    "LargestPixelValueInSeries",
+    "ModalityLUTSequence",
+    "IconImageSequence",
+    "SourceImageSequence",
+    "DerivationCodeSequence",
+    "ImagesInAcquisition",
+    "DataSetTrailingPadding",
+)
+# De-identification, PS3.15 Table E.1-1 (Basic Profile) for the attributes CT/MR headers carry. Emptied (Z):
+_EMPTIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "ReferringPhysicianName",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ContrastBolusAgent",
+)
+# ... and removed (X). Besides these, every other person name, date and time is removed (see _anonymize).
+_REMOVED = (
+    "OtherPatientIDs",
+    "OtherPatientIDsSequence",
+    "OtherPatientNames",
+    "IssuerOfPatientID",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+    "PatientAddress",
+    "PatientTelephoneNumbers",
+    "CountryOfResidence",
+    "RegionOfResidence",
+    "MilitaryRank",
+    "BranchOfService",
+    "EthnicGroup",
+    "Occupation",
+    "PatientReligiousPreference",
+    "MedicalRecordLocator",
+    "AdditionalPatientHistory",
+    "PatientComments",
+    "InstitutionName",
+    "InstitutionAddress",
+    "InstitutionalDepartmentName",
+    "InstitutionCodeSequence",
+    "StationName",
+    "DeviceSerialNumber",
+    "StudyDescription",
+    "ProtocolName",
+    "ImageComments",
+    "AcquisitionComments",
+    "AdmittingDiagnosesDescription",
+    "RequestAttributesSequence",
+    "RequestedProcedureDescription",
+    "RequestedProcedureID",
+    "ScheduledProcedureStepID",
+    "PerformedProcedureStepID",
+    "PerformedProcedureStepDescription",
+    "ReferencedPatientSequence",
+    "ReferencedStudySequence",
+    "ReferencedPerformedProcedureStepSequence",
+    "IssuerOfAccessionNumberSequence",
+    "PatientInsurancePlanCodeSequence",
+    "ResponsibleOrganization",
+    "TimezoneOffsetFromUTC",
+)
+_MARK = "MEDSR"  # ImplementationVersionName prefix of the files medsr writes: only such a folder is ever replaced
 
 
 def read_dicom(path: Path) -> Volume:
@@ -209,7 +347,10 @@ def _patient_affine(ds: Dataset, file: Path, step: np.ndarray) -> np.ndarray:
 
 
 def lps_to_ras(affine: np.ndarray) -> np.ndarray:
-    """DICOM's patient frame is LPS; NIfTI/nibabel's is RAS+: negate the world x and y axes (the one place)."""
+    """DICOM's patient frame is LPS; NIfTI/nibabel's is RAS+: negate the world x and y axes (the one place).
+
+    The flip is its own inverse, so the same function maps a RAS+ affine back to LPS.
+    """
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
 
 
@@ -274,3 +415,285 @@ def _pixels(ds: Dataset, file: Path) -> np.ndarray:
     slope = float(ds.get("RescaleSlope") or 1.0)  # (0028,1053): stored value -> physical unit (HU for CT)
     intercept = float(ds.get("RescaleIntercept") or 0.0)  # (0028,1052)
     return pixels.astype(np.float64) * slope + intercept
+
+
+def write_series(volume: Volume, folder: Path, *, description: str, anonymize: bool = False) -> list[Path]:
+    """Write ``volume`` as a new derived DICOM series, one file per slice k, into the folder ``folder``.
+
+    The inverse of :func:`read_dicom`: reading ``folder`` back gives the same affine (to DS precision, about 1e-10
+    mm) and the same array to within half a RescaleSlope. Slice k is file ``k + 1`` (InstanceNumber k + 1) and holds
+    ``volume.array[0, :, :, k].T`` (Rows = J, Columns = I), placed by IOP = the unit directions of i and j and
+    IPP = the world position of voxel (0, 0, k), both in LPS. The reader orders slices along the slice normal
+    (IOP row x column), so a volume whose affine has a negative determinant reads back with k reversed: the same
+    voxels at the same world positions.
+
+    Header: ``volume.meta["dicom"]`` (the source's first slice, see :func:`read_dicom`) is copied without private
+    tags and without what described the source's pixels; it keeps StudyInstanceUID and FrameOfReferenceUID (the
+    same patient space). Without a source header (a NIfTI or PNG input) a minimal header is built: CT and MR get
+    their storage class, anything else (OT) Secondary Capture, with empty patient and study attributes and a new
+    StudyInstanceUID. Either way the series gets a new SeriesInstanceUID, one new SOPInstanceUID per file,
+    SeriesNumber + 1000, ImageType DERIVED\\SECONDARY, SeriesDescription = ``description``, a DerivationDescription
+    naming medsr, the source's window (else the 0.5-99.5 percentile range) and geometry from the affine:
+    PixelSpacing, SliceThickness = SpacingBetweenSlices = the distance between slice planes, SliceLocation = IPP
+    along the slice normal.
+
+    Intensities: stored as 16-bit integers, uncompressed (Explicit VR Little Endian), with
+    ``value = stored * RescaleSlope + RescaleIntercept``; see :func:`_rescale` for the rule.
+
+    De-identification (``anonymize=True``), after PS3.15's Basic Profile for the attributes CT/MR headers carry:
+    patient, physician, institution and request identifiers are emptied or removed (``_EMPTIED``, ``_REMOVED``),
+    so are every other person name, date and time, and private tags (always removed). Every non-standard UID
+    (Study, Frame of Reference, referenced instances) is replaced by a UID hashed from it, so series of one study
+    de-identified separately still share a study and a frame of reference, without the original UIDs.
+    PatientIdentityRemoved is YES. Text burned into the pixels is not looked for; ``description`` is written as
+    given, so it must not identify the patient.
+
+    Most callers want :func:`medsr.io.read_volume`'s counterpart ``write_volume``, which dispatches here.
+
+    Args:
+        volume: (1, I, J, K) float32 in physical units (HU for CT), MR, CT or OT, with a RAS+ affine.
+        folder: The new series' folder. Written atomically: the files go to a temporary folder beside it, renamed
+            to ``folder`` when complete. An existing ``folder`` is replaced only if it is empty or holds only files
+            medsr wrote (a previous output), never the source series, nor a folder inside it or holding it.
+        description: SeriesDescription, e.g. "SR x2 edsr_baseline" (at most 64 characters).
+        anonymize: De-identify the header (see above).
+
+    Returns:
+        The written files, by k.
+
+    Raises:
+        ValueError: Several channels, NaN/inf voxels, a modality without patient geometry (US, CR, DX), a source
+            header without ImageOrientationPatient, a sheared grid, a too long description, or ``folder`` is (in)
+            the source series. The message names the folder.
+        FileExistsError: ``folder`` exists and holds something medsr did not write.
+        FileNotFoundError: The parent folder of ``folder`` does not exist.
+    """
+    folder = Path(folder)
+    _check_series(volume, folder, description)
+    header = _series_header(volume, description=description, anonymize=anonymize)
+    iop, pixel_spacing, positions, normal = _slice_geometry(volume.affine, volume.spatial_shape[2], folder)
+    header.ImageOrientationPatient = [DSfloat(c, auto_format=True) for c in iop]
+    header.PixelSpacing = [DSfloat(s, auto_format=True) for s in pixel_spacing]
+    # The distance between slice planes; a single slice is read back with this step along the normal.
+    plane_distance = abs(normal @ lps_to_ras(volume.affine)[:3, 2])
+    header.SliceThickness = header.SpacingBetweenSlices = DSfloat(plane_distance, auto_format=True)
+    values = volume.array[0].detach().float().cpu().numpy()  # (I, J, K)
+    slope, intercept, dtype = _rescale(values, _preferred_rescale(volume, header))
+    header.RescaleSlope, header.RescaleIntercept = slope, intercept
+    if "WindowCenter" not in header:  # a source's window is in physical units: the new rescale leaves it valid
+        low, high = np.percentile(values, [0.5, 99.5])
+        header.WindowCenter = DSfloat((low + high) / 2, auto_format=True)
+        header.WindowWidth = DSfloat(max(high - low, 1.0), auto_format=True)  # >= 1 (PS3.3 C.11.2.1.2)
+    photometric = "MONOCHROME1" if header.get("PhotometricInterpretation") == "MONOCHROME1" else "MONOCHROME2"
+
+    header.file_meta = FileMetaDataset()
+    header.file_meta.MediaStorageSOPClassUID = header.SOPClassUID
+    header.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    header.file_meta.ImplementationVersionName = f"{_MARK}_{version('medsr')}"[:16]  # SH: 16 characters
+    width = max(4, len(str(len(positions))))
+    names = [f"{k + 1:0{width}d}.dcm" for k in range(len(positions))]
+    with _atomic_folder(folder) as tmp:
+        for k, (name, position) in enumerate(zip(names, positions, strict=True)):
+            header.SOPInstanceUID = header.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            header.InstanceNumber = k + 1
+            header.ImagePositionPatient = [DSfloat(x, auto_format=True) for x in position]
+            header.SliceLocation = DSfloat(normal @ position, auto_format=True)
+            stored = _stored(values[:, :, k].T, float(slope), float(intercept), dtype)  # (Rows, Columns)
+            header.set_pixel_data(stored, photometric, 16, generate_instance_uid=False)
+            header.save_as(tmp / name, enforce_file_format=True)
+    return [folder / name for name in names]
+
+
+def _check_series(volume: Volume, folder: Path, description: str) -> None:
+    """Refuse, before writing anything, what ``write_series`` cannot write faithfully or must not touch."""
+    channels = volume.array.shape[0]
+    if channels != 1:
+        raise ValueError(
+            f"{folder}: a DICOM {volume.modality.value} series holds one value per voxel; got {channels} channels "
+            "(RGB is not written); write .nii.gz instead"
+        )
+    if volume.modality in (Modality.US, Modality.CR, Modality.DX):
+        raise ValueError(
+            f"{folder}: writing {volume.modality.value} DICOM is not supported: its geometry is not a slice in the "
+            "patient frame (ultrasound regions, projection radiographs); write .tif or .nii.gz instead"
+        )
+    source = volume.meta.get("dicom")
+    if source is not None and "ImageOrientationPatient" not in source:
+        raise ValueError(
+            f"{folder}: the source header has no ImageOrientationPatient, so the image has no place in the patient "
+            "frame to write back; write .tif or .nii.gz instead"
+        )
+    bad = int((~torch.isfinite(volume.array)).sum())
+    if bad:
+        raise ValueError(f"{folder}: {bad} voxels are NaN or infinite; DICOM stores integers, fix or mask them first")
+    if not 0 < len(description) <= 64:
+        raise ValueError(f"{folder}: description must have 1 to 64 characters (SeriesDescription), got {description!r}")
+    source_path = volume.meta.get("dicom_source")
+    if source_path is not None:
+        source_path, target = Path(source_path).resolve(), folder.resolve()
+        if target == source_path or target.is_relative_to(source_path) or source_path.is_relative_to(target):
+            raise ValueError(
+                f"{folder}: the source series is {source_path}; medsr never writes into its input, nor replaces it"
+            )
+    if not folder.parent.is_dir():
+        raise FileNotFoundError(f"{folder}: folder {folder.parent} does not exist")
+    if folder.exists() and not _written_by_medsr(folder):
+        what = "holds files medsr did not write" if folder.is_dir() else "is a file"
+        raise FileExistsError(
+            f"{folder}: exists and {what}; medsr replaces only an empty folder or a series it wrote. Choose a new "
+            "folder for the DICOM series"
+        )
+
+
+def _written_by_medsr(folder: Path) -> bool:
+    """Whether ``folder`` is a folder that is empty or holds only DICOM files whose file meta says medsr wrote them."""
+    if not folder.is_dir():
+        return False
+    for entry in folder.iterdir():
+        try:
+            mark = str(read_file_meta_info(entry).get("ImplementationVersionName", ""))
+        except Exception:  # a folder, an unreadable or non-DICOM file: not something medsr wrote
+            return False
+        if not mark.startswith(_MARK):
+            return False
+    return True
+
+
+def _series_header(volume: Volume, *, description: str, anonymize: bool) -> Dataset:
+    """The attributes all slices of the new series share (geometry, pixels and instance attributes come later)."""
+    source = volume.meta.get("dicom")
+    if source is None:
+        ds = Dataset()
+        for keyword, value in {**_MINIMAL_HEADER, **_MODALITY_HEADER[volume.modality]}.items():
+            setattr(ds, keyword, value)
+        ds.SOPClassUID = _STORAGE_CLASS[volume.modality]
+        ds.Modality = volume.modality.value
+        ds.StudyInstanceUID = generate_uid()
+    else:
+        ds = Dataset()
+        for element in source:
+            # group length (gggg,0000) would be stale; overlays (60xx) are sized to the source's pixels
+            if element.tag.element != 0 and not 0x6000 <= element.tag.group <= 0x60FF:
+                ds.add(element)
+        ds = copy.deepcopy(ds)
+        ds.remove_private_tags()  # may hold identifiers and vendor scaling that no longer applies
+        for keyword in _SOURCE_ONLY:
+            ds.pop(keyword, None)
+        image_type = source.get("ImageType")
+        extra = list(image_type)[2:] if isinstance(image_type, MultiValue) else []
+        ds.ImageType = ["DERIVED", "SECONDARY", *extra]  # value 3 on, e.g. AXIAL, still describes the image
+    if anonymize:
+        _anonymize(ds)
+    else:
+        now = datetime.datetime.now()
+        ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
+        ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
+    ds.FrameOfReferenceUID = ds.get("FrameOfReferenceUID") or generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesNumber = 1000 + int(ds.get("SeriesNumber") or 0)  # a common convention for derived series
+    ds.SeriesDescription = description
+    ds.DerivationDescription = f"{description} (medsr {version('medsr')})"
+    return ds
+
+
+def _anonymize(ds: Dataset) -> None:
+    """De-identify ``ds`` in place (see :func:`write_series`)."""
+    for keyword in _EMPTIED:
+        if keyword in ds:
+            ds[keyword].value = ""
+    for keyword in _REMOVED:
+        ds.pop(keyword, None)
+
+    def scrub(dataset: Dataset, element: pydicom.DataElement) -> None:
+        if element.VR in ("PN", "DA", "DT", "TM") and not element.is_empty:
+            del dataset[element.tag]
+        elif element.VR == "UI" and not element.is_empty:
+            uids = [element.value] if element.VM == 1 else list(element.value)
+            # generate_uid hashes its entropy sources (SHA-512): the same UID always maps to the same new one
+            new = [generate_uid(entropy_srcs=[u]) if UID(u).is_private else u for u in uids]
+            element.value = new[0] if element.VM == 1 else new
+
+    ds.walk(scrub)
+    ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = "medsr: PS3.15 basic profile (subset)"
+
+
+def _slice_geometry(
+    affine: np.ndarray, slices: int, folder: Path
+) -> tuple[np.ndarray, tuple[float, float], np.ndarray, np.ndarray]:
+    """``_patient_affine`` backwards: (IOP (6,), PixelSpacing (row, column) mm, IPP of each slice (K, 3) in LPS mm,
+    unit slice normal (3,) in LPS)."""
+    lps = lps_to_ras(affine)  # the flip is its own inverse
+    column_spacing, row_spacing = np.linalg.norm(lps[:3, :2], axis=0)  # steps along i (a row) and j (a column)
+    row_cosine, column_cosine = lps[:3, 0] / column_spacing, lps[:3, 1] / row_spacing
+    if abs(row_cosine @ column_cosine) > 1e-4:  # scanners round IOP to about 6 decimals
+        angle = np.degrees(np.arccos(np.clip(row_cosine @ column_cosine, -1, 1)))
+        raise ValueError(
+            f"{folder}: voxel axes i and j meet at {angle:.4f} degrees; a DICOM slice needs perpendicular rows and "
+            "columns, write .nii.gz instead"
+        )
+    positions = lps[:3, 3] + np.arange(slices)[:, np.newaxis] * lps[:3, 2]  # (K, 3)
+    normal = np.cross(row_cosine, column_cosine)
+    return np.concatenate([row_cosine, column_cosine]), (row_spacing, column_spacing), positions, normal
+
+
+def _preferred_rescale(volume: Volume, header: Dataset) -> tuple[DSfloat, DSfloat] | None:
+    """The source's (RescaleSlope, RescaleIntercept), else (1, -1024) for CT in HU, else None (no preference)."""
+    if volume.meta.get("dicom") is not None:
+        slope = float(header.get("RescaleSlope") or 1.0)  # as read_dicom reads it: absent or 0 means 1
+        return DSfloat(slope, auto_format=True), DSfloat(float(header.get("RescaleIntercept") or 0.0), auto_format=True)
+    if volume.modality is Modality.CT:
+        return DSfloat(1), DSfloat(-1024)
+    return None
+
+
+def _rescale(values: np.ndarray, preferred: tuple[DSfloat, DSfloat] | None) -> tuple[DSfloat, DSfloat, type]:
+    """(RescaleSlope, RescaleIntercept, stored integer type) to store ``values`` (any shape) as 16-bit integers.
+
+    ``value = stored * slope + intercept``, with ``stored`` the nearest integer, so a value comes back within
+    ``slope / 2``. The preferred slope and intercept (the source's: the same units and steps) are kept when the
+    stored values fit uint16 (all >= 0) or int16; otherwise, and without a preference, the data range [min, max]
+    is spread over the 65536 uint16 levels. So nothing is clipped beyond the rounding.
+    """
+    low, high = float(values.min()), float(values.max())
+    if preferred is not None:
+        slope, intercept = preferred
+        stored = sorted(round((v - intercept) / slope) for v in (low, high))  # the map is monotonic
+        for dtype in (np.uint16, np.int16):
+            if np.iinfo(dtype).min <= stored[0] and stored[1] <= np.iinfo(dtype).max:
+                return slope, intercept, dtype
+    slope = DSfloat((high - low) / 65535.0, auto_format=True) if high > low else DSfloat(1)
+    return slope, DSfloat(low, auto_format=True), np.uint16
+
+
+def _stored(values: np.ndarray, slope: float, intercept: float, dtype: type) -> np.ndarray:
+    """Nearest stored integers of physical ``values`` (any shape). The clip only absorbs the DS rounding of the
+    slope and intercept (16 characters) at the ends of the range :func:`_rescale` chose."""
+    info = np.iinfo(dtype)
+    return np.clip(np.rint((values.astype(np.float64) - intercept) / slope), info.min, info.max).astype(dtype)
+
+
+@contextmanager
+def _atomic_folder(folder: Path) -> Iterator[Path]:
+    """Yield a new temporary folder beside ``folder``; when the block completes, it becomes ``folder``.
+
+    An existing ``folder`` (checked replaceable by the caller) is moved aside first and deleted after the rename, so
+    ``folder`` is at every moment the old series or the complete new one (or, for an instant, absent).
+    """
+    tmp = folder.with_name(f".{uuid.uuid4().hex[:8]}.tmp.{folder.name}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        if not folder.exists():
+            os.replace(tmp, folder)
+            return
+        old = folder.with_name(f".{uuid.uuid4().hex[:8]}.old.{folder.name}")
+        os.replace(folder, old)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            os.replace(old, folder)
+            raise
+        shutil.rmtree(old)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

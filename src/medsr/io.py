@@ -1,7 +1,8 @@
 """Read and write scans: NIfTI (nibabel), DICOM series (see ``dicom.py``) and 2D PNG/TIFF frames.
 
 This module and ``dicom.py`` are the only ones that touch image files. Every error names the file.
-Writes are atomic: the data go to a temporary file beside the target, which is renamed only when complete.
+Writes are atomic: the data go to a temporary file (a DICOM series: folder) beside the target, which is renamed
+only when complete.
 """
 
 from __future__ import annotations
@@ -25,7 +26,11 @@ DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 
 
 def file_format(path: Path) -> str:
-    """'nifti', 'image' (PNG/TIFF) or 'dicom' (a .dcm file or a folder holding a series), from the path alone."""
+    """'nifti', 'image' (PNG/TIFF) or 'dicom', from the path alone.
+
+    DICOM is a .dcm/.dicom/.ima file, an existing folder, or a name without a suffix: a series folder to write, or a
+    suffix-less DICOM file as scanners export them (IM0001).
+    """
     name = Path(path).name.lower()
     if name.endswith(NIFTI_SUFFIXES):
         suffix = Path(path).name[-len(".nii.gz") :] if name.endswith(".gz") else Path(path).name[-len(".nii") :]
@@ -34,10 +39,10 @@ def file_format(path: Path) -> str:
         return "nifti"
     if name.endswith(IMAGE_SUFFIXES):
         return "image"
-    if name.endswith(DICOM_SUFFIXES) or Path(path).is_dir():
+    if name.endswith(DICOM_SUFFIXES) or Path(path).is_dir() or not Path(path).suffix:
         return "dicom"
     known = ", ".join(NIFTI_SUFFIXES + IMAGE_SUFFIXES + DICOM_SUFFIXES)
-    raise ValueError(f"{path}: unknown file type; expected a DICOM series folder or one of {known}")
+    raise ValueError(f"{path}: unknown file type; expected a DICOM series folder (no suffix) or one of {known}")
 
 
 def is_dicom_file(path: Path) -> bool:
@@ -78,19 +83,34 @@ def read_volume(path: Path | str, *, modality: Modality | str | None = None) -> 
     return volume if modality is None else volume.replace(modality=Modality(modality))
 
 
-def write_volume(volume: Volume, path: Path | str) -> None:
-    """Write ``volume`` to ``path`` atomically, in the format its suffix names.
+def write_volume(
+    volume: Volume, path: Path | str, *, description: str = "derived by medsr", anonymize: bool = False
+) -> None:
+    """Write ``volume`` to ``path`` atomically, in the format its suffix names; an existing file is replaced.
 
     NIfTI gets float32 data and the affine as both sform and qform. PNG/TIFF need a 2D single-channel volume;
     values are rounded and clipped to the source image's integer type (``meta['pixel_dtype']``); volumes from
     other formats (e.g. DICOM in HU) have none and can only go to float TIFF, never silently clipped.
+
+    A DICOM target is a folder (a name without a suffix, or an existing folder) that receives a new derived series,
+    one file per slice (see :func:`medsr.dicom.write_series`). It is never the input series, and an existing
+    folder is replaced only if empty or written by medsr.
+
+    Args:
+        description: DICOM only: the SeriesDescription, saying what made the series (e.g. "SR x2 edsr_baseline").
+        anonymize: DICOM only: de-identify the header. NIfTI and PNG/TIFF carry no patient identifiers.
     """
     path = Path(path)
     if volume.array.shape[0] != 1:
         raise ValueError(f"{path}: can only write single-channel volumes, got {volume.array.shape[0]} channels")
     kind = file_format(path)
     if kind == "dicom":
-        raise ValueError(f"{path}: writing DICOM is not supported yet; write a .nii.gz instead")
+        if path.name.lower().endswith(DICOM_SUFFIXES):
+            raise ValueError(f"{path}: a DICOM series is written as a folder; name one without a suffix")
+        from medsr.dicom import write_series
+
+        write_series(volume, path, description=description, anonymize=anonymize)
+        return
     if kind == "image":
         _check_image(volume, path)
     with _atomic_target(path) as tmp:
