@@ -1,7 +1,8 @@
-"""Metrics against scikit-image (the reference), invariants, masks and errors.
+"""Metrics against scikit-image and SciPy (the references), invariants, masks and errors.
 
 skimage takes ``(image_true, image_test)``, the other way round from ours, so every call below passes
-``(target, pred)`` to skimage and ``(pred, target)`` to medsr.
+``(target, pred)`` to skimage and ``(pred, target)`` to medsr. 3D SSIM is the ``ssim`` of 5-D input, checked
+against skimage on volumes in the tests below as well.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ import math
 
 import numpy as np
 import pytest
+import scipy.ndimage
+import scipy.stats
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from medsr.metrics import evaluate, psnr, ssim, ssim_map
+from medsr.metrics import _laplacian_of_gaussian, evaluate, hfen, paired_difference, psnr, ssim, ssim_map
 
 TOL = 1e-6
 
@@ -128,7 +131,7 @@ def test_half_mask_ssim_is_masked_mean_of_map(rng):
 def test_evaluate_returns_float_row(rng):
     pred, target = _smooth_plus_noise(rng, (24, 20, 16), 1.0)
     scores = evaluate(torch.from_numpy(pred[0]), torch.from_numpy(target[0]), data_range=1.5)
-    assert set(scores) == {"psnr", "ssim"} and all(type(v) is float for v in scores.values())
+    assert set(scores) == {"psnr", "ssim", "hfen"} and all(type(v) is float for v in scores.values())
     assert math.isclose(scores["ssim"], _sk_ssim(pred[0], target[0], 1.5), rel_tol=0, abs_tol=TOL)
     body = torch.from_numpy(np.abs(target[0]) > 0.1)  # (1, *spatial) mask
     masked = evaluate(torch.from_numpy(pred[0]), torch.from_numpy(target[0]), data_range=1.5, mask=body)
@@ -167,3 +170,91 @@ def test_errors():
         ssim(x, x, data_range=1.0, mask=border_only)
     with pytest.raises(ValueError, match="does not broadcast"):
         psnr(x, x, data_range=1.0, mask=torch.ones(15, 16, dtype=torch.bool))
+
+
+def _scipy_hfen(pred: np.ndarray, target: np.ndarray, mask: np.ndarray | None = None) -> list[float]:
+    """HFEN of each (C, *spatial) item from scipy.ndimage.gaussian_laplace: 15 taps at sigma 1.5, mirrored borders."""
+
+    def log(image: np.ndarray) -> np.ndarray:
+        return np.stack([scipy.ndimage.gaussian_laplace(c, 1.5, mode="mirror", truncate=14 / 3) for c in image])
+
+    keep = np.ones(pred.shape[2:], dtype=bool) if mask is None else mask
+    return [
+        np.linalg.norm((log(p) - log(t))[:, keep]) / np.linalg.norm(log(t)[:, keep])
+        for p, t in zip(pred, target, strict=True)
+    ]
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 40, 37), (1, 2, 30, 33), (2, 1, 24, 20, 16)])
+def test_hfen_matches_scipy(rng, shape):
+    pred, target = _smooth_plus_noise(rng, shape[2:], 1000.0)
+    target = np.repeat(target, shape[0], 0).repeat(shape[1], 1) + rng.normal(0, 10.0, shape)
+    pred = target + rng.normal(0, 50.0, shape)
+    ours = hfen(torch.from_numpy(pred), torch.from_numpy(target)).numpy()
+    np.testing.assert_allclose(ours, _scipy_hfen(pred, target), rtol=1e-10, atol=0)
+    mask = np.zeros(shape[2:], dtype=bool)
+    mask[3:17, 5:] = True
+    masked = hfen(torch.from_numpy(pred), torch.from_numpy(target), mask=torch.from_numpy(mask)).numpy()
+    np.testing.assert_allclose(masked, _scipy_hfen(pred, target, mask), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("spatial", [(31, 29), (17, 19, 21)])
+def test_log_kernel_has_15_taps_per_axis_at_sigma_1_5(spatial):
+    impulse = torch.zeros(1, 1, *spatial, dtype=torch.float64)
+    centre = tuple(s // 2 for s in spatial)
+    impulse[(0, 0, *centre)] = 1.0
+    support = torch.nonzero(_laplacian_of_gaussian(impulse, 1.5)[0, 0])  # (voxels, spatial_dims)
+    for axis, c in enumerate(centre):
+        assert (support[:, axis].min().item(), support[:, axis].max().item()) == (c - 7, c + 7)
+
+
+def test_hfen_invariants(rng):
+    target = torch.from_numpy(rng.random((2, 1, 24, 20, 16)))
+    pred = target + 0.1 * torch.from_numpy(rng.standard_normal(target.shape))
+    assert torch.equal(hfen(target, target), torch.zeros(2, dtype=torch.float64))
+    assert (hfen(pred, target) > 0).all()
+    # a ratio of norms: intensity scale and units do not matter, so it takes no data_range
+    torch.testing.assert_close(hfen(1000 * pred, 1000 * target), hfen(pred, target), rtol=1e-12, atol=0)
+    all_true = torch.ones(target.shape[2:], dtype=torch.bool)
+    torch.testing.assert_close(hfen(pred, target, mask=all_true), hfen(pred, target), rtol=1e-12, atol=0)
+    smoother = torch.nn.functional.avg_pool3d(target, 3, stride=1, padding=1, count_include_pad=False)
+    assert (hfen(smoother, target) > hfen(target + 0.01 * (smoother - target), target)).all()
+    assert hfen(pred.float(), target.float()).dtype == torch.float32
+
+
+def test_hfen_errors():
+    x = torch.rand(1, 1, 16, 16)
+    with pytest.raises(ValueError, match=r"more than 7 voxels.*\(1, 2, 16, 7\)"):
+        hfen(x[..., :7], x[..., :7])
+    with pytest.raises(ValueError, match="sigma must be > 0"):
+        hfen(x, x, sigma=0.0)
+    with pytest.raises(ValueError, match="same shape"):
+        hfen(x, x[..., :15])
+
+
+def test_paired_difference_matches_scipy_t_interval(rng):
+    bicubic = rng.normal(30.0, 2.0, 12)
+    model = bicubic + rng.normal(0.8, 0.5, 12)
+    result = paired_difference(torch.from_numpy(model), list(bicubic), confidence=0.9)
+    difference = model - bicubic
+    assert result.n == 12
+    assert math.isclose(result.mean, difference.mean(), rel_tol=1e-12)
+    assert math.isclose(result.std, difference.std(ddof=1), rel_tol=1e-12)
+    low, high = scipy.stats.t.interval(0.9, 11, loc=difference.mean(), scale=scipy.stats.sem(difference))
+    assert math.isclose(result.low, low, rel_tol=1e-12) and math.isclose(result.high, high, rel_tol=1e-12)
+    assert result.low < result.mean < result.high
+    wider = paired_difference(model, bicubic)  # 95 % by default
+    assert wider.low < result.low and wider.high > result.high
+    two = paired_difference([1.0, 3.0], [0.0, 0.0])  # t_{0.975, 1} = 12.706, std 1.414, sem 1
+    assert math.isclose(two.high - two.mean, 12.7062047361747, rel_tol=1e-9)
+
+
+def test_paired_difference_errors():
+    with pytest.raises(ValueError, match=r"same length.*\(3,\) and \(2,\)"):
+        paired_difference([1.0, 2.0, 3.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="at least 2 pairs, got 1"):
+        paired_difference([1.0], [2.0])
+    with pytest.raises(ValueError, match="inf or NaN"):
+        paired_difference([1.0, math.inf], [2.0, 3.0])
+    with pytest.raises(ValueError, match=r"confidence must be in \(0, 1\)"):
+        paired_difference([1.0, 2.0], [2.0, 3.0], confidence=95)

@@ -1,7 +1,19 @@
+import numpy as np
+import pytest
 import torch
 from PIL import Image
 
-from medsr.report import comparison_figure, detail_box, format_table
+from medsr.metrics import paired_difference
+from medsr.report import (
+    comparison_figure,
+    detail_box,
+    difference_rows,
+    error_map_figure,
+    format_table,
+    profile_figure,
+    profile_line,
+    summary_rows,
+)
 
 
 def test_format_table_aligns_columns_with_metric_precision():
@@ -26,3 +38,58 @@ def test_comparison_figure_writes_a_png(tmp_path):
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size[0] > 300
     assert [p.name for p in tmp_path.iterdir()] == ["figure.png"]
+
+
+def test_summary_and_difference_rows():
+    rows = [
+        {"method": "cubic", "scan": "a", "psnr": 30.0, "hfen": 0.30},
+        {"method": "cubic", "scan": "b", "psnr": 32.0, "hfen": 0.20},
+        {"method": "cubic", "scan": "c", "psnr": 34.0},
+        {"method": "edsr", "scan": "c", "psnr": 35.5},  # rows pair by scan, not by position
+        {"method": "edsr", "scan": "a", "psnr": 31.0, "hfen": 0.25},
+        {"method": "edsr", "scan": "b", "psnr": 33.5, "hfen": 0.10},
+    ]
+    summary = summary_rows(rows, ["psnr", "hfen"])
+    assert summary[0] == {"method": "cubic", "n": "3", "psnr": "32.00 ± 2.00", "hfen": "0.2500 ± 0.0707 (n=2)"}
+    assert format_table(summary, ["method", "n", "psnr"]).splitlines()[3].split() == ["edsr", "3", "33.33", "±", "2.25"]
+    (row,) = difference_rows(rows, model="edsr", baselines=["cubic"], unit="scan", metrics=["psnr", "hfen"])
+    d = paired_difference([31.0, 33.5, 35.5], [30.0, 32.0, 34.0])
+    assert row == {
+        "method": "edsr \N{MINUS SIGN} cubic",
+        "n": "3",
+        "psnr": f"{d.mean:+.2f} [{d.low:+.2f}, {d.high:+.2f}]",
+        "hfen": "-0.0750 [-0.3927, +0.2427] (n=2)",  # -0.075 ± t(0.975, 1) 0.0354 / sqrt(2), t = 12.71
+    }
+
+
+def _step(shape=(48, 40), edge=30, axis=0) -> torch.Tensor:
+    image = torch.zeros(shape)
+    image[(slice(edge, None), slice(None)) if axis == 0 else (slice(None), slice(edge, None))] = 1.0
+    return image
+
+
+def test_profile_line_crosses_the_strongest_edge():
+    line = profile_line(_step(axis=0), half_length=8)  # the edge lies between i = 29 and 30, for every j
+    assert line[0] == slice(21, 38) and isinstance(line[1], int)
+    weak_and_strong = _step(axis=1, edge=10) + 3 * _step(axis=0, edge=44)
+    i, span = profile_line(weak_and_strong.T.contiguous())  # transposed: the strong edge runs along j now
+    assert 43 <= span.start + 16 <= 44 and span.stop == 48  # centred on it, clipped at the border
+    mask = torch.zeros(48, 40, dtype=torch.bool)
+    mask[:40] = True  # keeps the weak edge at j = 10 only
+    fixed, span = profile_line(weak_and_strong, mask=mask)
+    assert span.start <= 9 < 10 < span.stop and 0 <= fixed < 48 and mask[fixed, 10]
+    with pytest.raises(ValueError, match="mask selects no voxels"):
+        profile_line(weak_and_strong, mask=torch.zeros_like(mask))
+
+
+def test_error_map_and_profile_figures_write_pngs(tmp_path):
+    hr = _step() + 0.05 * torch.rand(48, 40)
+    methods = {"blurred": torch.nn.functional.avg_pool2d(hr[None, None], 3, 1, 1)[0, 0], "shifted": hr.roll(1, 0)}
+    for name, write in (("errors.png", error_map_figure), ("profile.png", profile_figure)):
+        write(tmp_path / name, hr, methods, title=name)
+        with Image.open(tmp_path / name) as image:
+            assert image.format == "PNG" and image.size[0] > 500
+            assert np.asarray(image.convert("L")).std() > 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["errors.png", "profile.png"]
+    with pytest.raises(ValueError, match=r"shifted: shape \(47, 40\) is not the HR grid \(48, 40\)"):
+        error_map_figure(tmp_path / "x.png", hr, {"shifted": hr[1:]})

@@ -1,15 +1,41 @@
-"""Tables and figures a person can read: a text table of scores and a side-by-side comparison with zoom."""
+"""Tables, figures and an HTML report a person can read.
+
+* Text: ``format_table``; ``summary_rows`` (mean ± std per method) and ``difference_rows`` (model minus each
+  baseline, paired, with a t confidence interval), which feed both the text table and the HTML report.
+* Figures (matplotlib, written atomically as PNG): ``comparison_figure`` (side by side with a zoomed detail),
+  ``error_map_figure`` (|method - HR| on one colour scale), ``profile_figure`` (intensities along a line across the
+  strongest edge), ``degradation_figure`` (HR | LR | difference).
+* ``write_html_report``: one self-contained HTML file with the setup, the tables and the figures.
+"""
 
 from __future__ import annotations
 
+import base64
+import datetime
+import importlib.metadata
+import io
 import os
 from collections.abc import Mapping, Sequence
+from html import escape
 from pathlib import Path
 
 import numpy as np
 import torch
 
-METRIC_FORMATS = {"psnr": "{:.2f}", "ssim": "{:.4f}", "psnr_body": "{:.2f}", "ssim_body": "{:.4f}"}
+from medsr.metrics import paired_difference
+
+# The score columns medsr reports, in display order: name -> (heading, number format). HFEN is the only one for
+# which lower is better.
+METRICS = {
+    "psnr": ("PSNR (dB)", "{:.2f}"),
+    "ssim": ("SSIM", "{:.4f}"),
+    "psnr_body": ("PSNR body (dB)", "{:.2f}"),
+    "ssim_body": ("SSIM body", "{:.4f}"),
+    "ssim3d": ("3D SSIM", "{:.4f}"),
+    "hfen": ("HFEN", "{:.4f}"),
+}
+_MISSING = "\N{EN DASH}"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def format_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str]) -> str:
@@ -17,7 +43,7 @@ def format_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str]) -
 
     def cell(row: Mapping[str, object], column: str) -> str:
         value = row[column]
-        return METRIC_FORMATS.get(column, "{}").format(value) if isinstance(value, float) else str(value)
+        return METRICS.get(column, (column, "{}"))[1].format(value) if isinstance(value, float) else str(value)
 
     cells = [[cell(row, c) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
@@ -26,6 +52,95 @@ def format_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str]) -
     for r in cells:
         lines.append("  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths, strict=True))))
     return "\n".join(lines)
+
+
+def _mean_std(values: Sequence[float], number: str) -> str:
+    """'mean ± std' (sample std, n - 1) in the metric's format; the value alone for one, a dash for none."""
+    if len(values) < 2:
+        return number.format(values[0]) if values else _MISSING
+    return f"{number.format(np.mean(values))} ± {number.format(np.std(values, ddof=1))}"
+
+
+def _counted(cells: Mapping[str, tuple[str, int]]) -> dict[str, str]:
+    """Text cells from ``{metric: (text, items)}``, plus ``n``, the most items; a cell from fewer says its own n."""
+    n = max((count for _, count in cells.values()), default=0)
+    return {"n": str(n)} | {m: text if count in (0, n) else f"{text} (n={count})" for m, (text, count) in cells.items()}
+
+
+def summary_rows(rows: Sequence[Mapping[str, object]], metrics: Sequence[str]) -> list[dict[str, str]]:
+    """Mean ± sample standard deviation of each metric over each method's rows, as text; one row per method.
+
+    Args:
+        rows: One row per method and item (scan or slice): ``method`` and metric values (names from ``METRICS``).
+            A metric missing from some rows (e.g. a 3D score given for a whole slab only) is summarised over the
+            rows that have it, and its cell says how many, as "0.9512 (n=1)".
+        metrics: Which metrics, in order.
+
+    Returns:
+        ``{"method", "n", *metrics}`` in the order the methods first appear.
+    """
+    groups: dict[str, list[Mapping[str, object]]] = {}
+    for row in rows:
+        groups.setdefault(str(row["method"]), []).append(row)
+    summary = []
+    for method, group in groups.items():
+        values = {m: [float(r[m]) for r in group if m in r] for m in metrics}
+        summary.append(
+            {"method": method} | _counted({m: (_mean_std(v, METRICS[m][1]), len(v)) for m, v in values.items()})
+        )
+    return summary
+
+
+def _scores_by_unit(rows: Sequence[Mapping[str, object]], method: str, unit: str, metric: str) -> dict[str, float]:
+    """``{item: score}`` of one method and metric, the item named by the ``unit`` column (e.g. a slice index)."""
+    scores: dict[str, float] = {}
+    for row in rows:
+        if row["method"] == method and metric in row:
+            item = str(row[unit])
+            if item in scores:
+                raise ValueError(f"two rows for method {method!r} and {unit} {item!r}; each {unit} must be scored once")
+            scores[item] = float(row[metric])
+    return scores
+
+
+def difference_rows(
+    rows: Sequence[Mapping[str, object]],
+    *,
+    model: str,
+    baselines: Sequence[str],
+    unit: str,
+    metrics: Sequence[str],
+    confidence: float = 0.95,
+) -> list[dict[str, str]]:
+    """Model minus each baseline, paired by ``unit``, as text: 'mean [low, high]' with a Student t interval.
+
+    Args:
+        rows: As for ``summary_rows``, each also naming its item in the ``unit`` column.
+        model: Method whose scores come first in each difference.
+        baselines: Methods subtracted, one row each.
+        unit: Column that identifies the paired items, e.g. ``"scan"`` or ``"slice"``.
+        metrics: Which metrics, in order.
+        confidence: Coverage of the interval (see ``metrics.paired_difference``).
+
+    Returns:
+        ``{"method": "model − baseline", "n", *metrics}`` per baseline; ``n`` counts the items both were scored
+        on (a cell from fewer says its own n, as in ``summary_rows``); a dash where fewer than 2 are paired.
+    """
+    out = []
+    for baseline in baselines:
+        cells = {}
+        for metric in metrics:
+            ours = _scores_by_unit(rows, model, unit, metric)
+            theirs = _scores_by_unit(rows, baseline, unit, metric)
+            common = [item for item in ours if item in theirs]
+            text = _MISSING
+            if len(common) >= 2:
+                d = paired_difference([ours[i] for i in common], [theirs[i] for i in common], confidence=confidence)
+                signed = METRICS[metric][1].replace("{:", "{:+")
+                text = f"{signed.format(d.mean)} [{signed.format(d.low)}, {signed.format(d.high)}]"
+            cells[metric] = (text, len(common))
+        out.append({"method": f"{model} \N{MINUS SIGN} {baseline}"} | _counted(cells))
+    return out
 
 
 def _upright(affine: np.ndarray, vertical_axis: int) -> bool:
@@ -38,17 +153,42 @@ def _upright(affine: np.ndarray, vertical_axis: int) -> bool:
     return bool(direction[np.argmax(np.abs(direction))] > 0)
 
 
-def _save(figure, path: Path, title: str) -> None:
-    """Title, lay out and write a matplotlib figure as PNG atomically (temporary file, then rename); close it."""
-    import matplotlib.pyplot as plt
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write a file through a temporary file beside it and a rename, so a reader never sees half of it."""
+    tmp = path.with_name(f".tmp.{path.name}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
+
+def _save(figure, path: Path, title: str) -> None:
+    """Title, lay out and write a matplotlib figure as PNG atomically; close it."""
+    plt = _pyplot()
     if title:
         figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
-    tmp = path.with_name(f".tmp.{path.name}")
-    figure.savefig(tmp, dpi=115, format="png")
+    if figure.get_layout_engine() is None:  # figures with a shared colourbar use the constrained layout instead
+        figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, dpi=115, format="png")
     plt.close(figure)
-    os.replace(tmp, path)
+    _write_atomically(path, buffer.getvalue())
+
+
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _show(ax, image: torch.Tensor, **style):
+    """Draw an (I, J) slice with i to the right and j up (the neurological view of RAS data), without ticks."""
+    shown = ax.imshow(image.numpy().T, origin="lower", interpolation="nearest", **style)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return shown
 
 
 def detail_box(hr: torch.Tensor, size: int) -> tuple[int, int]:
@@ -70,10 +210,7 @@ def comparison_figure(path: Path, panels: Mapping[str, torch.Tensor], *, title: 
             convention for RAS volumes: i (Right) to the right, j (Anterior) up.
         title: Figure title (say the degradation, scale and slice).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     from matplotlib.patches import Rectangle
 
     reference = list(panels.values())[-1]
@@ -90,22 +227,127 @@ def comparison_figure(path: Path, panels: Mapping[str, torch.Tensor], *, title: 
     )
     for column, (name, image) in enumerate(panels.items()):
         # Every panel spans the same field of view, whatever its voxel count (the LR has fewer).
-        shown = dict(
-            cmap="gray", vmin=low, vmax=high, origin="lower", interpolation="nearest", extent=(0, full_i, 0, full_j)
-        )
+        shown = dict(cmap="gray", vmin=low, vmax=high, extent=(0, full_i, 0, full_j))
         whole, zoom = axes[0, column], axes[1, column]
-        whole.imshow(image.numpy().T, **shown)
+        _show(whole, image, **shown)
         whole.add_patch(Rectangle((box_i, box_j), size, size, fill=False, edgecolor="yellow", linewidth=1))
         whole.set_title(f"{name} ({image.shape[0]}x{image.shape[1]})", fontsize=9)
-        zoom.imshow(image.numpy().T, **shown)
+        _show(zoom, image, **shown)
         zoom.set_xlim(box_i, box_i + size)
         zoom.set_ylim(box_j, box_j + size)
         zoom.set_title(f"{name}, zoom x{full_i / size:.0f}", fontsize=8)
-        for ax in (whole, zoom):
-            ax.set_xticks([])
-            ax.set_yticks([])
         for spine in zoom.spines.values():
             spine.set_edgecolor("yellow")
+    _save(figure, path, title)
+
+
+def _check_same_grid(hr: torch.Tensor, methods: Mapping[str, torch.Tensor]) -> None:
+    if hr.ndim != 2:
+        raise ValueError(f"hr must be one (I, J) slice, got shape {tuple(hr.shape)}")
+    for name, image in methods.items():
+        if image.shape != hr.shape:
+            raise ValueError(f"{name}: shape {tuple(image.shape)} is not the HR grid {tuple(hr.shape)}")
+
+
+def error_map_figure(path: Path, hr: torch.Tensor, methods: Mapping[str, torch.Tensor], *, title: str = "") -> None:
+    """|method - HR| of one slice per method, all on one colour scale with one colourbar; atomic write.
+
+    The scale runs from 0 to the 99.5th percentile of all the errors pooled, so that a few hot voxels do not wash
+    out every map; larger errors show in the top colour (the colourbar's arrow). Same view as
+    ``comparison_figure``: i to the right, j up.
+
+    Args:
+        path: PNG to write.
+        hr: (I, J) reference slice.
+        methods: Name -> (I, J) slice on the HR grid (baselines and model), in display order.
+        title: Figure title (say the slice and the degradation).
+    """
+    _check_same_grid(hr, methods)
+    plt = _pyplot()
+    errors = {name: (image.double() - hr.double()).abs() for name, image in methods.items()}
+    vmax = float(np.percentile(torch.cat([e.flatten() for e in errors.values()]).numpy(), 99.5)) or 1.0
+    figure, axes = plt.subplots(
+        1, len(errors), figsize=(2.6 * len(errors) + 1.0, 3.0 * hr.shape[1] / hr.shape[0] + 0.6), squeeze=False
+    )
+    figure.set_layout_engine("constrained")
+    for ax, (name, error) in zip(axes[0], errors.items(), strict=True):
+        shown = _show(ax, error, cmap="inferno", vmin=0.0, vmax=vmax)
+        ax.set_title(f"|{name} \N{MINUS SIGN} HR|", fontsize=9)
+    colourbar = figure.colorbar(shown, ax=axes[0].tolist(), extend="max", shrink=0.9)
+    colourbar.set_label("absolute error (image intensity units)", fontsize=8)
+    colourbar.ax.tick_params(labelsize=7)
+    _save(figure, path, title)
+
+
+def profile_line(
+    hr: torch.Tensor, *, mask: torch.Tensor | None = None, half_length: int = 16
+) -> tuple[int | slice, int | slice]:
+    """Where to take an intensity profile: a short line across the strongest edge of an (I, J) HR slice.
+
+    The edge is the voxel with the largest gradient magnitude (central differences) inside ``mask``, e.g. the body
+    mask, so that the line crosses anatomy rather than noise in the air. The line runs along the axis of the larger
+    gradient component there (crossing the edge as squarely as an axis-aligned line can) and extends
+    ``half_length`` voxels to each side, clipped to the image.
+
+    Args:
+        hr: (I, J) reference slice, at least 2 voxels along each axis.
+        mask: Optional (I, J) boolean tensor.
+        half_length: Voxels on each side of the edge.
+
+    Returns:
+        An index into (I, J) that yields the 1D profile, e.g. ``(slice(24, 57), 30)``: along i at j = 30.
+    """
+    gradient_i, gradient_j = torch.gradient(hr.double())
+    magnitude = torch.hypot(gradient_i, gradient_j)
+    if mask is not None:
+        if not mask.any():
+            raise ValueError("mask selects no voxels; cannot choose a profile line inside it")
+        magnitude = torch.where(mask, magnitude, -1.0)
+    i, j = (int(n) for n in np.unravel_index(int(magnitude.argmax()), tuple(hr.shape)))
+    if abs(gradient_i[i, j]) >= abs(gradient_j[i, j]):
+        return slice(max(0, i - half_length), min(hr.shape[0], i + half_length + 1)), j
+    return i, slice(max(0, j - half_length), min(hr.shape[1], j + half_length + 1))
+
+
+def profile_figure(
+    path: Path,
+    hr: torch.Tensor,
+    methods: Mapping[str, torch.Tensor],
+    *,
+    mask: torch.Tensor | None = None,
+    title: str = "",
+) -> None:
+    """Intensity profiles of HR and each method along the line of ``profile_line``, beside the HR slice showing
+    where the line is; atomic write. Blurred edges show as shallow ramps, ringing as over- and undershoots.
+
+    Args:
+        path: PNG to write.
+        hr: (I, J) reference slice.
+        methods: Name -> (I, J) slice on the HR grid (baselines and model), in display order.
+        mask: Optional (I, J) boolean body mask in which to look for the edge.
+        title: Figure title.
+    """
+    _check_same_grid(hr, methods)
+    plt = _pyplot()
+    line = profile_line(hr, mask=mask)
+    along = 0 if isinstance(line[0], slice) else 1
+    fixed = line[1 - along]
+    positions = np.arange(*line[along].indices(hr.shape[along]))
+    figure, (view, plot) = plt.subplots(1, 2, figsize=(10.0, 4.0), gridspec_kw={"width_ratios": [1, 1.6]})
+    low, high = np.percentile(hr.numpy(), [0.5, 99.5])
+    _show(view, hr, cmap="gray", vmin=low, vmax=high)
+    constant = np.full_like(positions, fixed)
+    # imshow of the transposed slice with origin "lower" puts voxel (i, j) at x = i, y = j
+    view.plot(*((positions, constant) if along == 0 else (constant, positions)), color="yellow", linewidth=1.5)
+    view.set_title("HR, profile line in yellow", fontsize=9)
+    plot.plot(positions, hr[line].numpy(), color="black", linewidth=2.5, label="HR")
+    for name, image in methods.items():
+        plot.plot(positions, image[line].numpy(), linewidth=1.2, marker=".", markersize=4, label=name)
+    plot.set_xlabel(f"{'ij'[along]} (voxels), at {'ji'[along]} = {fixed}", fontsize=8)
+    plot.set_ylabel("intensity", fontsize=8)
+    plot.tick_params(labelsize=7)
+    plot.legend(fontsize=8)
+    plot.grid(alpha=0.3)
     _save(figure, path, title)
 
 
@@ -162,10 +404,7 @@ def degradation_figure(path: Path, hr, lr, *, title: str = "") -> None:
     resolution (thick slices), so the loss is visible. ``hr`` and ``lr`` are Volumes covering the same field
     of view (``lr`` from ``degrade``).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     through_plane = lr.spatial_shape[2] != hr.spatial_shape[2]
     upright = _upright(hr.affine, 2 if through_plane else 1)
@@ -214,3 +453,158 @@ def degradation_figure(path: Path, hr, lr, *, title: str = "") -> None:
         ax.tick_params(labelsize=7)
     figure.colorbar(shown, ax=axes[2], fraction=0.046)
     _save(figure, path, title)
+
+
+# Sets data-images-loaded and data-errors on <html> for automated checks (tests/test_report_html.py): how many
+# images decoded, and how many error events (failed image loads, script errors; captured, as they do not bubble).
+_CHECK_SCRIPT = """addEventListener("error", () => {
+  const data = document.documentElement.dataset;
+  data.errors = Number(data.errors || 0) + 1;
+}, true);
+addEventListener("load", () => {
+  document.documentElement.dataset.imagesLoaded = [...document.images].filter((i) => i.naturalWidth > 0).length;
+});"""
+
+_STYLE = """body { font: 14px/1.45 system-ui, sans-serif; color: #222; max-width: 1200px; margin: 2em auto; }
+body { padding: 0 1em; } .scroll { overflow-x: auto; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
+dl.setup { display: grid; grid-template-columns: max-content 1fr; gap: 0.2em 1em; }
+dl.setup dt { font-weight: 600; } dl.setup dd { margin: 0; }
+table { border-collapse: collapse; font-variant-numeric: tabular-nums; margin: 0.5em 0; }
+th, td { padding: 0.25em 0.7em; border-bottom: 1px solid #e4e4e4; text-align: right; white-space: nowrap; }
+th:first-child, td:first-child { text-align: left; } thead th { border-bottom: 2px solid #999; }
+.note { color: #555; font-size: 0.9em; max-width: 60em; }
+figure { margin: 1.2em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { color: #555; font-size: 0.9em; } footer { margin-top: 3em; color: #777; font-size: 0.85em; }"""
+
+
+def _html_table(columns: Sequence[str], headings: Sequence[str], rows: Sequence[Mapping[str, object]]) -> str:
+    """An HTML table of text cells (escaped); numbers are formatted as in ``format_table``, missing cells a dash."""
+
+    def cell(row: Mapping[str, object], column: str) -> str:
+        if column not in row:
+            return _MISSING
+        value = row[column]
+        return METRICS[column][1].format(value) if column in METRICS and isinstance(value, float) else str(value)
+
+    head = "".join(f"<th>{escape(h)}</th>" for h in headings)
+    body = "\n".join("<tr>" + "".join(f"<td>{escape(cell(row, c))}</td>" for c in columns) + "</tr>" for row in rows)
+    return f'<div class="scroll"><table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table></div>'
+
+
+def _figure_html(caption: str, path: Path) -> str:
+    """A <figure> with the PNG embedded as a base64 data URI, so the report is one file that can be mailed."""
+    data = Path(path).read_bytes()
+    if not data.startswith(_PNG_SIGNATURE):
+        raise ValueError(f"{path}: figures must be PNG files")
+    uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+    text = escape(caption)
+    return f'<figure>\n<img src="{uri}" alt="{text}">\n<figcaption>{text}</figcaption>\n</figure>'
+
+
+def write_html_report(
+    path: Path,
+    rows: Sequence[Mapping[str, object]],
+    *,
+    model: str,
+    baselines: Sequence[str],
+    unit: str,
+    degradation: str,
+    data_range: float,
+    intensities: str,
+    mask: str,
+    split: str,
+    figures: Mapping[str, Path] | None = None,
+    confidence: float = 0.95,
+    title: str = "medsr evaluation",
+) -> None:
+    """Write one self-contained HTML report (figures embedded as PNG data URIs), atomically.
+
+    It states what was evaluated (the honesty rules of the design: model, baselines on the same data, degradation,
+    data range, mask, held-out split), then a table of mean ± std per method, model minus each baseline paired by
+    ``unit`` with a Student t interval, the figures, and every row. All text is HTML-escaped.
+
+    Args:
+        path: HTML file to write.
+        rows: One row per method and item: ``method``, the ``unit`` column naming the item (e.g. a slice index or
+            a scan name) and scores named as in ``METRICS`` (``psnr``, ``ssim``, ``psnr_body``, ``ssim_body``,
+            ``ssim3d``, ``hfen``). A score may be missing from some rows (e.g. ``ssim3d`` only on a slab row).
+        model: The method under test; must appear in ``rows``.
+        baselines: Methods it is compared with, e.g. ``("nearest", "linear", "cubic")``; each must appear in ``rows``.
+        unit: Column that identifies the items the scores are paired on: ``"scan"``, ``"slice"``, ...
+        degradation: How the LR input was made from HR, e.g. "k-space truncation 2x2x1, Hann window, no noise".
+        data_range: The ``data_range`` passed to PSNR and SSIM.
+        intensities: What the intensities are, e.g. "normalised to [0, 1] by the LR scan's 0.5-99.9th percentiles".
+        mask: What ``*_body`` scores are restricted to, e.g. "foreground > 5 %, dilated by 2 voxels".
+        split: Which data and why it is held out, e.g. "colin27 axial slices 150..169, never used in training or
+            model selection".
+        figures: Caption -> PNG file, in display order.
+        confidence: Coverage of the difference intervals.
+        title: Page title.
+    """
+    incomplete = [row for row in rows if "method" not in row or unit not in row]
+    if incomplete:
+        raise ValueError(f"every row needs 'method' and '{unit}' columns, got {dict(incomplete[0])}")
+    methods = {str(row["method"]) for row in rows}
+    absent = [m for m in (model, *baselines) if m not in methods]
+    if absent:
+        raise ValueError(f"no rows for method(s) {absent}; rows have {sorted(methods)}")
+    unknown = sorted({key for row in rows for key in row} - {"method", unit, *METRICS})
+    if unknown:
+        raise ValueError(f"unknown columns {unknown} in rows; expected method, {unit} and scores among {list(METRICS)}")
+    metrics = [m for m in METRICS if any(m in row for row in rows)]
+    headings = [METRICS[m][0] for m in metrics]
+    order = [*baselines, model]  # then any other methods in the rows, as they come (sorted is stable)
+    summary = sorted(
+        summary_rows(rows, metrics), key=lambda r: order.index(r["method"]) if r["method"] in order else len(order)
+    )
+    differences = difference_rows(
+        rows, model=model, baselines=baselines, unit=unit, metrics=metrics, confidence=confidence
+    )
+    try:
+        version = importlib.metadata.version("medsr")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was not installed
+        version = "(not installed)"
+    written = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    setup = {
+        "Model": model,
+        "Baselines": f"{', '.join(baselines)}, run on the same LR input",
+        "Degradation": degradation,
+        "Data range": f"{data_range:g}; intensities {intensities}",
+        "Mask (*body scores)": mask,
+        "Held-out data": split,
+        "Statistics": (
+            f"mean ± sample standard deviation over the {unit}s; differences are paired by {unit}, with a "
+            f"{confidence:.0%} Student t interval of the mean, which assumes independent {unit}s (neighbouring "
+            f"slices of one scan are not, so for slices the interval understates the uncertainty)"
+        ),
+    }
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        '<head>\n<meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{escape(title)}</title>",
+        f"<style>\n{_STYLE}\n</style>",
+        f"<script>\n{_CHECK_SCRIPT}\n</script>",
+        "</head>\n<body>",
+        f"<h1>{escape(title)}</h1>",
+        '<dl class="setup">',
+        *(f"<dt>{escape(key)}</dt><dd>{escape(value)}</dd>" for key, value in setup.items()),
+        "</dl>",
+        "<h2>Scores: mean ± std</h2>",
+        _html_table(["method", "n", *metrics], ["method", "n", *headings], summary),
+        f"<h2>{escape(model)} minus each baseline: mean [{confidence:.0%} CI]</h2>",
+        _html_table(["method", "n", *metrics], ["difference", "n", *headings], differences),
+        '<p class="note">PSNR and SSIM: higher is better. HFEN (high-frequency error norm, Ravishankar and Bresler '
+        "2011): relative error of the Laplacian-of-Gaussian-filtered image, lower is better. An interval that "
+        f"excludes 0 means the difference is unlikely to be chance variation between {escape(unit)}s (under the "
+        "independence assumption above).</p>",
+        *(["<h2>Figures</h2>", *(_figure_html(caption, file) for caption, file in figures.items())] if figures else []),
+        f"<details>\n<summary>Scores per {escape(unit)} ({len(rows)} rows)</summary>",
+        _html_table(["method", unit, *metrics], ["method", unit, *headings], rows),
+        "</details>",
+        f"<footer>Written by medsr {escape(version)} on {written}.</footer>",
+        "</body>\n</html>\n",
+    ]
+    _write_atomically(Path(path), "\n".join(parts).encode("utf-8"))
