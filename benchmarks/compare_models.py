@@ -72,7 +72,7 @@ def main() -> None:
         rows[name] = (model_predictor(model), steps)
 
     hr = prepare_scan(read_volume(sample_path("colin27"), modality="MR"), config.degradation)
-    table, _ = compare_methods(hr, config.degradation, {n: p for n, (p, _) in rows.items()}, slices=(110, 150))
+    table, _, _ = compare_methods(hr, config.degradation, {n: p for n, (p, _) in rows.items()}, slices=(110, 150))
     for row in table:
         row["steps"] = rows[row["method"]][1] if row["method"] in rows else "-"
     print(f"\nSame budget ({args.minutes} min of training each on this machine), Colin27 held-out slices 110-149:")

@@ -258,7 +258,8 @@ def test_demo_prints_the_table_and_writes_its_outputs(tmp_path, capsys):
     out = capsys.readouterr().out
     for method in ("nearest", "linear", "cubic", "edsr_mr_x2"):
         assert method in out
-    names = {"scores.csv", "scores.json", "comparison.png", "colin27_lr.nii.gz", "colin27_sr.nii.gz"}
+    names = {"report.html", "scores.csv", "per_slice.csv", "comparison.png", "error_map.png", "profile.png"}
+    names |= {"scores.json", "per_slice.json", "colin27_lr.nii.gz", "colin27_sr.nii.gz"}
     assert names <= {p.name for p in tmp_path.iterdir()}
     sr, lr = read_volume(tmp_path / "colin27_sr.nii.gz"), read_volume(tmp_path / "colin27_lr.nii.gz")
     assert sr.spatial_shape == (180, 216, 181)

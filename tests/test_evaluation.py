@@ -18,7 +18,7 @@ def head() -> Volume:
 
 
 def test_a_model_that_is_bicubic_scores_exactly_like_bicubic(head):
-    rows, images = compare_methods(
+    rows, _, images = compare_methods(
         head, Degradation((2, 2, 1)), {"bicubic_model": lambda b: interpolate(b, (2, 2), "cubic")}, slices=(4, 10)
     )
     by_method = {row["method"]: row for row in rows}
@@ -33,5 +33,15 @@ def test_body_mask_excludes_air_and_lowers_psnr(head):
     hr = head.array.permute(3, 0, 1, 2)
     mask = body_mask(hr)
     assert 0.3 < float(mask.float().mean()) < 0.7
-    rows, _ = compare_methods(head, Degradation((2, 2, 1)), {}, slices=(0, 12))
+    rows, _, _ = compare_methods(head, Degradation((2, 2, 1)), {}, slices=(0, 12))
     assert all(row["psnr_body"] < row["psnr"] for row in rows)  # air is easy: leaving it out is stricter
+
+
+def test_per_slice_scores_average_to_the_rows_and_extras_are_sane(head):
+    rows, slices, _ = compare_methods(head, Degradation((2, 2, 1)), {}, slices=(0, 12), extras=True)
+    cubic = [row for row in slices if row["method"] == "cubic"]
+    assert [row["slice"] for row in cubic] == [*range(12), "0..11"]
+    mean = next(row for row in rows if row["method"] == "cubic")
+    assert mean["psnr"] == pytest.approx(np.mean([row["psnr"] for row in cubic[:12]]), rel=1e-6)
+    assert mean["ssim3d"] == cubic[-1]["ssim3d"] and 0 < mean["ssim3d"] < 1
+    assert all(0 < row["hfen"] < 1 for row in rows)  # relative error of the LoG-filtered slices

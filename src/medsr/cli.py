@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 DEFAULT_MODEL = "edsr_mr_x2"
-SCORE_COLUMNS = ("method", "psnr", "ssim", "psnr_body", "ssim_body")
+SCORE_COLUMNS = ("method", "psnr", "ssim", "psnr_body", "ssim_body", "ssim3d", "hfen")
 
 
 def _triple(text: str) -> tuple[float, float, float]:
@@ -195,8 +195,10 @@ def _load_model(model_ref: str):
     return model, description
 
 
-def _evaluate_scan(model_ref: str, scan: str, slices: tuple[int, int] | None):
-    """Compare a model with the baselines on a held-out slab of a scan; returns rows, images, degradation, slab."""
+def _evaluate_scan(model_ref: str, scan: str, slices: tuple[int, int] | None, precision: str = "auto"):
+    """Compare a model with the baselines on a held-out slab of a scan (HFEN and 3D SSIM included).
+
+    Returns the ``evaluation.Comparison``, the degradation and the slab."""
     from medsr.config import config_from_dict
     from medsr.data import prepare_scan
     from medsr.evaluation import compare_methods
@@ -224,14 +226,15 @@ def _evaluate_scan(model_ref: str, scan: str, slices: tuple[int, int] | None):
     slices = slices or (0, hr.spatial_shape[2])  # a scan the model never saw: all of it
     if slices[1] > hr.spatial_shape[2]:
         raise ValueError(f"{path}: has {hr.spatial_shape[2]} slices; choose a slab inside it with --slices")
-    rows, images = compare_methods(
+    comparison = compare_methods(
         hr,
         config.degradation,
-        {model_ref: model_predictor(model)},
+        {model_ref: model_predictor(model, precision=precision)},
         slices=slices,
         spatial_dims=config.model.spatial_dims,
+        extras=True,
     )
-    return rows, images, config.degradation, slices
+    return comparison, config.degradation, slices
 
 
 def _describe(degradation) -> str:
@@ -249,39 +252,72 @@ def _describe(degradation) -> str:
     return ", ".join(changed)
 
 
-def _factors_text(degradation) -> str:
-    return "x".join(f"{f:g}" for f in degradation.factors)
+def _write_evaluation(comparison, directory: Path, model_ref: str, scan: str, degradation, slices) -> None:
+    """scores.csv/json (means per method), per_slice.csv/json, three figures and report.html into ``directory``."""
+    from medsr.evaluation import BASELINES, body_mask
+    from medsr.report import error_map_figure, profile_figure, write_html_report
 
-
-def _write_scores(rows: list[dict], directory: Path) -> None:
-    with (directory / "scores.csv").open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=SCORE_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    (directory / "scores.json").write_text(json.dumps(rows, indent=2) + "\n")
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, rows, columns in (
+        ("scores", comparison.rows, SCORE_COLUMNS),
+        ("per_slice", comparison.slices, ("method", "slice", *SCORE_COLUMNS[1:])),
+    ):
+        with (directory / f"{name}.csv").open("w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=columns, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+        (directory / f"{name}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    images = comparison.images
+    middle = images["hr"].shape[0] // 2
+    hr = images["hr"][middle, 0]
+    methods = {name: images[name][middle, 0] for name in ("cubic", model_ref)}
+    title = f"slice {slices[0] + middle}, {_describe(degradation)}"
+    figures = {
+        "Side by side, with a zoomed detail": directory / "comparison.png",
+        "Absolute error against HR": directory / "error_map.png",
+        "Intensity profile across the strongest edge": directory / "profile.png",
+    }
+    _figure(images, model_ref, figures["Side by side, with a zoomed detail"], degradation, slices)
+    error_map_figure(figures["Absolute error against HR"], hr, methods, title=title)
+    mask = body_mask(images["hr"][middle : middle + 1])[0, 0]
+    profile_figure(figures["Intensity profile across the strongest edge"], hr, methods, mask=mask, title=title)
+    write_html_report(
+        directory / "report.html",
+        comparison.slices,
+        model=model_ref,
+        baselines=BASELINES,
+        unit="slice",
+        degradation=_describe(degradation),
+        data_range=1.0,
+        intensities="normalised by the LR scan's 0.5..99.9th percentiles (CT: -1024..3071 HU) to [0, 1]",
+        mask="foreground (> 5 % of the window), dilated by 2 voxels in-plane",
+        split=f"{scan}, slices {slices[0]}..{slices[1] - 1} along k, held out from training and validation",
+        figures=figures,
+        title=f"medsr evaluation: {model_ref} on {scan}",
+    )
 
 
 def _print_scores(rows: list[dict], scan: str, degradation, slices: tuple[int, int]) -> None:
     from medsr.report import format_table
 
     print(
-        f"\n{scan}, held-out slices {slices[0]}..{slices[1] - 1} (k), k-space truncation {_factors_text(degradation)} "
-        f"({degradation.kspace_window} window); PSNR/SSIM per 2D slice, data_range 1 on intensities normalised "
-        f"by the LR scan's 0.5..99.9th percentiles; *_body: within the dilated foreground mask\n"
+        f"\n{scan}, held-out slices {slices[0]}..{slices[1] - 1} (k), {_describe(degradation)}; PSNR/SSIM/HFEN "
+        "per 2D slice, SSIM 3D over the slab, data_range 1 on intensities normalised by the LR scan's 0.5..99.9th "
+        "percentiles; *_body: within the dilated foreground mask\n"
     )
     print(format_table(rows, SCORE_COLUMNS))
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    rows, images, degradation, slices = _evaluate_scan(args.model, args.scan, args.slices)
-    _print_scores(rows, args.scan, degradation, slices)
+    comparison, degradation, slices = _evaluate_scan(args.model, args.scan, args.slices, args.precision)
+    _print_scores(comparison.rows, args.scan, degradation, slices)
     if args.card:
-        _write_card(args.model, rows, args.scan, slices)
+        _write_card(args.model, comparison.rows, args.scan, slices)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        _write_scores(rows, args.out)
-        _figure(images, args.model, args.out / "comparison.png", degradation, slices)
-        print(f"\nwrote {args.out}/scores.csv, scores.json, comparison.png")
+        _write_evaluation(comparison, args.out, args.model, args.scan, degradation, slices)
+        print(
+            f"\nwrote {args.out}/: report.html, scores.csv/json, per_slice.csv/json, comparison/error_map/profile.png"
+        )
     return 0
 
 
@@ -314,7 +350,7 @@ def _figure(images, model_name: str, path: Path, degradation, slices: tuple[int,
     panels = {"LR": images["lr"][lr_middle, 0]} | {
         name: images[key][middle, 0] for name, key in (("bicubic", "cubic"), (model_name, model_name), ("HR", "hr"))
     }
-    title = f"slice {slices[0] + middle}, k-space truncation {_factors_text(degradation)}"
+    title = f"slice {slices[0] + middle}, {_describe(degradation)}"
     comparison_figure(path, panels, title=title)
 
 
@@ -326,11 +362,9 @@ def _demo(args: argparse.Namespace) -> int:
     from medsr.io import read_volume, write_volume
     from medsr.samples import sample_path
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    rows, images, degradation, slices = _evaluate_scan(args.model, "colin27", None)
-    _print_scores(rows, "colin27", degradation, slices)
-    _write_scores(rows, args.out)
-    _figure(images, args.model, args.out / "comparison.png", degradation, slices)
+    comparison, degradation, slices = _evaluate_scan(args.model, "colin27", None)
+    _print_scores(comparison.rows, "colin27", degradation, slices)
+    _write_evaluation(comparison, args.out, args.model, "colin27", degradation, slices)
 
     # The same LR scan the table scored, simulated and then super-resolved through the `medsr upscale` path.
     model, description = _load_model(args.model)
@@ -340,7 +374,7 @@ def _demo(args: argparse.Namespace) -> int:
     sr = super_resolve(lr, model, model_scale=description["model_kwargs"]["scale"])
     write_volume(sr, args.out / "colin27_sr.nii.gz")
     print(f"\nLR   {lr!r}\nSR   {sr!r}\nHR   {hr!r}")
-    print(f"wrote {args.out}/: scores.csv, scores.json, comparison.png, colin27_lr.nii.gz, colin27_sr.nii.gz")
+    print(f"wrote {args.out}/: report.html, scores.csv, per_slice.csv, figures, colin27_lr.nii.gz, colin27_sr.nii.gz")
     return 0
 
 
@@ -408,7 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", default=DEFAULT_MODEL, help="Shipped model name or checkpoint folder.")
     evaluate.add_argument("--scan", default="colin27", help="Sample name or path of an HR scan.")
     evaluate.add_argument("--slices", type=_slab, help="Held-out axial slab START:STOP (default: the model's test).")
-    evaluate.add_argument("--out", type=Path, help="Folder for scores.csv, scores.json and comparison.png.")
+    evaluate.add_argument("--out", type=Path, help="Folder for report.html, scores (CSV/JSON) and figures.")
+    evaluate.add_argument(
+        "--precision", choices=("auto", "fp32", "bf16"), default="auto", help="bf16 where the CPU has it (auto)."
+    )
     evaluate.add_argument(
         "--card",
         action="store_true",

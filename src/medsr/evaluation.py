@@ -9,6 +9,7 @@ air inflates both scores.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ import torch
 from medsr.data import FOREGROUND_LEVEL, crop_to_multiple, degrade_normalised, slice_range
 from medsr.degrade import Degradation
 from medsr.infer import Predictor, predict_volume
-from medsr.metrics import psnr, ssim
+from medsr.metrics import hfen, psnr, ssim
 from medsr.models.blocks import interpolate
 from medsr.volume import Volume, integer_scale
 
@@ -29,14 +30,36 @@ def body_mask(hr: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.max_pool2d(mask, kernel_size=5, stride=1, padding=2) > 0
 
 
-def score_slices(sr: torch.Tensor, hr: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
-    """Mean over slices of PSNR/SSIM, whole slice and masked. sr, hr: (K, C, I, J) in [0, 1]."""
-    return {
-        "psnr": float(psnr(sr, hr, data_range=1.0).mean()),
-        "ssim": float(ssim(sr, hr, data_range=1.0).mean()),
-        "psnr_body": float(psnr(sr, hr, data_range=1.0, mask=mask).mean()),
-        "ssim_body": float(ssim(sr, hr, data_range=1.0, mask=mask).mean()),
+def score_slices(sr: torch.Tensor, hr: torch.Tensor, mask: torch.Tensor, *, extras: bool = False) -> dict:
+    """Scores of every slice, whole and within ``mask``: name -> (K,) tensor. sr, hr: (K, C, I, J) in [0, 1].
+
+    With ``extras``, also HFEN per slice and 3D SSIM of the slab (a single value; slabs of 11 slices or more).
+    """
+    scores = {
+        "psnr": psnr(sr, hr, data_range=1.0),
+        "ssim": ssim(sr, hr, data_range=1.0),
+        "psnr_body": psnr(sr, hr, data_range=1.0, mask=mask),
+        "ssim_body": ssim(sr, hr, data_range=1.0, mask=mask),
     }
+    if extras:
+        scores["hfen"] = hfen(sr, hr)
+        if sr.shape[0] >= 11:  # (1, C, I, J, K): the slab as one volume
+            scores["ssim3d"] = ssim(sr.permute(1, 2, 3, 0)[None], hr.permute(1, 2, 3, 0)[None], data_range=1.0)
+    return scores
+
+
+class Comparison(NamedTuple):
+    """What :func:`compare_methods` measured.
+
+    rows: One per method: ``method`` and the mean of each score over the slab's slices.
+    slices: One per method and slice: ``method``, ``slice`` (index in the scan) and the slice's scores; the
+        slab-wide ``ssim3d`` goes in one extra row per method whose ``slice`` is ``start..stop-1``.
+    images: Name -> (K, C, I, J), including ``lr`` (K / sk, C, I / si, J / sj) and ``hr``.
+    """
+
+    rows: list[dict[str, float | str]]
+    slices: list[dict[str, float | str]]
+    images: dict[str, torch.Tensor]
 
 
 def compare_methods(
@@ -47,7 +70,8 @@ def compare_methods(
     slices: tuple[int, int],
     spatial_dims: int = 2,
     seed: int = 0,
-) -> tuple[list[dict[str, float | str]], dict[str, torch.Tensor]]:
+    extras: bool = False,
+) -> Comparison:
     """Score the baselines and ``models`` on the slab ``slices`` of ``hr``.
 
     Args:
@@ -58,10 +82,7 @@ def compare_methods(
             the models trained on.
         spatial_dims: 2 (the models run slice by slice) or 3 (on the whole slab).
         seed: Seed of the LR noise draw (random degradations), so a comparison can be replayed.
-
-    Returns:
-        One row per method (``method`` plus the scores), and the images: name -> (K, C, I, J), including
-        ``lr`` (K / sk, C, I / si, J / sj) and ``hr``.
+        extras: Also score HFEN and 3D SSIM (slower).
     """
     scale = integer_scale(degradation.factors)
     slab = crop_to_multiple(slice_range(hr, slices=slices), scale=scale)
@@ -73,5 +94,15 @@ def compare_methods(
         sr = predict_volume(predictor, lr, scale=scale, spatial_dims=spatial_dims, progress=False)
         images[name] = sr.array.permute(3, 0, 1, 2)
     mask = body_mask(images["hr"])
-    rows = [{"method": name, **score_slices(images[name], images["hr"], mask)} for name in (*BASELINES, *models)]
-    return rows, images
+    start, stop = slices[0], slices[0] + slab.spatial_shape[2]
+    rows, per_slice = [], []
+    for name in (*BASELINES, *models):
+        scores = score_slices(images[name], images["hr"], mask, extras=extras)
+        rows.append({"method": name} | {key: float(values.mean()) for key, values in scores.items()})
+        per_slice += [
+            {"method": name, "slice": start + k} | {key: float(v[k]) for key, v in scores.items() if key != "ssim3d"}
+            for k in range(stop - start)
+        ]
+        if "ssim3d" in scores:
+            per_slice.append({"method": name, "slice": f"{start}..{stop - 1}", "ssim3d": float(scores["ssim3d"])})
+    return Comparison(rows, per_slice, images)

@@ -386,7 +386,7 @@ def validate(
             slices=slices or (0, v.spatial_shape[2]),
             spatial_dims=spatial_dims,
             seed=index,
-        )[0]
+        ).rows
     ]
 
     def mean(method: str, key: str) -> float:
