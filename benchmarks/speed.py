@@ -1,7 +1,8 @@
 """Speed of every architecture on this machine: inference megapixels/s and training samples/s, with achieved
-GFLOP/s as a share of the measured matmul peak, and which of channels_last / bf16 autocast help.
+GFLOP/s as a share of the measured matmul peak, and which of channels_last / bf16 autocast / torch.compile help.
 
-    python benchmarks/speed.py [--size 256] [--models edsr_small,rcan_small]
+    python benchmarks/speed.py [--size 256] [--models edsr_small,rcan_small] [--no-compile]
+    ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/speed.py   # as on a CPU without bf16 (or AVX-512) instructions
 
 FLOPs are counted by torch.utils.flop_counter (2 per multiply-add); times are the median of several runs after a
 warm-up, with torch's default threads. Inference: one (1, 1, size, size) slice upsampled x2. Training: a batch of
@@ -47,8 +48,9 @@ def flops(run: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
-def measure(name: str, size: int, peak32: float) -> dict[str, str]:
-    """One table row: inference speed in fp32, channels_last and channels_last + bf16; training samples/s."""
+def measure(name: str, size: int, peak32: float, compile_models: bool) -> dict[str, str]:
+    """One table row: inference speed in fp32, channels_last, channels_last + bf16 (eager, and compiled with
+    inductor after its warm-up compilation); training samples/s."""
     model = create_model(name, spatial_dims=2, scale=(2, 2)).eval()
     lr = torch.rand(1, 1, size, size)
     megapixels = (2 * size) ** 2 / 1e6
@@ -59,6 +61,14 @@ def measure(name: str, size: int, peak32: float) -> dict[str, str]:
         channels_last = median_seconds(lambda: model_cl(lr_cl))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             bf16 = median_seconds(lambda: model_cl(lr_cl))
+        if compile_models:
+            torch._dynamo.reset()
+            compiled = torch.compile(model)
+            fp32_compiled = median_seconds(lambda: compiled(lr))
+            torch._dynamo.reset()
+            compiled_cl = torch.compile(model_cl)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                bf16_compiled = median_seconds(lambda: compiled_cl(lr_cl))
     model = create_model(name, spatial_dims=2, scale=(2, 2)).train()
     optimizer = torch.optim.Adam(model.parameters())
     batch_lr, batch_hr = torch.rand(16, 1, 48, 48), torch.rand(16, 1, 96, 96)
@@ -76,6 +86,8 @@ def measure(name: str, size: int, peak32: float) -> dict[str, str]:
         "GFLOP/s fp32": f"{work / fp32 / 1e9:.0f} ({100 * work / fp32 / 1e9 / peak32:.0f} %)",
         "MP/s ch_last": f"{megapixels / channels_last:.2f}",
         "MP/s ch_last+bf16": f"{megapixels / bf16:.2f}",
+        "MP/s compiled fp32": f"{megapixels / fp32_compiled:.2f}" if compile_models else "-",
+        "MP/s compiled ch_last+bf16": f"{megapixels / bf16_compiled:.2f}" if compile_models else "-",
         "train samples/s": f"{16 / train:.1f}",
     }
 
@@ -84,13 +96,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=256, help="LR slice edge for inference.")
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS))
+    parser.add_argument("--no-compile", action="store_true", help="Skip torch.compile (needs a C++ compiler).")
     args = parser.parse_args()
 
     peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
     print(f"threads {torch.get_num_threads()}; matmul 2048^3: fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s\n")
     rows = []
     for name in args.models.split(","):
-        rows.append(measure(name, args.size, peak32))
+        rows.append(measure(name, args.size, peak32, not args.no_compile))
         print(f"done {name}", flush=True)
     columns = (
         "model",
@@ -99,6 +112,8 @@ def main() -> None:
         "GFLOP/s fp32",
         "MP/s ch_last",
         "MP/s ch_last+bf16",
+        "MP/s compiled fp32",
+        "MP/s compiled ch_last+bf16",
         "train samples/s",
     )
     print(

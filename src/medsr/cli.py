@@ -312,7 +312,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     comparison, degradation, slices = _evaluate_scan(args.model, args.scan, args.slices, args.precision)
     _print_scores(comparison.rows, args.scan, degradation, slices)
     if args.card:
-        _write_card(args.model, comparison.rows, args.scan, slices)
+        _write_card(args.model, comparison.rows, args.scan, slices, args.precision)
     if args.out:
         _write_evaluation(comparison, args.out, args.model, args.scan, degradation, slices)
         print(
@@ -321,9 +321,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_card(model_ref: str, rows: list[dict], scan: str, slices: tuple[int, int]) -> None:
+def _write_card(model_ref: str, rows: list[dict], scan: str, slices: tuple[int, int], precision: str) -> None:
     """Record held-out scores in the checkpoint's model.json and write MODEL_CARD.md beside it."""
     from medsr.checkpoint import resolve_checkpoint, update_description
+    from medsr.infer import resolve_precision
     from medsr.report import model_card
 
     directory = resolve_checkpoint(model_ref)
@@ -337,7 +338,8 @@ def _write_card(model_ref: str, rows: list[dict], scan: str, slices: tuple[int, 
     description |= updates
     card = directory / "MODEL_CARD.md"
     tmp = directory / ".tmp.MODEL_CARD.md"
-    tmp.write_text(model_card(directory.name, description, rows, scan=scan, slices=slices))
+    precision = resolve_precision(precision)
+    tmp.write_text(model_card(directory.name, description, rows, scan=scan, slices=slices, precision=precision))
     tmp.replace(card)
     print(f"\nwrote {card} and the held-out scores into {directory / 'model.json'}")
 

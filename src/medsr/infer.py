@@ -122,6 +122,16 @@ def native_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
+def resolve_precision(precision: str, device: str | torch.device = "cpu") -> str:
+    """'fp32' or 'bf16' for a requested 'auto', 'fp32' or 'bf16': 'auto' is bf16 where ``device`` runs it natively."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+    if precision != "auto":
+        return precision
+    native = torch.cuda.is_bf16_supported() if torch.device(device).type == "cuda" else native_bf16()
+    return "bf16" if native else "fp32"
+
+
 def model_predictor(model: torch.nn.Module, *, precision: str = "auto") -> Predictor:
     """Wrap a model for inference: eval mode, no gradients, float32 in and out, on the model's device.
 
@@ -130,14 +140,9 @@ def model_predictor(model: torch.nn.Module, *, precision: str = "auto") -> Predi
             instructions, within 0.01 dB PSNR of float32 on the shipped MR model); 'auto' picks bf16 where the CPU
             (or CUDA GPU) supports it natively, fp32 elsewhere.
     """
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
     model.eval()
     device = next(model.parameters(), torch.empty(0)).device  # parameterless models (interpolation) run on CPU
-    if precision == "auto":
-        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else native_bf16()
-        precision = "bf16" if native else "fp32"
-    bf16 = precision == "bf16"
+    bf16 = resolve_precision(precision, device) == "bf16"
 
     @torch.no_grad()
     def predict(batch: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medsr.config import config_from_dict
 from medsr.metrics import paired_difference
 
 # The score columns medsr reports, in display order: name -> (heading, number format). HFEN is the only one for
@@ -351,14 +352,20 @@ def profile_figure(
     _save(figure, path, title)
 
 
-def model_card(name: str, description: Mapping, rows: Sequence[Mapping], *, scan: str, slices: tuple[int, int]) -> str:
-    """A Markdown model card: what the model is for, what it was trained on, held-out scores next to baselines."""
+def model_card(
+    name: str, description: Mapping, rows: Sequence[Mapping], *, scan: str, slices: tuple[int, int], precision: str
+) -> str:
+    """A Markdown model card: what the model is for, what it was trained on, held-out scores next to baselines.
+
+    ``precision`` is the inference precision the scores were computed with ('fp32' or 'bf16')."""
     config = description["config"]
     data, degradation, train = config["data"], config["degradation"], config["train"]
     kwargs = ", ".join(f"{k}={v}" for k, v in description["model_kwargs"].items())
     validation = description.get("scores", {}).get("validation", {})
     factors = "x".join(f"{f:g}" for f in degradation["factors"])
-    table = format_table(rows, ["method", "psnr", "ssim", "psnr_body", "ssim_body"])
+    table = format_table(rows, ["method", "psnr", "ssim", "psnr_body", "ssim_body", "ssim3d", "hfen"])
+    patch = config_from_dict(config).data.patch  # typed: older checkpoints stored one int
+    patch = "x".join(str(p) for p in (patch * 2 if len(patch) == 1 else patch))
     return f"""# Model card: {name}
 
 - **Task**: {description["modality"]} super-resolution by {factors} (per voxel axis i x j x k).
@@ -367,7 +374,7 @@ def model_card(name: str, description: Mapping, rows: Sequence[Mapping], *, scan
   (k index); validation slices {data["val_slices"][0]}..{data["val_slices"][1] - 1}.
 - **Degradation learned**: k-space truncation {factors}, {degradation["kspace_window"]} window, no added noise.
 - **Intensities**: {description["intensity"]}.
-- **Training**: {train["steps"]} steps, batch {data["batch_size"]} of {data["patch"]}x{data["patch"]} HR patches,
+- **Training**: {train["steps"]} steps, batch {data["batch_size"]} of {patch} HR patches,
   Adam lr {train["lr"]} with cosine decay, {train["loss"]} loss, seed {train["seed"]}, on CPU. Best validation
   step {description["step"]} (validation PSNR {validation.get("psnr", float("nan")):.2f} dB, bicubic
   {validation.get("psnr_cubic", float("nan")):.2f} dB).
@@ -375,7 +382,9 @@ def model_card(name: str, description: Mapping, rows: Sequence[Mapping], *, scan
 ## Held-out scores
 
 {scan}, axial slices {slices[0]}..{slices[1] - 1}, never seen in training or model selection. PSNR (dB) and SSIM
-per 2D slice, averaged; `data_range = 1` on normalised intensities; `*_body` inside the dilated head mask.
+per 2D slice, averaged, and SSIM over the slab in 3D; HFEN (high-frequency error norm, lower is better) per
+slice; `data_range = 1` on normalised intensities; `*_body` inside the dilated head mask. Inference in {precision}
+(`--precision auto` picks bf16 on CPUs with bf16 instructions).
 
 ```
 {table}
