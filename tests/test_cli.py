@@ -273,3 +273,17 @@ def test_demo_prints_the_table_and_writes_its_outputs(tmp_path, capsys):
     hr_slices = hr.array[..., slab].permute(3, 0, 1, 2)
     row = next(r for r in json.loads((tmp_path / "scores.json").read_text()) if r["method"] == "edsr_mr_x2")
     assert float(psnr(sr_slices, hr_slices, data_range=1.0).mean()) == pytest.approx(row["psnr"], abs=1e-3)
+
+
+def test_export_writes_an_onnx_file_that_reproduces_the_model(tmp_path, capsys):
+    from medsr.checkpoint import load_checkpoint
+    from medsr.export import onnx_predictor
+    from medsr.infer import model_predictor
+
+    assert main(["export", str(tmp_path / "m.onnx")]) == 0
+    lr = torch.rand(2, 1, 24, 20)
+    model, _ = load_checkpoint("edsr_mr_x2")
+    expected = model_predictor(model, precision="fp32")(lr)
+    torch.testing.assert_close(onnx_predictor(tmp_path / "m.onnx")(lr), expected, atol=1e-4, rtol=0)
+    assert main(["export", str(tmp_path / "m.onnx")]) == 2  # exists: needs --force
+    assert "force" in capsys.readouterr().err

@@ -152,35 +152,65 @@ def _upscale(args: argparse.Namespace) -> int:
 
 
 def _upscale_scan(source: Path, output: Path, model, description: dict, args: argparse.Namespace) -> None:
-    from medsr.infer import super_resolve
-    from medsr.io import read_volume, write_volume
+    """Integer factors between NIfTI/DICOM series stream slab by slab (memory independent of the scan's size);
+    everything else (PNG/TIFF, ultrasound frames, non-integer factors) goes through memory."""
+    import numpy as np
 
-    volume = read_volume(source, modality=args.modality)
-    if volume.modality.value == "OT":  # NIfTI/PNG carry no modality: take the model's (it sets the window rule)
-        volume = volume.replace(modality=description["modality"])
-    elif volume.modality.value != description["modality"]:
+    from medsr.infer import model_plan, model_predictor, super_resolve
+    from medsr.io import file_format, open_volume, read_volume, write_volume
+    from medsr.streaming import upscale_file
+
+    streamable = file_format(source) in ("nifti", "dicom") and file_format(output) in ("nifti", "dicom")
+    try:  # headers only
+        volume = open_volume(source, modality=args.modality) if streamable else None
+    except ValueError:  # e.g. an ultrasound frame, cropped to its image region: read_volume's job
+        streamable = False
+    if not streamable:
+        volume = read_volume(source, modality=args.modality)
+    modality = volume.modality.value
+    if modality == "OT":  # NIfTI/PNG carry no modality: take the model's (it sets the window rule)
+        modality = description["modality"]
+    elif modality != description["modality"]:
         print(
-            f"medsr upscale: warning: {source} is {volume.modality.value}, but {args.model} was trained on "
+            f"medsr upscale: warning: {source} is {modality}, but {args.model} was trained on "
             f"{description['modality']}; expect poor results",
             file=sys.stderr,
         )
     factors = args.scale
     if args.spacing:
-        factors = tuple(float(a / b) for a, b in zip(volume.spacing, args.spacing, strict=True))
+        spacing = np.linalg.norm(volume.affine[:3, :3], axis=0)
+        factors = tuple(float(a / b) for a, b in zip(spacing, args.spacing, strict=True))
+    model_scale = description["model_kwargs"]["scale"]
+    scale = model_plan(factors or (1, 1, 1), model_scale)
     output.parent.mkdir(parents=True, exist_ok=True)
+    text = f"medsr SR x{'x'.join(f'{f:g}' for f in factors or scale)} {Path(args.model).name}"[:64]
+    if streamable and (factors is None or np.allclose(factors, scale)):
+        upscale_file(
+            source,
+            output,
+            model_predictor(model, precision=args.precision),
+            scale=scale,
+            spatial_dims=len(model_scale),
+            modality=modality,
+            tile=args.tile,
+            overlap=args.overlap,
+            description=text,
+            anonymize=args.anonymize,
+        )
+        print(f"wrote {output}")
+        return
+    if streamable:
+        volume = read_volume(source, modality=args.modality)
     sr = super_resolve(
-        volume,
+        volume.replace(modality=modality),
         model,
-        model_scale=description["model_kwargs"]["scale"],
+        model_scale=model_scale,
         factors=factors,
         tile=args.tile,
         overlap=args.overlap,
         precision=args.precision,
     )
-    spacing = ",".join(f"{s:.3g}" for s in sr.spacing)
-    write_volume(
-        sr, output, description=f"medsr SR {spacing} mm {Path(args.model).name}"[:64], anonymize=args.anonymize
-    )
+    write_volume(sr, output, description=text, anonymize=args.anonymize)
     print(f"wrote {output}: {sr!r}")
 
 
@@ -356,6 +386,15 @@ def _figure(images, model_name: str, path: Path, degradation, slices: tuple[int,
     comparison_figure(path, panels, title=title)
 
 
+def _export(args: argparse.Namespace) -> int:
+    """ONNX with dynamic batch and spatial axes, checked against torch by onnxruntime before it is written."""
+    from medsr.export import export_onnx
+
+    export_onnx(args.model, args.output, force=args.force)
+    print(f"wrote {args.output} (run it with medsr.export.onnx_predictor, or any ONNX runtime)")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     """Score the shipped model on held-out Colin27 slices, and upscale a simulated LR Colin27 end to end."""
     from medsr.data import crop_to_multiple
@@ -454,6 +493,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="Write MODEL_CARD.md and the held-out scores into the model's checkpoint folder.",
     )
     evaluate.set_defaults(run=_evaluate)
+
+    export = commands.add_parser(
+        "export", help="Export a model to ONNX (needs the onnx extra: pip install medsr[onnx])."
+    )
+    export.add_argument("output", type=Path, help="The .onnx file to write.")
+    export.add_argument("--model", default=DEFAULT_MODEL, help="Shipped model name or checkpoint folder.")
+    export.add_argument("-f", "--force", action="store_true", help="Replace OUTPUT if it exists.")
+    export.set_defaults(run=_export)
 
     demo = commands.add_parser("demo", help="Evaluate and run the shipped MRI x2 model on Colin27.")
     demo.add_argument("--model", default=DEFAULT_MODEL, help="Shipped model name or checkpoint folder.")

@@ -14,16 +14,18 @@ same construction backwards to write a new, derived series [2], optionally de-id
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import os
 import shutil
 import uuid
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -43,6 +45,7 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import DSfloat
 
+from medsr.intensity import percentiles
 from medsr.volume import Modality, Volume, crop
 
 _CM_UNITS = 3  # PhysicalUnitsX/YDirection code for centimetres (PS3.3 C.8.5.5.1.15)
@@ -198,6 +201,50 @@ def read_dicom(path: Path) -> Volume:
         ValueError: No DICOM image, several series, inconsistent or irregular slices, a multi-frame, truncated or
             undecodable file, or an image that cannot be placed in space. The message names the file or folder.
     """
+    series = open_series(path)
+    slices = [read_slice(file) for file in series.files]  # one file at a time: only the volume stays in memory
+    array = torch.from_numpy(np.stack(slices, axis=-1).astype(np.float32))[np.newaxis]  # (1, I, J, K)
+    volume = Volume(array, series.affine, series.modality, series.meta)
+    if series.modality is Modality.US and len(series.files) == 1:
+        volume = _crop_to_ultrasound_region(volume, series.header, series.files[0])
+    return volume
+
+
+@dataclasses.dataclass(frozen=True)
+class Series:
+    """A DICOM series opened without its pixels: what :func:`read_dicom` knows before decoding a slice.
+
+    Args:
+        path: The folder (or file) opened.
+        files: One file per slice, sorted along k (see :func:`read_dicom`); :func:`read_slice` decodes one.
+        affine: 4x4 voxel (i, j, k) -> RAS+ mm.
+        modality: From the Modality tag; ``OT`` when medsr does not know it.
+        header: The first sorted slice's header, without pixel data.
+    """
+
+    path: Path
+    files: list[Path]
+    affine: np.ndarray
+    modality: Modality
+    header: Dataset
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The Volume ``meta`` that :func:`read_dicom` returns: the header, and the source for writers to avoid."""
+        return {"dicom": self.header, "dicom_source": str(self.path)}
+
+    @property
+    def spatial_shape(self) -> tuple[int, int, int]:
+        """(I, J, K) = (Columns, Rows, number of slices)."""
+        return int(self.header.Columns), int(self.header.Rows), len(self.files)
+
+
+def open_series(path: Path) -> Series:
+    """Read the headers of a DICOM series (or file), check them, sort the slices and build the affine.
+
+    The rules and errors are :func:`read_dicom`'s, which is ``open_series`` followed by :func:`read_slice` per file.
+    Memory holds the headers only, so a series too large for memory can be read slice by slice.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such DICOM file or folder")
@@ -216,28 +263,19 @@ def read_dicom(path: Path) -> Volume:
             f"{path}: a series of {len(headers)} slices needs ImagePositionPatient and ImageOrientationPatient "
             "in every file to order them in space"
         )
-
-    slices = []
-    for index, (file, _) in enumerate(headers):
-        ds = _read(file)  # one file at a time, so only the decoded volume is held in memory
-        slices.append(_pixels(ds, file).T)  # (Columns, Rows): i along columns, j along rows
-        if index == 0:
-            first = ds
+    first = headers[0][1]
     if first.get("SamplesPerPixel", 1) > 1 or first.get("PhotometricInterpretation") == "PALETTE COLOR":
         warnings.warn(
-            f"{path}: {first.PhotometricInterpretation} image converted to grey (BT.601 luminance)", stacklevel=2
+            f"{path}: {first.PhotometricInterpretation} image converted to grey (BT.601 luminance)", stacklevel=3
         )
-    for keyword in _PIXEL_KEYWORDS:
-        if keyword in first:
-            delattr(first, keyword)  # the header is kept for writing DICOM back, the pixels live in the array
-
-    array = torch.from_numpy(np.stack(slices, axis=-1).astype(np.float32))[np.newaxis]  # (1, I, J, K)
     known = {m.value for m in Modality}
     modality = Modality(first.Modality) if first.get("Modality") in known else Modality.OT
-    volume = Volume(array, affine, modality, {"dicom": first, "dicom_source": str(path)})
-    if modality is Modality.US and len(headers) == 1:
-        volume = _crop_to_ultrasound_region(volume, first, headers[0][0])
-    return volume
+    return Series(path, [file for file, _ in headers], affine, modality, first)
+
+
+def read_slice(file: Path) -> np.ndarray:
+    """One slice file of a :class:`Series` in physical units (HU for CT), shape (Columns, Rows) = (I, J), float64."""
+    return _pixels(_read(file), file).T
 
 
 def _crop_to_ultrasound_region(volume: Volume, ds: Dataset, file: Path) -> Volume:
@@ -469,66 +507,97 @@ def write_series(volume: Volume, folder: Path, *, description: str, anonymize: b
         FileNotFoundError: The parent folder of ``folder`` does not exist.
     """
     folder = Path(folder)
-    _check_series(volume, folder, description)
-    header = _series_header(volume, description=description, anonymize=anonymize)
-    iop, pixel_spacing, positions, normal = _slice_geometry(volume.affine, volume.spatial_shape[2], folder)
-    header.ImageOrientationPatient = [DSfloat(c, auto_format=True) for c in iop]
-    header.PixelSpacing = [DSfloat(s, auto_format=True) for s in pixel_spacing]
-    # The distance between slice planes; a single slice is read back with this step along the normal.
-    plane_distance = abs(normal @ lps_to_ras(volume.affine)[:3, 2])
-    header.SliceThickness = header.SpacingBetweenSlices = DSfloat(plane_distance, auto_format=True)
-    values = volume.array[0].detach().float().cpu().numpy()  # (I, J, K)
-    slope, intercept, dtype = _rescale(values, _preferred_rescale(volume, header))
-    header.RescaleSlope, header.RescaleIntercept = slope, intercept
-    if "WindowCenter" not in header:  # a source's window is in physical units: the new rescale leaves it valid
-        low, high = np.percentile(values, [0.5, 99.5])
-        header.WindowCenter = DSfloat((low + high) / 2, auto_format=True)
-        header.WindowWidth = DSfloat(max(high - low, 1.0), auto_format=True)  # >= 1 (PS3.3 C.11.2.1.2)
-    photometric = "MONOCHROME1" if header.get("PhotometricInterpretation") == "MONOCHROME1" else "MONOCHROME2"
-
-    header.file_meta = FileMetaDataset()
-    header.file_meta.MediaStorageSOPClassUID = header.SOPClassUID
-    header.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    header.file_meta.ImplementationVersionName = f"{_MARK}_{version('medsr')}"[:16]  # SH: 16 characters
-    width = max(4, len(str(len(positions))))
-    names = [f"{k + 1:0{width}d}.dcm" for k in range(len(positions))]
-    with _atomic_folder(folder) as tmp:
-        for k, (name, position) in enumerate(zip(names, positions, strict=True)):
-            header.SOPInstanceUID = header.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-            header.InstanceNumber = k + 1
-            header.ImagePositionPatient = [DSfloat(x, auto_format=True) for x in position]
-            header.SliceLocation = DSfloat(normal @ position, auto_format=True)
-            stored = _stored(values[:, :, k].T, float(slope), float(intercept), dtype)  # (Rows, Columns)
-            header.set_pixel_data(stored, photometric, 16, generate_instance_uid=False)
-            header.save_as(tmp / name, enforce_file_format=True)
-    return [folder / name for name in names]
-
-
-def _check_series(volume: Volume, folder: Path, description: str) -> None:
-    """Refuse, before writing anything, what ``write_series`` cannot write faithfully or must not touch."""
     channels = volume.array.shape[0]
     if channels != 1:
         raise ValueError(
             f"{folder}: a DICOM {volume.modality.value} series holds one value per voxel; got {channels} channels "
             "(RGB is not written); write .nii.gz instead"
         )
-    if volume.modality in (Modality.US, Modality.CR, Modality.DX):
+    check_series_target(folder, volume.modality, volume.meta, description)
+    values = volume.array[0].detach().float().cpu().numpy()  # (I, J, K)
+    return write_series_slices(
+        folder,
+        lambda: (values[:, :, k] for k in range(values.shape[2])),
+        depth=values.shape[2],
+        affine=volume.affine,
+        modality=volume.modality,
+        meta=volume.meta,
+        description=description,
+        anonymize=anonymize,
+    )
+
+
+def write_series_slices(
+    folder: Path,
+    slices: Callable[[], Iterable[np.ndarray]],
+    *,
+    depth: int,
+    affine: np.ndarray,
+    modality: Modality,
+    meta: Mapping[str, Any],
+    description: str,
+    anonymize: bool,
+) -> list[Path]:
+    """:func:`write_series` for a volume given slice by slice, in memory bounded by a slice, to a target that
+    :func:`check_series_target` accepted.
+
+    ``slices()`` yields the ``depth`` slices (I, J) in k order, in physical units (float32), the same values every
+    call. It is called three times: two passes for the value range and the window (exact percentiles, see
+    :func:`medsr.intensity.percentiles`), then one to write the files.
+    """
+    header = _series_header(modality, meta, description=description, anonymize=anonymize)
+    iop, pixel_spacing, positions, normal = _slice_geometry(affine, depth, folder)
+    header.ImageOrientationPatient = [DSfloat(c, auto_format=True) for c in iop]
+    header.PixelSpacing = [DSfloat(s, auto_format=True) for s in pixel_spacing]
+    # The distance between slice planes; a single slice is read back with this step along the normal.
+    plane_distance = abs(normal @ lps_to_ras(affine)[:3, 2])
+    header.SliceThickness = header.SpacingBetweenSlices = DSfloat(plane_distance, auto_format=True)
+    try:
+        low, window_low, window_high, high = percentiles(slices, (0, 0.5, 99.5, 100))
+    except ValueError as error:  # NaN or infinite voxels
+        raise ValueError(f"{folder}: {error}; DICOM stores integers, fix or mask them first") from None
+    slope, intercept, dtype = _rescale(low, high, _preferred_rescale(modality, meta, header))
+    header.RescaleSlope, header.RescaleIntercept = slope, intercept
+    if "WindowCenter" not in header:  # a source's window is in physical units: the new rescale leaves it valid
+        header.WindowCenter = DSfloat((window_low + window_high) / 2, auto_format=True)
+        header.WindowWidth = DSfloat(max(window_high - window_low, 1.0), auto_format=True)  # >= 1 (PS3.3 C.11.2.1.2)
+    photometric = "MONOCHROME1" if header.get("PhotometricInterpretation") == "MONOCHROME1" else "MONOCHROME2"
+
+    header.file_meta = FileMetaDataset()
+    header.file_meta.MediaStorageSOPClassUID = header.SOPClassUID
+    header.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    header.file_meta.ImplementationVersionName = f"{_MARK}_{version('medsr')}"[:16]  # SH: 16 characters
+    width = max(4, len(str(depth)))
+    names = [f"{k + 1:0{width}d}.dcm" for k in range(depth)]
+    with _atomic_folder(folder) as tmp:
+        for k, (name, position, values) in enumerate(zip(names, positions, slices(), strict=True)):
+            header.SOPInstanceUID = header.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            header.InstanceNumber = k + 1
+            header.ImagePositionPatient = [DSfloat(x, auto_format=True) for x in position]
+            header.SliceLocation = DSfloat(normal @ position, auto_format=True)
+            stored = _stored(values.T, float(slope), float(intercept), dtype)  # (Rows, Columns)
+            header.set_pixel_data(stored, photometric, 16, generate_instance_uid=False)
+            header.save_as(tmp / name, enforce_file_format=True)
+    return [folder / name for name in names]
+
+
+def check_series_target(folder: Path, modality: Modality, meta: Mapping[str, Any], description: str) -> None:
+    """Refuse, before writing anything, what :func:`write_series` cannot write faithfully or must not touch
+    (``modality`` and ``meta`` as in the volume to write)."""
+    if modality in (Modality.US, Modality.CR, Modality.DX):
         raise ValueError(
-            f"{folder}: writing {volume.modality.value} DICOM is not supported: its geometry is not a slice in the "
+            f"{folder}: writing {modality.value} DICOM is not supported: its geometry is not a slice in the "
             "patient frame (ultrasound regions, projection radiographs); write .tif or .nii.gz instead"
         )
-    source = volume.meta.get("dicom")
+    source = meta.get("dicom")
     if source is not None and "ImageOrientationPatient" not in source:
         raise ValueError(
             f"{folder}: the source header has no ImageOrientationPatient, so the image has no place in the patient "
             "frame to write back; write .tif or .nii.gz instead"
         )
-    bad = int((~torch.isfinite(volume.array)).sum())
-    if bad:
-        raise ValueError(f"{folder}: {bad} voxels are NaN or infinite; DICOM stores integers, fix or mask them first")
     if not 0 < len(description) <= 64:
         raise ValueError(f"{folder}: description must have 1 to 64 characters (SeriesDescription), got {description!r}")
-    source_path = volume.meta.get("dicom_source")
+    source_path = meta.get("dicom_source")
     if source_path is not None:
         source_path, target = Path(source_path).resolve(), folder.resolve()
         if target == source_path or target.is_relative_to(source_path) or source_path.is_relative_to(target):
@@ -559,15 +628,15 @@ def _written_by_medsr(folder: Path) -> bool:
     return True
 
 
-def _series_header(volume: Volume, *, description: str, anonymize: bool) -> Dataset:
+def _series_header(modality: Modality, meta: Mapping[str, Any], *, description: str, anonymize: bool) -> Dataset:
     """The attributes all slices of the new series share (geometry, pixels and instance attributes come later)."""
-    source = volume.meta.get("dicom")
+    source = meta.get("dicom")
     if source is None:
         ds = Dataset()
-        for keyword, value in {**_MINIMAL_HEADER, **_MODALITY_HEADER[volume.modality]}.items():
+        for keyword, value in {**_MINIMAL_HEADER, **_MODALITY_HEADER[modality]}.items():
             setattr(ds, keyword, value)
-        ds.SOPClassUID = _STORAGE_CLASS[volume.modality]
-        ds.Modality = volume.modality.value
+        ds.SOPClassUID = _STORAGE_CLASS[modality]
+        ds.Modality = modality.value
         ds.StudyInstanceUID = generate_uid()
     else:
         ds = Dataset()
@@ -637,25 +706,24 @@ def _slice_geometry(
     return np.concatenate([row_cosine, column_cosine]), (row_spacing, column_spacing), positions, normal
 
 
-def _preferred_rescale(volume: Volume, header: Dataset) -> tuple[DSfloat, DSfloat] | None:
+def _preferred_rescale(modality: Modality, meta: Mapping[str, Any], header: Dataset) -> tuple[DSfloat, DSfloat] | None:
     """The source's (RescaleSlope, RescaleIntercept), else (1, -1024) for CT in HU, else None (no preference)."""
-    if volume.meta.get("dicom") is not None:
+    if meta.get("dicom") is not None:
         slope = float(header.get("RescaleSlope") or 1.0)  # as read_dicom reads it: absent or 0 means 1
         return DSfloat(slope, auto_format=True), DSfloat(float(header.get("RescaleIntercept") or 0.0), auto_format=True)
-    if volume.modality is Modality.CT:
+    if modality is Modality.CT:
         return DSfloat(1), DSfloat(-1024)
     return None
 
 
-def _rescale(values: np.ndarray, preferred: tuple[DSfloat, DSfloat] | None) -> tuple[DSfloat, DSfloat, type]:
-    """(RescaleSlope, RescaleIntercept, stored integer type) to store ``values`` (any shape) as 16-bit integers.
+def _rescale(low: float, high: float, preferred: tuple[DSfloat, DSfloat] | None) -> tuple[DSfloat, DSfloat, type]:
+    """(RescaleSlope, RescaleIntercept, stored integer type) to store values in ``[low, high]`` as 16-bit integers.
 
     ``value = stored * slope + intercept``, with ``stored`` the nearest integer, so a value comes back within
     ``slope / 2``. The preferred slope and intercept (the source's: the same units and steps) are kept when the
     stored values fit uint16 (all >= 0) or int16; otherwise, and without a preference, the data range [min, max]
     is spread over the 65536 uint16 levels. So nothing is clipped beyond the rounding.
     """
-    low, high = float(values.min()), float(values.max())
     if preferred is not None:
         slope, intercept = preferred
         stored = sorted(round((v - intercept) / slope) for v in (low, high))  # the map is monotonic

@@ -19,6 +19,7 @@ from medsr.intensity import default_window, denormalize, normalize
 from medsr.volume import Volume, integer_scale, scale_affine
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
+DEFAULT_TILE = {2: 128, 3: 48}  # tile edge in input voxels per spatial_dims; a 48^3 tile's 64-channel map is 28 MB
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -34,7 +35,7 @@ def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     return starts + [size - tile]
 
 
-def _blend_weights(size: int, overlap: int, *, fade_in: bool, fade_out: bool) -> torch.Tensor:
+def blend_weights(size: int, overlap: int, *, fade_in: bool, fade_out: bool) -> torch.Tensor:
     """Per-voxel weights (size,) of one tile along one axis, in output voxels.
 
     At a border shared with another tile, the weight is 0 within ``overlap / 4`` of the edge, then rises
@@ -61,7 +62,7 @@ def _tile_window(
     """Separable blending weights of the tile at ``corner``, shape (*(tile * scale))."""
     window = torch.ones([t * s for t, s in zip(tile, scale, strict=True)], dtype=torch.float64)
     for axis, (a, t, n, s, o) in enumerate(zip(corner, tile, spatial, scale, overlap, strict=True)):
-        weights = _blend_weights(t * s, o * s, fade_in=a > 0, fade_out=a + t < n)
+        weights = blend_weights(t * s, o * s, fade_in=a > 0, fade_out=a + t < n)
         window = window * weights.reshape([-1 if d == axis else 1 for d in range(len(tile))])
     return window
 
@@ -215,7 +216,7 @@ def predict_volume(
             64-channel feature map of a 48^3 tile is 28 MB in float32).
     """
     scale = integer_scale(scale)
-    tile = tile or (128 if spatial_dims == 2 else 48)
+    tile = tile or DEFAULT_TILE.get(spatial_dims, 0)
     if spatial_dims == 3:
         array = predict_tiled(
             predictor, volume.array, scale=scale, tile=(tile,) * 3, overlap=(overlap,) * 3, batch_size=batch_size

@@ -7,6 +7,7 @@ the data so the output returns to the source's units.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -45,12 +46,122 @@ def default_window(volume: Volume) -> Window:
     unknown): the 0.5th to 99.9th percentile of this scan, since their units are arbitrary. Models are trained
     with the window of the *low-resolution* scan, so inference computes it exactly as training did.
     """
-    if volume.modality == Modality.CT:
+    return window_from_slices(volume.modality, lambda: [volume.array.detach().cpu().numpy()])
+
+
+def window_from_slices(modality: Modality | str, slices: Callable[[], Iterable[np.ndarray]]) -> Window:
+    """:func:`default_window` of a scan too large for memory, given as slices (any shapes) in physical units.
+
+    ``slices()`` must yield the same values each time it is called; it is called twice for non-CT modalities (see
+    :func:`percentiles`), never for CT. The window equals ``default_window`` of the whole scan exactly.
+    """
+    if Modality(modality) == Modality.CT:
         return Window(*CT_WINDOW_HU)
-    lo, hi = (float(p) for p in np.percentile(volume.array.numpy(), [LOWER_PERCENTILE, UPPER_PERCENTILE]))
+    lo, hi = percentiles(slices, (LOWER_PERCENTILE, UPPER_PERCENTILE))
     if hi <= lo:
         raise ValueError(f"volume is constant ({lo}): nothing to super-resolve")
     return Window(lo, hi)
+
+
+_DIGIT_BITS = 16  # each pass of the selection resolves 16 bits of each sought value
+_CHUNK = 1 << 18  # values histogrammed at once: bincount's int64 copy of the digits stays small and in cache
+
+
+def percentiles(slices: Callable[[], Iterable[np.ndarray]], q: Sequence[float]) -> list[float]:
+    """``np.percentile(all_values, q)`` (its default 'linear' method), bitwise, in memory bounded by one slice.
+
+    Exact selection by radix: each value maps to an unsigned integer key of the same width whose order is the
+    values' order. Pass 1 counts the values and histograms the top 16 bits of every key, which pins down the top 16
+    bits of each sought order statistic (its rank is known once the count is); each further pass histograms the
+    next 16 bits of the keys sharing the prefixes found so far. So float32 values take 2 passes, float64 4; ties
+    need nothing special, and memory is one slice plus 2**16 counters per distinct prefix. The order statistics
+    are interpolated with numpy's operations in numpy's order, so the result equals ``np.percentile``'s.
+
+    Args:
+        slices: Called once per pass; yields float32 (or float64; integers are widened as ``np.result_type``
+            with float32 does) arrays of any shape, the same values every call.
+        q: Percentiles in [0, 100].
+
+    Raises:
+        ValueError: no values, or some are NaN or infinite.
+    """
+    count, dtype, top_counts = 0, None, np.zeros(1 << _DIGIT_BITS, dtype=np.int64)
+    for values in _chunks(slices):
+        if dtype is None:
+            dtype = np.result_type(values, np.float32)
+        bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
+        if bad:
+            raise ValueError(f"{bad} voxels are NaN or infinite")
+        count += np.size(values)
+        top_counts += np.bincount(_digits(_keys(values, dtype), 0), minlength=1 << _DIGIT_BITS)
+    if not count:
+        raise ValueError("no values to take percentiles of")
+    virtual = (count - 1) * np.true_divide(np.asarray(q, dtype=np.float64), 100)  # numpy's fractional rank
+    below = np.minimum(np.floor(virtual), count - 1).astype(np.int64)
+    above = np.minimum(below + 1, count - 1)
+    ranks = np.unique(np.concatenate([below, above]))
+    value = dict(zip(ranks.tolist(), _select(slices, ranks, dtype, top_counts), strict=True))
+    return [
+        _lerp(value[int(b)], value[int(a)], v - np.floor(v)) if v < count - 1 else float(value[count - 1])
+        for b, a, v in zip(below, above, virtual, strict=True)
+    ]
+
+
+def _chunks(slices: Callable[[], Iterable[np.ndarray]]) -> Iterator[np.ndarray]:
+    """One pass over the values of ``slices()``, flat, in runs of at most ``_CHUNK``."""
+    for values in slices():
+        flat = np.ravel(values)
+        for start in range(0, flat.size, _CHUNK):
+            yield flat[start : start + _CHUNK]
+
+
+def _lerp(lower: np.floating, upper: np.floating, weight: np.float64) -> float:
+    """numpy's ``_lerp`` for one pair, its operations in its order (its two forms meet at ``weight`` 0.5)."""
+    difference = upper - lower  # in the data's dtype, as numpy computes it
+    return float(upper - difference * (1 - weight) if weight >= 0.5 else lower + difference * weight)
+
+
+def _keys(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Flat unsigned keys of ``values`` as ``dtype``, ordered as the values: negatives get all bits flipped (larger
+    magnitude, smaller key), the others their sign bit set (so they sort above every negative)."""
+    bits = np.dtype(dtype).itemsize * 8
+    keys = np.ascontiguousarray(values, dtype=dtype).reshape(-1).view(f"uint{bits}")
+    sign = keys >> keys.dtype.type(bits - 1)  # 1 for negatives
+    return keys ^ (np.negative(sign) | keys.dtype.type(1 << (bits - 1)))
+
+
+def _digits(keys: np.ndarray, known: int) -> np.ndarray:
+    """The 16 key bits after the ``known`` leading ones."""
+    bits = keys.dtype.itemsize * 8
+    return (keys >> keys.dtype.type(bits - known - _DIGIT_BITS)) & keys.dtype.type((1 << _DIGIT_BITS) - 1)
+
+
+def _select(
+    slices: Callable[[], Iterable[np.ndarray]], ranks: np.ndarray, dtype: np.dtype, top_counts: np.ndarray
+) -> list[np.floating]:
+    """The values of 0-based ``ranks`` among all sorted values, given the histogram of the top 16 key bits."""
+    unsigned = np.dtype(f"uint{np.dtype(dtype).itemsize * 8}")
+    bits = unsigned.itemsize * 8
+    prefixes = np.zeros(len(ranks), dtype=unsigned)  # the leading key bits found so far, per rank
+    remaining = np.asarray(ranks, dtype=np.int64)  # its rank among the values sharing that prefix
+    wanted, counts = np.zeros(1, dtype=unsigned), top_counts[np.newaxis]  # digit histograms (prefixes, 2**16)
+    for known in range(0, bits, _DIGIT_BITS):
+        if known:
+            wanted = np.unique(prefixes)
+            counts = np.zeros((len(wanted), 1 << _DIGIT_BITS), dtype=np.int64)
+            for values in _chunks(slices):
+                keys = _keys(values, dtype)
+                heads, digits = keys >> unsigned.type(bits - known), _digits(keys, known)
+                for row, prefix in enumerate(wanted):
+                    counts[row] += np.bincount(digits[heads == prefix], minlength=1 << _DIGIT_BITS)
+        for index, prefix in enumerate(prefixes):
+            cumulative = np.cumsum(counts[np.searchsorted(wanted, prefix)])
+            digit = int(np.searchsorted(cumulative, remaining[index], side="right"))  # first digit past the rank
+            remaining[index] -= cumulative[digit - 1] if digit else 0
+            prefixes[index] = (int(prefix) << _DIGIT_BITS) | digit
+    top = unsigned.type(1 << (bits - 1))
+    keys = prefixes ^ np.where(prefixes & top, top, unsigned.type(np.iinfo(unsigned).max))  # _keys backwards
+    return list(keys.view(dtype))
 
 
 def normalize(volume: Volume, window: Window) -> Volume:

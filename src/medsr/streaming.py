@@ -1,0 +1,159 @@
+"""Super-resolve scans too large for memory, file to file, slab by slab along k: peak memory does not grow with K.
+
+The result is the in-memory path's, ``write_volume(super_resolve(read_volume(source), ...), target)``, for
+integer scales: the same window (``window_from_slices``: exact percentiles over all voxels, in two passes over the
+source), the same tiles and blending (``predict_volume`` runs on each slab), the same affine (``scale_affine``)
+and the same writers (``volume_writer``). Voxels are equal bit for bit for 2D models upsampling in-plane (each
+slice is independent), and to float32 rounding where tiles overlap along k (3D models, and 2D models run
+through-plane), because there the slabs' outputs are rounded to float32 before they are blended.
+
+Why it is exact along k: ``predict_tiled``'s blending weights are separable, so the tiles sharing a k-range give,
+once normalised, one slab prediction with weight 1 along k; the whole-volume output is the slabs' outputs blended
+with the k-weights ``predict_tiled`` gives those tile rows, divided by their sum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from medsr.infer import DEFAULT_TILE, Predictor, blend_weights, predict_volume, tile_starts
+from medsr.intensity import Window, window_from_slices
+from medsr.io import VolumeFile, open_volume, volume_writer
+from medsr.volume import Modality, Volume, integer_scale, scale_affine
+
+
+def upscale_file(
+    source: Path | str,
+    target: Path | str,
+    predictor: Predictor,
+    *,
+    scale: Sequence[int],
+    spatial_dims: int,
+    modality: Modality | str | None = None,
+    tile: int | None = None,
+    overlap: int = 8,
+    batch_size: int = 4,
+    description: str = "super-resolved by medsr",
+    anonymize: bool = False,
+    progress: bool = True,
+) -> None:
+    """Super-resolve the scan at ``source`` into ``target`` holding only a slab of it in memory at a time.
+
+    Memory: a 2D model upsampling in-plane holds one input slice and its output; a 3D model, or a 2D model run
+    through-plane, a slab of ``tile`` slices (the tile's depth along k) and its output, so a smaller ``tile``
+    lowers the peak there. The source is read three times for MR and other non-CT modalities (twice for the
+    window), once for CT. A DICOM target also needs I * J * K * 4 bytes of temporary disk beside it (see
+    :func:`medsr.io.volume_writer`).
+
+    Args:
+        source: A .nii/.nii.gz file or a DICOM series folder. Prefer .nii for huge scans: .nii.gz is decompressed
+            once per pass (fast, in k order), but cannot be read out of order.
+        target: A .nii/.nii.gz file or a DICOM series folder (a name without suffix), as for ``write_volume``:
+            written atomically; an existing NIfTI file is replaced, a DICOM folder only if medsr wrote it.
+        predictor: Maps (N, C, *tile) float32 in [0, 1] window units to (N, C, *(tile * scale)), e.g.
+            ``infer.model_predictor(model)``.
+        scale: Integer factor per voxel axis (i, j, k) as applied to the volume (``infer.model_plan``).
+        spatial_dims: 2 or 3, what the predictor takes; a 2D one runs in-plane, or through-plane for (1, 1, s).
+        modality: Overrides the source's (NIfTI has none, reads as OT); it picks the window rule.
+        tile, overlap: As for :func:`medsr.infer.predict_volume` (tiles default to 128^2 in 2D, 48^3 in 3D).
+        batch_size: Tiles per predictor call.
+        description, anonymize: DICOM target only, as for ``write_volume``.
+        progress: Show tqdm bars over the window passes and the slabs.
+
+    Raises:
+        ValueError: ``target`` is ``source``; the source is unreadable, truncated or holds a NaN/inf voxel (the
+            message names the file and slice); the scale is not integer; the model output has several channels.
+            Nothing is left at ``target``: the temporary file is removed.
+    """
+    source, target = Path(source), Path(target)
+    if target.resolve() == source.resolve():
+        raise ValueError(f"{target}: is the source; medsr never overwrites its input")
+    scale = integer_scale(scale)
+    volume = open_volume(source, modality=modality)
+    shape = tuple(n * s for n, s in zip(volume.spatial_shape, scale, strict=True))
+    with volume_writer(
+        target,
+        spatial_shape=shape,
+        affine=scale_affine(volume.affine, scale),
+        modality=volume.modality,
+        meta=volume.meta,
+        description=description,
+        anonymize=anonymize,
+    ) as write:
+        window = window_from_slices(
+            volume.modality,
+            lambda: tqdm(
+                volume.slices(), desc="window", total=volume.spatial_shape[2], leave=False, disable=not progress
+            ),
+        )
+        planes = _predict_slabs(
+            predictor,
+            volume,
+            window,
+            scale=scale,
+            spatial_dims=spatial_dims,
+            tile=tile or DEFAULT_TILE[spatial_dims],
+            overlap=overlap,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        for sr in planes:
+            if sr.shape[0] != 1:
+                raise ValueError(f"{target}: can only write single-channel volumes, the model gives {sr.shape[0]}")
+            write(window.to_physical(sr)[0].numpy())
+
+
+def _predict_slabs(
+    predictor: Predictor,
+    volume: VolumeFile,
+    window: Window,
+    *,
+    scale: tuple[int, int, int],
+    spatial_dims: int,
+    tile: int,
+    overlap: int,
+    batch_size: int,
+    progress: bool,
+) -> Iterator[torch.Tensor]:
+    """``predict_volume`` of the normalised volume, run slab by slab along k.
+
+    Slabs are the rows of tiles along k that ``predict_tiled`` would use on the whole volume: one slice each for a
+    2D model upsampling in-plane, else ``min(tile, K)`` slices overlapping by ``overlap``. Each input slice is read
+    once, in k order.
+
+    Yields:
+        Output planes (C, I * si, J * sj, n) float32 in [0, 1] window units, in k order, each as soon as no later
+        slab reaches it.
+    """
+    size = volume.spatial_shape[2]
+    depth, slab_overlap = (1, 0) if spatial_dims == 2 and scale[2] == 1 else (min(tile, size), overlap)
+    starts = tile_starts(size, depth, slab_overlap)
+    lr, held = torch.zeros((1, *volume.spatial_shape[:2], 0)), 0  # normalised input slices [held, held + n)
+    total = weight = None  # blended output (C, I', J', n) and k-weights (n,) of the planes from start * sk on
+    for index, start in enumerate(tqdm(starts, desc="upscale", unit="slab", disable=not progress)):
+        lr = lr[..., start - held :]  # slabs overlap: keep what this one shares with the last, read the rest
+        new = torch.from_numpy(volume.read_slab(start + lr.shape[3], start + depth))
+        lr, held = torch.cat([lr, window.to_unit(new)[None]], dim=-1), start
+        sr = predict_volume(
+            predictor,
+            Volume(lr, volume.affine, volume.modality),
+            scale=scale,
+            spatial_dims=spatial_dims,
+            tile=tile,
+            overlap=overlap,
+            batch_size=batch_size,
+            progress=False,
+        ).array.to(torch.float64)
+        weights = blend_weights(sr.shape[3], slab_overlap * scale[2], fade_in=start > 0, fade_out=start + depth < size)
+        if total is None:
+            total, weight = sr[..., :0], weights[:0]
+        pad = sr.shape[3] - total.shape[3]  # planes this slab reaches first
+        total = torch.cat([total, total.new_zeros((*total.shape[:3], pad))], -1) + sr * weights
+        weight = torch.cat([weight, weight.new_zeros(pad)]) + weights
+        ready = ((starts[index + 1] if index + 1 < len(starts) else size) - start) * scale[2]
+        yield (total[..., :ready] / weight[:ready]).to(torch.float32)
+        total, weight = total[..., ready:], weight[ready:]
