@@ -178,8 +178,7 @@ def _upscale_scan(source: Path, output: Path, model, description: dict, args: ar
         )
     factors = args.scale
     if args.spacing:
-        spacing = np.linalg.norm(volume.affine[:3, :3], axis=0)
-        factors = tuple(float(a / b) for a, b in zip(spacing, args.spacing, strict=True))
+        factors = tuple(a / b for a, b in zip(volume.spacing, args.spacing, strict=True))
     model_scale = description["model_kwargs"]["scale"]
     scale = model_plan(factors or (1, 1, 1), model_scale)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
+from nibabel.affines import voxel_sizes
 from nibabel.arrayproxy import ArrayProxy
 from nibabel.openers import Opener
 
@@ -120,6 +121,11 @@ class VolumeFile:
     modality: Modality
     meta: Mapping[str, Any]
     read_slab: Callable[[int, int], np.ndarray]
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along i, j, k, as :attr:`Volume.spacing` gives it."""
+        return tuple(float(s) for s in voxel_sizes(self.affine))
 
     def slices(self) -> Iterator[np.ndarray]:
         """Every slice in k order, float32 (I, J)."""
