@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 DEFAULT_MODEL = "edsr_mr_x2"
+SELFSR_STEPS = 4000  # as selfsup.SelfSRSettings (not imported here: the CLI starts without torch)
 SCORE_COLUMNS = ("method", "psnr", "ssim", "psnr_body", "ssim_body", "ssim3d", "hfen")
 
 
@@ -211,6 +212,51 @@ def _upscale_scan(source: Path, output: Path, model, description: dict, args: ar
     )
     write_volume(sr, output, description=text, anonymize=args.anonymize)
     print(f"wrote {output}: {sr!r}")
+
+
+def _selfsr(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from medsr.checkpoint import load_checkpoint, save_checkpoint
+    from medsr.io import read_volume, write_volume
+    from medsr.selfsup import SelfSRSettings, fit_and_apply, slice_acquisition
+
+    _check_output(args.output, [args.input], args.force)
+    if args.save_model and args.model:
+        raise ValueError("--model applies a saved network; --save-model saves a newly trained one: pass one")
+    volume = read_volume(args.input, modality=args.modality)
+    try:
+        acquisition = slice_acquisition(volume, thickness=args.slice_thickness, profile=args.slice_profile)
+    except ValueError as error:
+        raise ValueError(f"{args.input}: {error}") from error
+    settings = SelfSRSettings(steps=args.steps, time_budget=args.time_budget, precision=args.precision)
+    model = None
+    if args.model:
+        model, description = load_checkpoint(args.model)
+        if "selfsr" not in description:
+            raise ValueError(f"{args.model}: not a network saved by medsr selfsr --save-model")
+    print(
+        f"{args.input}: {volume!r}\nslice axis {'ijk'[acquisition.axis]}: {acquisition.spacing:.3g} mm apart, "
+        f"{acquisition.thickness:.3g} mm thick ({acquisition.profile} profile)",
+        file=sys.stderr,
+    )
+    sr, model, log = fit_and_apply(
+        volume, acquisition, target_spacing=args.target_spacing, settings=settings, model=model
+    )
+    spacing = sr.spacing[acquisition.axis]
+    text = f"medsr selfsr {acquisition.spacing:.3g}mm to {spacing:.3g}mm"
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    write_volume(sr, args.output, description=text, anonymize=args.anonymize)
+    if args.save_model:
+        description = {
+            "model_name": settings.model,
+            "model_kwargs": {"spatial_dims": 2, "scale": [1, 1], "in_channels": volume.array.shape[0]},
+            "selfsr": {"source": str(args.input), "acquisition": dataclasses.asdict(acquisition), **log},
+        }
+        save_checkpoint(args.save_model, model, description)
+    trained = f"trained {log['steps']} steps in {log['seconds']:.0f} s; " if "steps" in log else ""
+    print(f"{trained}wrote {args.output}: {sr!r}")
+    return 0
 
 
 def _load_model(model_ref: str):
@@ -477,6 +523,31 @@ def build_parser() -> argparse.ArgumentParser:
     upscale.add_argument("--anonymize", action="store_true", help="DICOM output: remove patient identifiers.")
     upscale.add_argument("-f", "--force", action="store_true", help="Replace OUTPUT if it exists.")
     upscale.set_defaults(run=_upscale)
+
+    selfsr = commands.add_parser(
+        "selfsr",
+        help="Super-resolve the thick-slice axis of one scan, learning from its own in-plane data (no training data).",
+    )
+    selfsr.add_argument("input", type=Path, help="NIfTI or DICOM series folder with thick slices.")
+    selfsr.add_argument("output", type=Path, help="NIfTI, or a new DICOM series folder (a name without suffix).")
+    selfsr.add_argument(
+        "--slice-thickness",
+        type=float,
+        help="Slice profile FWHM in mm (default: DICOM SliceThickness, else the spacing).",
+    )
+    selfsr.add_argument("--slice-profile", choices=("gaussian", "rect"), default="gaussian")
+    selfsr.add_argument("--target-spacing", type=float, help="Output slice spacing in mm (default: the in-plane one).")
+    selfsr.add_argument("--time-budget", type=float, default=300.0, help="Training time in seconds at most (300).")
+    selfsr.add_argument("--steps", type=int, default=SELFSR_STEPS, help=f"Training steps at most ({SELFSR_STEPS}).")
+    selfsr.add_argument("--modality", help="Override the modality (NIfTI carries none; sets the intensity window).")
+    selfsr.add_argument(
+        "--precision", choices=("auto", "fp32", "bf16"), default="auto", help="bf16 where the CPU has it (auto)."
+    )
+    selfsr.add_argument("--save-model", type=Path, metavar="DIR", help="Save the trained network (safetensors + JSON).")
+    selfsr.add_argument("--model", type=Path, metavar="DIR", help="Apply a network saved by --save-model; no training.")
+    selfsr.add_argument("--anonymize", action="store_true", help="DICOM output: remove patient identifiers.")
+    selfsr.add_argument("-f", "--force", action="store_true", help="Replace OUTPUT if it exists.")
+    selfsr.set_defaults(run=_selfsr)
 
     evaluate = commands.add_parser("evaluate", help="Compare a model with interpolation on held-out slices.")
     evaluate.add_argument("--model", default=DEFAULT_MODEL, help="Shipped model name or checkpoint folder.")

@@ -192,6 +192,52 @@ def resample(volume: Volume, shape: Sequence[int]) -> Volume:
     return volume.replace(array=array[0], affine=scale_affine(volume.affine, factors))
 
 
+def predict_planes(
+    predictor: Predictor,
+    array: torch.Tensor,
+    axes: tuple[int, int],
+    scale: Sequence[int],
+    *,
+    tile: int,
+    overlap: int,
+    batch_size: int,
+    progress: bool,
+) -> torch.Tensor:
+    """Run a 2D predictor on every plane spanned by two spatial ``axes`` of a (C, I, J, K) array.
+
+    ``axes`` (a, b), a < b, name the plane's first and second axis (0 = i, 1 = j, 2 = k); ``scale`` is the 2D
+    predictor's (sa, sb). Returns the array with axes a and b scaled, (C, I, J, K) layout kept.
+    """
+    (first, second), (normal,) = axes, {0, 1, 2} - set(axes)
+    stack = array.permute(0, normal + 1, first + 1, second + 1)  # (C, N, A, B)
+    name = "ijk"
+    planes = [
+        predict_tiled(
+            predictor,
+            stack[:, n],
+            scale=tuple(scale),
+            tile=(tile, tile),
+            overlap=(overlap, overlap),
+            batch_size=batch_size,
+        )
+        for n in tqdm(
+            range(stack.shape[1]), desc=f"planes ({name[first]}, {name[second]})", unit="plane", disable=not progress
+        )
+    ]
+    order = [0, normal + 1, first + 1, second + 1]
+    return torch.stack(planes, dim=1).permute(*[order.index(d) for d in range(4)])
+
+
+def predict_orthogonal_planes(predictor: Predictor, array: torch.Tensor, scale: int, **run: int | bool) -> torch.Tensor:
+    """Through-plane: a 2D predictor that scales its second axis by ``scale`` (1 = restoration only) runs on every
+    (i, k) and every (j, k) plane of a (C, I, J, K) array; the two results are averaged (the orthogonal-planes
+    scheme of Zhao et al., SMORE, IEEE TMI 2021). Returns (C, I, J, K * scale). ``run``: see :func:`predict_planes`.
+    """
+    along_i = predict_planes(predictor, array, (0, 2), (1, scale), **run)
+    along_j = predict_planes(predictor, array, (1, 2), (1, scale), **run)
+    return (along_i + along_j) / 2
+
+
 def predict_volume(
     predictor: Predictor,
     volume: Volume,
@@ -225,29 +271,11 @@ def predict_volume(
     if spatial_dims != 2:
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
 
-    def planes(array: torch.Tensor, plane_scale: tuple[int, int], desc: str) -> torch.Tensor:
-        """Predict every plane array[:, n] of a (C, N, A, B) array; returns (C, N, A * sa, B * sb)."""
-        return torch.stack(
-            [
-                predict_tiled(
-                    predictor,
-                    array[:, n],
-                    scale=plane_scale,
-                    tile=(tile, tile),
-                    overlap=(overlap, overlap),
-                    batch_size=batch_size,
-                )
-                for n in tqdm(range(array.shape[1]), desc=desc, unit="plane", disable=not progress)
-            ],
-            dim=1,
-        )
-
+    run = {"tile": tile, "overlap": overlap, "batch_size": batch_size, "progress": progress}
     if scale[2] == 1:
-        array = planes(volume.array.permute(0, 3, 1, 2), scale[:2], "upscale (i, j)").permute(0, 2, 3, 1)
+        array = predict_planes(predictor, volume.array, (0, 1), scale[:2], **run)
     elif scale[:2] == (1, 1):
-        along_i = planes(volume.array.permute(0, 2, 1, 3), (1, scale[2]), "upscale (i, k)").permute(0, 2, 1, 3)
-        along_j = planes(volume.array, (1, scale[2]), "upscale (j, k)")
-        array = (along_i + along_j) / 2
+        array = predict_orthogonal_planes(predictor, volume.array, scale[2], **run)
     else:
         raise ValueError(f"a 2D model upsamples in-plane or through-plane (1, 1, s), not both: got scale {scale}")
     return volume.replace(array=array, affine=scale_affine(volume.affine, scale))

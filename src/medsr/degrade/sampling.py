@@ -118,11 +118,16 @@ def profile_matrix(n: int, m: int, *, profile: str, fwhm: float) -> torch.Tensor
     or detector aperture) or 'gaussian' of that FWHM, in HR voxels. Rows are normalised to sum 1, so a
     profile reaching past the volume's edge averages what exists.
     """
+    return profile_weights(n, lr_centres(n, m), profile=profile, fwhm=fwhm)
+
+
+def profile_weights(n: int, centres: torch.Tensor, *, profile: str, fwhm: float) -> torch.Tensor:
+    """:func:`profile_matrix` for samples at any ``centres`` (HR voxel positions, shape (m,)): weights (m, n)."""
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {PROFILES}")
     if fwhm <= 0:
         raise ValueError(f"profile FWHM must be > 0 HR voxels, got {fwhm}")
-    t = torch.arange(n, dtype=torch.float64)[None, :] - lr_centres(n, m)[:, None]  # (m, n)
+    t = torch.arange(n, dtype=torch.float64)[None, :] - centres.double()[:, None]  # (m, n)
     weights = sum(
         c * _second_integral(t + shift, profile=profile, fwhm=fwhm) for c, shift in ((1, 1), (-2, 0), (1, -1))
     )

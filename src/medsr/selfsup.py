@@ -1,0 +1,294 @@
+"""Self-supervised through-plane super-resolution of one thick-slice scan, learnt from the scan itself.
+
+The in-plane axes of a thick-slice scan are sharp; its slice axis was blurred by the slice profile and sampled
+once per slice spacing. Degrading in-plane lines the same way (profile of FWHM = slice thickness, one sample per
+slice spacing, then cubic B-spline interpolation back to the fine grid) gives training pairs from the scan alone.
+A 2D network learns to restore them, and is then run on every (i, k) and (j, k) plane of the scan interpolated
+onto a fine slice grid; the two results are averaged. This is the scheme of SMORE (Zhao et al., IEEE TMI 2021)
+and ECLARE (Remedios et al., 2025). The network restores an interpolated image (residual learning, as VDSR), so
+any factor works, integer or not, and any slice gap (thickness below the spacing): only the training pairs know
+them.
+
+Spacings are in mm; arrays are (C, I, J, K) with intensities normalised to [0, 1] by the scan's default window.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.ndimage import map_coordinates
+from torch import nn
+from tqdm import tqdm
+
+from medsr.data import FOREGROUND_LEVEL, Pair
+from medsr.degrade.sampling import PROFILES, profile_weights
+from medsr.infer import DEFAULT_TILE, model_predictor, predict_orthogonal_planes, resample, resolve_precision
+from medsr.intensity import default_window, denormalize, normalize
+from medsr.losses import l1
+from medsr.models import create_model
+from medsr.train import train_step
+from medsr.volume import Volume, scale_affine
+
+MIN_ANISOTROPY = 1.2  # slice spacing / finest in-plane spacing below which there is nothing to learn
+PHASES = 8  # sampling offsets of the simulated slices per in-plane axis (for non-integer factors and variety)
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceAcquisition:
+    """How a scan's slice axis was acquired.
+
+    Args:
+        axis: Voxel axis across the slices (0, 1 or 2): the one with the largest spacing.
+        spacing: Distance between slice centres in mm.
+        thickness: FWHM of the slice profile in mm; below ``spacing`` leaves a gap, above makes slices overlap.
+        profile: 'gaussian' (the usual model of an MR slice-selective excitation, as in SMORE) or 'rect'.
+    """
+
+    axis: int
+    spacing: float
+    thickness: float
+    profile: str = "gaussian"
+
+    def __post_init__(self) -> None:
+        if self.axis not in (0, 1, 2) or self.profile not in PROFILES:
+            raise ValueError(f"axis must be 0, 1 or 2 and profile one of {PROFILES}, got {self.axis}, {self.profile}")
+        if not (math.isfinite(self.thickness) and self.thickness > 0 and self.spacing > 0):
+            raise ValueError(f"slice spacing and thickness must be > 0 mm, got {self.spacing}, {self.thickness}")
+
+
+def slice_acquisition(volume: Volume, *, thickness: float | None = None, profile: str = "gaussian") -> SliceAcquisition:
+    """The slice axis (largest spacing) and its profile. Thickness: as given, else the DICOM SliceThickness,
+    else the slice spacing (contiguous slices). Refuses a scan that is not thick-sliced."""
+    spacing = volume.spacing
+    axis = int(np.argmax(spacing))
+    finest = min(s for a, s in enumerate(spacing) if a != axis)
+    if spacing[axis] < MIN_ANISOTROPY * finest:
+        raise ValueError(
+            f"spacing {tuple(round(s, 3) for s in spacing)} mm is nearly isotropic (slice spacing below "
+            f"{MIN_ANISOTROPY}x the in-plane spacing): there is no thick-slice axis to super-resolve"
+        )
+    if thickness is None:
+        header = volume.meta.get("dicom")
+        thickness = float(header.get("SliceThickness") or 0) if header is not None else 0.0
+        thickness = thickness or spacing[axis]
+    return SliceAcquisition(axis=axis, spacing=spacing[axis], thickness=float(thickness), profile=profile)
+
+
+def bspline_weights(coordinates: np.ndarray, m: int) -> torch.Tensor:
+    """Cubic B-spline interpolation as a matrix: row ``y`` holds the weights of ``m`` samples at sample
+    coordinate ``coordinates[y]`` (fractional index; mirror-symmetric beyond the ends). Shape (len, m), float64."""
+    columns = [
+        map_coordinates(np.eye(m)[c], np.asarray(coordinates, dtype=np.float64)[None], order=3, mode="mirror")
+        for c in range(m)
+    ]
+    return torch.from_numpy(np.stack(columns, axis=1))
+
+
+def interpolate_slices(volume: Volume, axis: int, n: int) -> Volume:
+    """Cubic B-spline interpolation along one axis to ``n`` voxels over the same field of view (the baseline
+    self-supervised SR improves on, and its starting point)."""
+    m = volume.spatial_shape[axis]
+    coordinates = (np.arange(n) + 0.5) * m / n - 0.5  # voxel-centre convention, as scale_affine
+    weights = bspline_weights(coordinates, m).to(volume.array.dtype)  # (n, m)
+    moved = torch.movedim(volume.array, axis + 1, -1)
+    array = torch.movedim(moved @ weights.T, -1, axis + 1).contiguous()
+    scale = [1.0, 1.0, 1.0]
+    scale[axis] = n / m
+    return volume.replace(array=array, affine=scale_affine(volume.affine, scale))
+
+
+def line_operator(n: int, factor: float, fwhm: float, *, profile: str, offset: float) -> torch.Tensor:
+    """The slice axis as a matrix on a line of ``n`` fine voxels: profile-weighted samples every ``factor`` voxels
+    from ``offset`` on, then cubic B-spline interpolation back to the ``n`` voxels. (n, n), float64.
+
+    Args:
+        factor: Slice spacing in fine voxels (any real > 1).
+        fwhm: Slice thickness in fine voxels.
+        offset: Position of the first simulated slice centre, in [0, factor).
+    """
+    m = math.floor((n - 1 - offset) / factor) + 1
+    sample = profile_weights(n, offset + factor * torch.arange(m, dtype=torch.float64), profile=profile, fwhm=fwhm)
+    interpolate = bspline_weights((np.arange(n) - offset) / factor, m)  # (n, m)
+    return interpolate @ sample
+
+
+class InPlanePairs:
+    """Training pairs from the in-plane slices: HR patches (C, P, P) and the same patches degraded along their
+    second axis as the slice axis was, then interpolated back (the network's input).
+
+    Both in-plane axes are used: planes (i, j) degraded along j, and (j, i) degraded along i, each with its own
+    factor (slice spacing / that axis's spacing) and ``PHASES`` slice offsets. Patches are centred on tissue.
+
+    Args:
+        array: The scan, normalised, with the slice axis last: (C, I, J, K).
+        in_plane: Spacing of i and j in mm.
+        acquisition: The slice axis to simulate.
+        patch: Patch edge in voxels (capped at the plane's size).
+        rng: Drives every draw.
+    """
+
+    def __init__(
+        self,
+        array: torch.Tensor,
+        in_plane: Sequence[float],
+        acquisition: SliceAcquisition,
+        *,
+        patch: int,
+        rng: np.random.Generator,
+    ) -> None:
+        self.planes = [array.permute(3, 0, 1, 2), array.permute(3, 0, 2, 1)]  # (K, C, A, B): B is degraded
+        self.operators = []
+        for planes, step in zip(self.planes, reversed(in_plane), strict=True):
+            factor, fwhm = acquisition.spacing / step, acquisition.thickness / step
+            offsets = rng.uniform(0, factor, PHASES)
+            n = planes.shape[-1]
+            self.operators.append(
+                [line_operator(n, factor, fwhm, profile=acquisition.profile, offset=o).float().T for o in offsets]
+            )
+        self.patch = min(patch, *array.shape[1:3])
+        self.centres = []  # (count, 3) indices k, a, b of tissue voxels (of every voxel in a blank scan)
+        for planes in self.planes:
+            tissue = (planes.amax(dim=1) > FOREGROUND_LEVEL).nonzero()
+            self.centres.append(tissue if len(tissue) else torch.ones(planes[:, 0].shape).nonzero())
+        self.rng = rng
+
+    def batch(self, size: int) -> Pair:
+        """``size`` random pairs, stacked: lr, hr (N, C, P, P), with random flips."""
+        lr, hr = [], []
+        for _ in range(size):
+            orientation = int(self.rng.integers(2))
+            planes, centres = self.planes[orientation], self.centres[orientation]
+            k, a, b = centres[self.rng.integers(len(centres))].tolist()
+            _, _, size_a, size_b = planes.shape
+            a0 = min(max(a - self.patch // 2, 0), size_a - self.patch)
+            b0 = min(max(b - self.patch // 2, 0), size_b - self.patch)
+            rows = planes[k, :, a0 : a0 + self.patch]  # (C, P, B): whole lines, so the operator sees no edge
+            degraded = rows @ self.operators[orientation][self.rng.integers(PHASES)]
+            pair = torch.stack([degraded[..., b0 : b0 + self.patch], rows[..., b0 : b0 + self.patch]])
+            flips = [d for d in (2, 3) if self.rng.integers(2)]
+            pair = pair.flip(flips) if flips else pair
+            lr.append(pair[0])
+            hr.append(pair[1])
+        return Pair(torch.stack(lr), torch.stack(hr))
+
+
+@dataclasses.dataclass(frozen=True)
+class SelfSRSettings:
+    """Training and inference settings of :func:`fit_and_apply`.
+
+    Args:
+        model: Registered model name; it runs at scale (1, 1) on the interpolated planes.
+        steps: Optimisation steps at most; the learning rate follows a cosine over steps or time, whichever
+            runs out first.
+        time_budget: Seconds of training at most.
+        patch, batch_size, lr: Patch edge (voxels), patches per step, Adam learning rate.
+        precision: 'auto' (bf16 where the CPU has it), 'fp32' or 'bf16', for training and inference.
+        tile: Inference tile edge (voxels) of the planes.
+        seed: Seeds the weights and every patch draw.
+    """
+
+    model: str = "edsr_small"
+    steps: int = 4000
+    time_budget: float = 300.0
+    patch: int = 48
+    batch_size: int = 16
+    lr: float = 1e-3
+    precision: str = "auto"
+    tile: int = DEFAULT_TILE[2]
+    seed: int = 0
+
+
+def train_model(
+    array: torch.Tensor,
+    in_plane: Sequence[float],
+    acquisition: SliceAcquisition,
+    settings: SelfSRSettings,
+    *,
+    progress: bool = True,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Train a restoration network on in-plane pairs of one normalised scan (slice axis last, (C, I, J, K)).
+
+    Returns the model (eval mode) and a log: steps, seconds, final mean L1 over the last 50 steps."""
+    torch.manual_seed(settings.seed)
+    pairs = InPlanePairs(array, in_plane, acquisition, patch=settings.patch, rng=np.random.default_rng(settings.seed))
+    model = create_model(settings.model, spatial_dims=2, scale=(1, 1), in_channels=array.shape[0])
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    bf16 = resolve_precision(settings.precision) == "bf16"
+    losses: list[float] = []
+    start = time.monotonic()
+    bar = tqdm(total=settings.steps, desc="self-supervised training", unit="step", disable=not progress)
+    for step in range(settings.steps):
+        done = max(step / settings.steps, (time.monotonic() - start) / settings.time_budget)
+        if done >= 1:
+            break
+        for group in optimizer.param_groups:  # cosine decay (Loshchilov & Hutter 2017) over steps or time
+            group["lr"] = settings.lr * 0.5 * (1 + math.cos(math.pi * done))
+        losses.append(train_step(model, optimizer, pairs.batch(settings.batch_size), l1, bf16=bf16)["loss"])
+        bar.update()
+        bar.set_postfix(l1=f"{np.mean(losses[-50:]):.4f}", refresh=False)
+    bar.close()
+    log = {"steps": len(losses), "seconds": round(time.monotonic() - start, 1), "l1": float(np.mean(losses[-50:]))}
+    return model.eval(), log
+
+
+def _slice_axis_last(volume: Volume, axis: int) -> Volume:
+    """The same volume with voxel axes reordered so ``axis`` comes last (affine columns follow)."""
+    order = [a for a in range(3) if a != axis] + [axis]
+    affine = volume.affine[:, [*order, 3]]
+    return volume.replace(array=volume.array.permute(0, *[a + 1 for a in order]).contiguous(), affine=affine)
+
+
+def _slice_axis_back(volume: Volume, axis: int) -> Volume:
+    """Inverse of :func:`_slice_axis_last`."""
+    order = [a for a in range(3) if a != axis] + [axis]
+    back = [order.index(a) for a in range(3)]
+    affine = volume.affine[:, [*back, 3]]
+    return volume.replace(array=volume.array.permute(0, *[a + 1 for a in back]).contiguous(), affine=affine)
+
+
+def fit_and_apply(
+    volume: Volume,
+    acquisition: SliceAcquisition,
+    *,
+    target_spacing: float | None = None,
+    settings: SelfSRSettings = SelfSRSettings(),
+    model: nn.Module | None = None,
+    progress: bool = True,
+) -> tuple[Volume, nn.Module, dict[str, Any]]:
+    """Super-resolve a scan's slice axis by learning from its own in-plane data.
+
+    Args:
+        volume: The thick-slice scan in physical units, (C, I, J, K); any axis may be the slice axis.
+        acquisition: See :func:`slice_acquisition`.
+        target_spacing: Output slice spacing in mm; default the in-plane spacing (isotropic voxels). The network
+            works on a grid of the in-plane spacing; another target is reached by linear resampling from it.
+        settings: See :class:`SelfSRSettings`.
+        model: A network trained before on a scan of the same protocol (:func:`train_model`): skips training.
+
+    Returns:
+        The SR volume over the same field of view in physical units, the trained network, and a log: training
+        steps, seconds, final L1, the intensity window.
+    """
+    moved = _slice_axis_last(volume, acquisition.axis)
+    in_plane = moved.spacing[:2]
+    window = default_window(moved)
+    unit = normalize(moved, window)
+    log = {}
+    if model is None:
+        model, log = train_model(unit.array, in_plane, acquisition, settings, progress=progress)
+
+    slices = moved.spatial_shape[2]
+    fine = interpolate_slices(unit, 2, max(slices, round(slices * moved.spacing[2] / np.mean(in_plane))))
+    run = {"tile": settings.tile, "overlap": 8, "batch_size": 4, "progress": progress}
+    predictor = model_predictor(model, precision=settings.precision)
+    sr = fine.replace(array=predict_orthogonal_planes(predictor, fine.array, 1, **run))
+    if target_spacing is not None:
+        sr = resample(sr, (*sr.spatial_shape[:2], max(1, round(slices * moved.spacing[2] / target_spacing))))
+    log |= {"window": dataclasses.asdict(window)}
+    return _slice_axis_back(denormalize(sr, window), acquisition.axis), model, log
