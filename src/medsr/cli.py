@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 DEFAULT_MODEL = "edsr_mr_x2"
-SELFSR_STEPS = 4000  # as selfsup.SelfSRSettings (not imported here: the CLI starts without torch)
 SCORE_COLUMNS = ("method", "psnr", "ssim", "psnr_body", "ssim_body", "ssim3d", "hfen")
 
 
@@ -224,36 +223,43 @@ def _selfsr(args: argparse.Namespace) -> int:
     _check_output(args.output, [args.input], args.force)
     if args.save_model and args.model:
         raise ValueError("--model applies a saved network; --save-model saves a newly trained one: pass one")
+    if args.save_model and (
+        args.save_model.exists() and not args.force or args.save_model in (args.input, args.output)
+    ):
+        raise ValueError(f"{args.save_model}: exists or is the input/output; choose a new folder (or --force)")
+    given = {"steps": args.steps, "time_budget": args.time_budget, "precision": args.precision}
+    settings = SelfSRSettings(**{key: value for key, value in given.items() if value is not None})
     volume = read_volume(args.input, modality=args.modality)
     try:
         acquisition = slice_acquisition(volume, thickness=args.slice_thickness, profile=args.slice_profile)
     except ValueError as error:
         raise ValueError(f"{args.input}: {error}") from error
-    settings = SelfSRSettings(steps=args.steps, time_budget=args.time_budget, precision=args.precision)
-    model = None
-    if args.model:
-        model, description = load_checkpoint(args.model)
-        if "selfsr" not in description:
-            raise ValueError(f"{args.model}: not a network saved by medsr selfsr --save-model")
     print(
         f"{args.input}: {volume!r}\nslice axis {'ijk'[acquisition.axis]}: {acquisition.spacing:.3g} mm apart, "
         f"{acquisition.thickness:.3g} mm thick ({acquisition.profile} profile)",
         file=sys.stderr,
     )
+    model = None
+    if args.model:
+        model, description = load_checkpoint(args.model)
+        if "selfsr" not in description:
+            raise ValueError(f"{args.model}: not a network saved by medsr selfsr --save-model")
+        if description["selfsr"]["acquisition"] != dataclasses.asdict(acquisition):
+            print(
+                f"medsr selfsr: warning: {args.model} learnt slices {description['selfsr']['acquisition']}, "
+                f"this scan has {dataclasses.asdict(acquisition)}; expect poorer results",
+                file=sys.stderr,
+            )
     sr, model, log = fit_and_apply(
         volume, acquisition, target_spacing=args.target_spacing, settings=settings, model=model
     )
-    spacing = sr.spacing[acquisition.axis]
-    text = f"medsr selfsr {acquisition.spacing:.3g}mm to {spacing:.3g}mm"
+    text = f"medsr selfsr {acquisition.spacing:.3g}mm to {sr.spacing[acquisition.axis]:.3g}mm"
     args.output.parent.mkdir(parents=True, exist_ok=True)
     write_volume(sr, args.output, description=text, anonymize=args.anonymize)
     if args.save_model:
-        description = {
-            "model_name": settings.model,
-            "model_kwargs": {"spatial_dims": 2, "scale": [1, 1], "in_channels": volume.array.shape[0]},
-            "selfsr": {"source": str(args.input), "acquisition": dataclasses.asdict(acquisition), **log},
-        }
-        save_checkpoint(args.save_model, model, description)
+        selfsr = {"source": str(args.input), "acquisition": dataclasses.asdict(acquisition)}
+        selfsr |= {key: log[key] for key in ("steps", "seconds", "l1")}
+        save_checkpoint(args.save_model, model, {**log, "selfsr": selfsr})
     trained = f"trained {log['steps']} steps in {log['seconds']:.0f} s; " if "steps" in log else ""
     print(f"{trained}wrote {args.output}: {sr!r}")
     return 0
@@ -537,12 +543,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     selfsr.add_argument("--slice-profile", choices=("gaussian", "rect"), default="gaussian")
     selfsr.add_argument("--target-spacing", type=float, help="Output slice spacing in mm (default: the in-plane one).")
-    selfsr.add_argument("--time-budget", type=float, default=300.0, help="Training time in seconds at most (300).")
-    selfsr.add_argument("--steps", type=int, default=SELFSR_STEPS, help=f"Training steps at most ({SELFSR_STEPS}).")
+    selfsr.add_argument("--time-budget", type=float, help="Training time in seconds at most (default 300).")
+    selfsr.add_argument("--steps", type=int, help="Training steps at most (default 4000).")
     selfsr.add_argument("--modality", help="Override the modality (NIfTI carries none; sets the intensity window).")
-    selfsr.add_argument(
-        "--precision", choices=("auto", "fp32", "bf16"), default="auto", help="bf16 where the CPU has it (auto)."
-    )
+    selfsr.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="bf16 where the CPU has it (auto).")
     selfsr.add_argument("--save-model", type=Path, metavar="DIR", help="Save the trained network (safetensors + JSON).")
     selfsr.add_argument("--model", type=Path, metavar="DIR", help="Apply a network saved by --save-model; no training.")
     selfsr.add_argument("--anonymize", action="store_true", help="DICOM output: remove patient identifiers.")

@@ -33,9 +33,10 @@ from medsr.intensity import default_window, denormalize, normalize
 from medsr.losses import l1
 from medsr.models import create_model
 from medsr.train import train_step
-from medsr.volume import Volume, scale_affine
+from medsr.volume import Volume, permute_axes, scale_affine
 
 MIN_ANISOTROPY = 1.2  # slice spacing / finest in-plane spacing below which there is nothing to learn
+MIN_SLICES = 4  # a cubic B-spline needs a few samples to interpolate between
 PHASES = 8  # sampling offsets of the simulated slices per in-plane axis (for non-integer factors and variety)
 
 
@@ -63,8 +64,9 @@ class SliceAcquisition:
 
 
 def slice_acquisition(volume: Volume, *, thickness: float | None = None, profile: str = "gaussian") -> SliceAcquisition:
-    """The slice axis (largest spacing) and its profile. Thickness: as given, else the DICOM SliceThickness,
-    else the slice spacing (contiguous slices). Refuses a scan that is not thick-sliced."""
+    """The slice axis (largest spacing) and its profile. Thickness: as given, else the DICOM SliceThickness (when
+    the slice axis is the series' stacking axis k), else the slice spacing (contiguous slices). Refuses a scan
+    that is not thick-sliced, or has fewer than ``MIN_SLICES`` slices."""
     spacing = volume.spacing
     axis = int(np.argmax(spacing))
     finest = min(s for a, s in enumerate(spacing) if a != axis)
@@ -73,8 +75,10 @@ def slice_acquisition(volume: Volume, *, thickness: float | None = None, profile
             f"spacing {tuple(round(s, 3) for s in spacing)} mm is nearly isotropic (slice spacing below "
             f"{MIN_ANISOTROPY}x the in-plane spacing): there is no thick-slice axis to super-resolve"
         )
+    if volume.spatial_shape[axis] < MIN_SLICES:
+        raise ValueError(f"{volume.spatial_shape[axis]} slices along the slice axis; at least {MIN_SLICES} needed")
     if thickness is None:
-        header = volume.meta.get("dicom")
+        header = volume.meta.get("dicom") if axis == 2 else None
         thickness = float(header.get("SliceThickness") or 0) if header is not None else 0.0
         thickness = thickness or spacing[axis]
     return SliceAcquisition(axis=axis, spacing=spacing[axis], thickness=float(thickness), profile=profile)
@@ -152,10 +156,8 @@ class InPlanePairs:
                 [line_operator(n, factor, fwhm, profile=acquisition.profile, offset=o).float().T for o in offsets]
             )
         self.patch = min(patch, *array.shape[1:3])
-        self.centres = []  # (count, 3) indices k, a, b of tissue voxels (of every voxel in a blank scan)
-        for planes in self.planes:
-            tissue = (planes.amax(dim=1) > FOREGROUND_LEVEL).nonzero()
-            self.centres.append(tissue if len(tissue) else torch.ones(planes[:, 0].shape).nonzero())
+        tissue = array.amax(dim=0) > FOREGROUND_LEVEL  # (I, J, K)
+        self.tissue = (tissue if tissue.any() else torch.ones_like(tissue)).nonzero()  # (count, 3): i, j, k
         self.rng = rng
 
     def batch(self, size: int) -> Pair:
@@ -163,8 +165,9 @@ class InPlanePairs:
         lr, hr = [], []
         for _ in range(size):
             orientation = int(self.rng.integers(2))
-            planes, centres = self.planes[orientation], self.centres[orientation]
-            k, a, b = centres[self.rng.integers(len(centres))].tolist()
+            planes = self.planes[orientation]
+            i, j, k = self.tissue[self.rng.integers(len(self.tissue))].tolist()
+            a, b = (i, j) if orientation == 0 else (j, i)
             _, _, size_a, size_b = planes.shape
             a0 = min(max(a - self.patch // 2, 0), size_a - self.patch)
             b0 = min(max(b - self.patch // 2, 0), size_b - self.patch)
@@ -203,6 +206,14 @@ class SelfSRSettings:
     tile: int = DEFAULT_TILE[2]
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if min(self.steps, self.batch_size, self.tile) < 1 or self.patch < 8 or not self.time_budget > 0:
+            raise ValueError(
+                f"steps, batch_size and tile must be >= 1, patch >= 8 voxels and time_budget > 0 s; got {self}"
+            )
+        if not self.lr > 0 or self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"lr must be > 0 and precision auto, fp32 or bf16; got {self.lr}, {self.precision!r}")
+
 
 def train_model(
     array: torch.Tensor,
@@ -214,10 +225,13 @@ def train_model(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train a restoration network on in-plane pairs of one normalised scan (slice axis last, (C, I, J, K)).
 
-    Returns the model (eval mode) and a log: steps, seconds, final mean L1 over the last 50 steps."""
-    torch.manual_seed(settings.seed)
+    Returns the model (eval mode) and a log: model name and kwargs (what ``create_model`` needs), steps,
+    seconds, final mean L1 over the last 50 steps."""
     pairs = InPlanePairs(array, in_plane, acquisition, patch=settings.patch, rng=np.random.default_rng(settings.seed))
-    model = create_model(settings.model, spatial_dims=2, scale=(1, 1), in_channels=array.shape[0])
+    kwargs = {"spatial_dims": 2, "scale": [1, 1], "in_channels": array.shape[0]}
+    with torch.random.fork_rng():  # seeded weights without touching the caller's global RNG
+        torch.manual_seed(settings.seed)
+        model = create_model(settings.model, **kwargs)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
     bf16 = resolve_precision(settings.precision) == "bf16"
     losses: list[float] = []
@@ -233,23 +247,9 @@ def train_model(
         bar.update()
         bar.set_postfix(l1=f"{np.mean(losses[-50:]):.4f}", refresh=False)
     bar.close()
-    log = {"steps": len(losses), "seconds": round(time.monotonic() - start, 1), "l1": float(np.mean(losses[-50:]))}
+    log = {"model_name": settings.model, "model_kwargs": kwargs, "steps": len(losses)}
+    log |= {"seconds": round(time.monotonic() - start, 1), "l1": float(np.mean(losses[-50:]))}
     return model.eval(), log
-
-
-def _slice_axis_last(volume: Volume, axis: int) -> Volume:
-    """The same volume with voxel axes reordered so ``axis`` comes last (affine columns follow)."""
-    order = [a for a in range(3) if a != axis] + [axis]
-    affine = volume.affine[:, [*order, 3]]
-    return volume.replace(array=volume.array.permute(0, *[a + 1 for a in order]).contiguous(), affine=affine)
-
-
-def _slice_axis_back(volume: Volume, axis: int) -> Volume:
-    """Inverse of :func:`_slice_axis_last`."""
-    order = [a for a in range(3) if a != axis] + [axis]
-    back = [order.index(a) for a in range(3)]
-    affine = volume.affine[:, [*back, 3]]
-    return volume.replace(array=volume.array.permute(0, *[a + 1 for a in back]).contiguous(), affine=affine)
 
 
 def fit_and_apply(
@@ -266,8 +266,9 @@ def fit_and_apply(
     Args:
         volume: The thick-slice scan in physical units, (C, I, J, K); any axis may be the slice axis.
         acquisition: See :func:`slice_acquisition`.
-        target_spacing: Output slice spacing in mm; default the in-plane spacing (isotropic voxels). The network
-            works on a grid of the in-plane spacing; another target is reached by linear resampling from it.
+        target_spacing: Output slice spacing in mm, at most the acquired one; default the finest in-plane spacing
+            (isotropic voxels for square pixels). The network works on a grid of that spacing (rounded to divide
+            the field of view); another target is reached by linear resampling from it.
         settings: See :class:`SelfSRSettings`.
         model: A network trained before on a scan of the same protocol (:func:`train_model`): skips training.
 
@@ -275,7 +276,13 @@ def fit_and_apply(
         The SR volume over the same field of view in physical units, the trained network, and a log: training
         steps, seconds, final L1, the intensity window.
     """
-    moved = _slice_axis_last(volume, acquisition.axis)
+    if target_spacing is not None and not 0 < target_spacing <= acquisition.spacing:
+        raise ValueError(
+            f"target spacing must be > 0 mm and at most the slice spacing ({acquisition.spacing:.3g} mm), "
+            f"got {target_spacing}"
+        )
+    order = [a for a in range(3) if a != acquisition.axis] + [acquisition.axis]  # the slice axis last
+    moved = permute_axes(volume, order)
     in_plane = moved.spacing[:2]
     window = default_window(moved)
     unit = normalize(moved, window)
@@ -284,11 +291,11 @@ def fit_and_apply(
         model, log = train_model(unit.array, in_plane, acquisition, settings, progress=progress)
 
     slices = moved.spatial_shape[2]
-    fine = interpolate_slices(unit, 2, max(slices, round(slices * moved.spacing[2] / np.mean(in_plane))))
+    fine = interpolate_slices(unit, 2, max(slices, round(slices * moved.spacing[2] / min(in_plane))))
     run = {"tile": settings.tile, "overlap": 8, "batch_size": 4, "progress": progress}
     predictor = model_predictor(model, precision=settings.precision)
     sr = fine.replace(array=predict_orthogonal_planes(predictor, fine.array, 1, **run))
     if target_spacing is not None:
         sr = resample(sr, (*sr.spatial_shape[:2], max(1, round(slices * moved.spacing[2] / target_spacing))))
     log |= {"window": dataclasses.asdict(window)}
-    return _slice_axis_back(denormalize(sr, window), acquisition.axis), model, log
+    return permute_axes(denormalize(sr, window), np.argsort(order).tolist()), model, log

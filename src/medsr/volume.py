@@ -126,6 +126,15 @@ def crop(volume: Volume, start: Sequence[int], stop: Sequence[int]) -> Volume:
     return volume.replace(array=array, affine=affine)
 
 
+def permute_axes(volume: Volume, order: Sequence[int]) -> Volume:
+    """The same voxels with the voxel axes reordered: new axis ``n`` is old axis ``order[n]`` (the affine's
+    columns follow, so every voxel keeps its world position). ``permute_axes(v, (2, 0, 1))`` puts k first."""
+    if sorted(order) != [0, 1, 2]:
+        raise ValueError(f"order must be a permutation of (0, 1, 2), got {tuple(order)}")
+    array = volume.array.permute(0, *[a + 1 for a in order]).contiguous()
+    return volume.replace(array=array, affine=volume.affine[:, [*order, 3]])
+
+
 def integer_scale(factors: Sequence[float]) -> tuple[int, ...]:
     """Factors as integers, e.g. (2.0, 2.0, 1.0) -> (2, 2, 1); a non-integer factor is an error, not truncated."""
     scale = tuple(int(round(f)) for f in factors)
