@@ -45,3 +45,33 @@ def test_per_slice_scores_average_to_the_rows_and_extras_are_sane(head):
     assert mean["psnr"] == pytest.approx(np.mean([row["psnr"] for row in cubic[:12]]), rel=1e-6)
     assert mean["ssim3d"] == cubic[-1]["ssim3d"] and 0 < mean["ssim3d"] < 1
     assert all(0 < row["hfen"] < 1 for row in rows)  # relative error of the LoG-filtered slices
+
+
+def test_lr_consistency_is_zero_for_the_truth_and_reported_for_every_method(phantom):
+    """HR itself degrades to the (noise-free) LR exactly; interpolation does not."""
+    from medsr.consistency import lr_rmse
+    from medsr.data import degrade_normalised
+
+    degradation = Degradation(factors=(2, 2, 1), modality="MR")
+    hr = phantom.replace(array=phantom.array[:, :24, :20, :12])
+    lr = degrade_normalised(hr, degradation, rng=None)
+    assert lr_rmse(hr, lr, degradation) < 1e-6
+    comparison = compare_methods(phantom, degradation, {}, slices=(4, 12))
+    rmse = {row["method"]: row["lr_rmse"] for row in comparison.rows}
+    assert set(rmse) == {"nearest", "linear", "cubic"} and all(value > 1e-3 for value in rmse.values())
+
+
+def test_kspace_consistency_puts_the_measured_band_back(phantom):
+    from medsr.consistency import kspace_consistency, lr_rmse
+    from medsr.data import degrade_normalised
+
+    degradation = Degradation(factors=(2, 2, 1), modality="MR")
+    hr = phantom.replace(array=phantom.array[:, :24, :20, :12])
+    lr = degrade_normalised(hr, degradation, rng=None)
+    guess = hr.replace(array=hr.array + 0.1 * torch.randn(hr.array.shape, generator=torch.Generator().manual_seed(0)))
+    fixed = kspace_consistency(guess, lr, degradation)
+    assert lr_rmse(guess, lr, degradation) > 0.01 and lr_rmse(fixed, lr, degradation) < 1e-5
+    # it only changes the measured band: closer to HR than the guess
+    assert (fixed.array - hr.array).pow(2).mean() < (guess.array - hr.array).pow(2).mean()
+    with pytest.raises(ValueError, match="rect k-space window"):
+        kspace_consistency(guess, lr, Degradation(factors=(2, 2, 1), modality="MR", kspace_window="hann"))

@@ -16,7 +16,16 @@ import scipy.stats
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from medsr.metrics import _laplacian_of_gaussian, evaluate, hfen, paired_difference, psnr, ssim, ssim_map
+from medsr.metrics import (
+    _laplacian_of_gaussian,
+    evaluate,
+    hf_energy_ratio,
+    hfen,
+    paired_difference,
+    psnr,
+    ssim,
+    ssim_map,
+)
 
 TOL = 1e-6
 
@@ -258,3 +267,14 @@ def test_paired_difference_errors():
         paired_difference([1.0, math.inf], [2.0, 3.0])
     with pytest.raises(ValueError, match=r"confidence must be in \(0, 1\)"):
         paired_difference([1.0, 2.0], [2.0, 3.0], confidence=95)
+
+
+def test_hf_energy_ratio_is_one_for_hr_below_for_blur_above_for_noise(rng):
+    from medsr.degrade.sampling import gaussian_blur
+
+    target = torch.from_numpy(rng.random((2, 1, 32, 32)))
+    assert torch.allclose(hf_energy_ratio(target, target), torch.ones(2, dtype=torch.float64))
+    blurred = gaussian_blur(target, (2.0, 2.0))
+    noisy = target + 0.3 * torch.from_numpy(rng.standard_normal(target.shape))
+    assert torch.all(hf_energy_ratio(blurred, target) < 0.5) and torch.all(hf_energy_ratio(noisy, target) > 1.2)
+    assert torch.allclose(hf_energy_ratio(3 * blurred, 3 * target), hf_energy_ratio(blurred, target))

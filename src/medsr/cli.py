@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 DEFAULT_MODEL = "edsr_mr_x2"
-SCORE_COLUMNS = ("method", "psnr", "ssim", "psnr_body", "ssim_body", "ssim3d", "hfen")
+SCORE_COLUMNS = ("method", "psnr", "ssim", "psnr_body", "ssim_body", "ssim3d", "hfen", "hf_ratio", "lr_rmse")
 
 
 def _triple(text: str) -> tuple[float, float, float]:

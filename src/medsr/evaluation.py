@@ -14,10 +14,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from medsr.consistency import lr_rmse
 from medsr.data import FOREGROUND_LEVEL, crop_to_multiple, degrade_normalised, slice_range
 from medsr.degrade import Degradation
 from medsr.infer import Predictor, predict_volume
-from medsr.metrics import hfen, psnr, ssim
+from medsr.metrics import hf_energy_ratio, hfen, psnr, ssim
 from medsr.models.blocks import interpolate
 from medsr.volume import Volume, integer_scale
 
@@ -43,6 +44,7 @@ def score_slices(sr: torch.Tensor, hr: torch.Tensor, mask: torch.Tensor, *, extr
     }
     if extras:
         scores["hfen"] = hfen(sr, hr)
+        scores["hf_ratio"] = hf_energy_ratio(sr, hr)
         if sr.shape[0] >= 11:  # (1, C, I, J, K): the slab as one volume
             scores["ssim3d"] = ssim(sr.permute(1, 2, 3, 0)[None], hr.permute(1, 2, 3, 0)[None], data_range=1.0)
     return scores
@@ -98,7 +100,11 @@ def compare_methods(
     rows, per_slice = [], []
     for name in (*BASELINES, *models):
         scores = score_slices(images[name], images["hr"], mask, extras=extras)
-        rows.append({"method": name} | {key: float(values.mean()) for key, values in scores.items()})
+        # the output acquired again by the known scanner model, against the LR it was given (slab-wide)
+        again = lr_rmse(slab.replace(array=images[name].permute(1, 2, 3, 0)), lr, degradation)
+        rows.append(
+            {"method": name} | {key: float(values.mean()) for key, values in scores.items()} | {"lr_rmse": again}
+        )
         per_slice += [
             {"method": name, "slice": start + k} | {key: float(v[k]) for key, v in scores.items() if key != "ssim3d"}
             for k in range(stop - start)

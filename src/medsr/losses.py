@@ -12,6 +12,10 @@ live outside the losses, in :func:`combined` (no ``loss_weight`` inside each los
   Loss for Image Reconstruction and Synthesis", ICCV 2021) without its adaptive spectrum weights.
 
 ``LOSSES`` maps the config names to functions of ``(pred, target)`` only; ``combined`` builds a weighted sum.
+
+Adversarial losses take a discriminator's logits instead (:func:`discriminator_loss`, :func:`generator_loss`):
+'vanilla' (the non-saturating GAN of Goodfellow et al. 2014), 'ragan' (relativistic average, Jolicoeur-Martineau
+2019, as in ESRGAN) and 'hinge' (Lim & Ye 2017; Miyato et al. 2018).
 """
 
 from __future__ import annotations
@@ -174,3 +178,38 @@ def combined(terms: Mapping[str, float]) -> Loss:
 def _is_positive_weight(weight: object) -> bool:
     # bool is an int: a YAML "yes" must not silently become weight 1
     return isinstance(weight, int | float) and not isinstance(weight, bool) and math.isfinite(weight) and weight > 0
+
+
+ADVERSARIAL = ("vanilla", "ragan", "hinge")
+
+
+def _relativistic(real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of 'real is more realistic than the average fake' and the other way round."""
+    return real - fake.mean(), fake - real.mean()
+
+
+def discriminator_loss(real: torch.Tensor, fake: torch.Tensor, kind: str) -> torch.Tensor:
+    """The discriminator's loss from its logits on HR (``real``) and SR (``fake``) batches, any equal shapes."""
+    real, fake = _at_least_float32(real), _at_least_float32(fake)
+    bce = F.binary_cross_entropy_with_logits
+    if kind == "vanilla":
+        return bce(real, torch.ones_like(real)) + bce(fake, torch.zeros_like(fake))
+    if kind == "ragan":
+        real_vs_fake, fake_vs_real = _relativistic(real, fake)
+        return (bce(real_vs_fake, torch.ones_like(real)) + bce(fake_vs_real, torch.zeros_like(fake))) / 2
+    if kind == "hinge":
+        return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+    raise ValueError(f"unknown adversarial loss {kind!r}; choose one of {ADVERSARIAL}")
+
+
+def generator_loss(real: torch.Tensor, fake: torch.Tensor, kind: str) -> torch.Tensor:
+    """The generator's adversarial loss from the discriminator's logits (``real`` is only used by 'ragan', where
+    the generator also pushes the real images to look less real than the fakes)."""
+    fake = _at_least_float32(fake)
+    if kind == "vanilla":
+        return F.binary_cross_entropy_with_logits(fake, torch.ones_like(fake))
+    if kind == "ragan":
+        return discriminator_loss(fake, real.detach(), "ragan")  # the same game with the roles swapped
+    if kind == "hinge":
+        return -fake.mean()
+    raise ValueError(f"unknown adversarial loss {kind!r}; choose one of {ADVERSARIAL}")

@@ -256,6 +256,22 @@ def hfen(
     return torch.sqrt(_masked_mean(error**2, m) / _masked_mean(reference**2, m)).to(pred.dtype)
 
 
+def hf_energy_ratio(pred: torch.Tensor, target: torch.Tensor, *, sigma: float = 1.5) -> torch.Tensor:
+    """Sharpness relative to the reference: ||LoG(pred)||^2 / ||LoG(target)||^2, one value per batch item.
+
+    The energy of the image's detail (the LoG band of :func:`hfen`) over the reference's: 1 is as much detail as
+    HR, below 1 blurrier (interpolation, PSNR-trained models), above 1 more (noise, GAN texture). It says how
+    much detail there is, not whether it is right; read it next to PSNR/HFEN (the perception-distortion
+    trade-off, Blau & Michaeli, CVPR 2018). Float64; shapes and sigma as :func:`hfen`.
+    """
+    _check(pred, target, None)
+    channels = pred.shape[1]
+    detail, reference = _laplacian_of_gaussian(torch.cat([pred.double(), target.double()], dim=1), sigma).split(
+        channels, dim=1
+    )
+    return (detail.pow(2).flatten(1).sum(1) / reference.pow(2).flatten(1).sum(1)).to(pred.dtype)
+
+
 @torch.no_grad()
 def evaluate(
     pred: torch.Tensor, target: torch.Tensor, *, data_range: float, mask: torch.Tensor | None = None

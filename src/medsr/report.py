@@ -34,6 +34,8 @@ METRICS = {
     "ssim_body": ("SSIM body", "{:.4f}"),
     "ssim3d": ("3D SSIM", "{:.4f}"),
     "hfen": ("HFEN", "{:.4f}"),
+    "hf_ratio": ("HF energy / HR", "{:.3f}"),  # detail energy relative to HR: 1 is as sharp as HR
+    "lr_rmse": ("LR consistency RMSE", "{:.4f}"),  # the output degraded again, against its LR input
 }
 _MISSING = "\N{EN DASH}"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
