@@ -136,7 +136,8 @@ def main() -> None:
             print(f"{thick.name}: {lr!r}", flush=True)
             start = time.perf_counter()
             bspline = interpolate_slices(lr, 2, hr.spatial_shape[2])
-            rows.append((thickness, "bspline", score(bspline, hr), time.perf_counter() - start, ""))
+            seconds = time.perf_counter() - start
+            rows.append((thickness, "bspline", score(bspline, hr), seconds, ""))
 
             out = folder / f"selfsr_{thickness:g}mm.nii.gz"
             command = [sys.executable, "-m", "medsr.cli", "selfsr", str(thick), str(out)]
