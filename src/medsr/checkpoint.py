@@ -73,6 +73,27 @@ def update_description(directory: Path, **fields: Any) -> None:
     os.replace(tmp, directory / DESCRIPTION)
 
 
+def interpolate(psnr: Path | str, gan: Path | str, alpha: float, out: Path) -> None:
+    """Network interpolation (ESRGAN, Wang et al. 2018): weights ``alpha * psnr + (1 - alpha) * gan``, a smooth
+    dial between the PSNR-oriented generator (alpha 1) and its adversarially fine-tuned copy (alpha 0).
+
+    Both must be the same architecture (``fit`` saves them as ``psnr/`` and ``best/`` of a GAN run); ``out`` gets
+    the GAN's description with ``interpolation: {psnr, gan, alpha}``.
+    """
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    (model_a, description_a), (model_b, description) = load_checkpoint(psnr), load_checkpoint(gan)
+    if (description_a["model_name"], description_a["model_kwargs"]) != (
+        description["model_name"],
+        description["model_kwargs"],
+    ):
+        raise ValueError(f"{psnr} and {gan} are different networks; interpolation needs one architecture")
+    weights_a = model_a.state_dict()
+    model_b.load_state_dict({k: alpha * weights_a[k] + (1 - alpha) * v for k, v in model_b.state_dict().items()})
+    interpolation = {"psnr": str(resolve_checkpoint(psnr)), "gan": str(resolve_checkpoint(gan)), "alpha": alpha}
+    save_checkpoint(out, model_b, description | {"interpolation": interpolation})
+
+
 def resolve_checkpoint(name_or_path: Path | str) -> Path:
     """A checkpoint folder from a path, or from the name of a shipped model (see :func:`shipped_models`)."""
     path = Path(name_or_path)

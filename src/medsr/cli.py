@@ -265,6 +265,16 @@ def _selfsr(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interpolate(args: argparse.Namespace) -> int:
+    from medsr.checkpoint import interpolate
+
+    if args.output.exists() and not args.force:
+        raise ValueError(f"{args.output}: exists; pass --force to replace it")
+    interpolate(args.psnr, args.gan, args.alpha, args.output)
+    print(f"wrote {args.output}: {args.alpha:g} x {args.psnr} + {1 - args.alpha:g} x {args.gan}")
+    return 0
+
+
 def _load_model(model_ref: str):
     """A checkpoint with the fields the commands rely on, or a ValueError naming it."""
     from medsr.checkpoint import load_checkpoint
@@ -567,6 +577,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="Write MODEL_CARD.md and the held-out scores into the model's checkpoint folder.",
     )
     evaluate.set_defaults(run=_evaluate)
+
+    interpolate = commands.add_parser(
+        "interpolate", help="Blend a PSNR-oriented model and its GAN fine-tuning (ESRGAN network interpolation)."
+    )
+    interpolate.add_argument("psnr", type=Path, help="The PSNR-oriented checkpoint (a GAN run's psnr/).")
+    interpolate.add_argument("gan", type=Path, help="The adversarially fine-tuned checkpoint (the run's best/).")
+    interpolate.add_argument("output", type=Path, help="Checkpoint folder to write.")
+    interpolate.add_argument("--alpha", type=float, default=0.5, help="Weight of the PSNR model, 0..1 (0.5).")
+    interpolate.add_argument("-f", "--force", action="store_true", help="Replace OUTPUT if it exists.")
+    interpolate.set_defaults(run=_interpolate)
 
     export = commands.add_parser(
         "export", help="Export a model to ONNX (needs the onnx extra: pip install medsr[onnx])."

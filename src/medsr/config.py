@@ -63,11 +63,28 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
+class GanConfig:
+    """Adversarial fine-tuning (SRGAN/ESRGAN): ``pretrain_steps`` of the pixel loss alone (the PSNR-oriented
+    generator, saved in ``psnr/``), then generator and discriminator steps in turn, the pixel loss kept."""
+
+    discriminator: str = ""  # '' trains without a GAN; vgg | patchgan | unet (models.discriminators)
+    discriminator_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    adversarial: str = "ragan"  # vanilla | ragan | hinge (losses.ADVERSARIAL)
+    adversarial_weight: float = 5e-3  # ESRGAN's, next to a pixel loss of weight 1
+    perceptual_weights: str = ""  # a VGG-19 safetensors file (medsr.perceptual); '' = no perceptual term
+    perceptual_weight: float = 1.0
+    perceptual_layer: int = 34
+    pretrain_steps: int = 0
+    d_lr: float = 1e-4
+
+
+@dataclasses.dataclass
 class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     degradation: Degradation = dataclasses.field(default_factory=Degradation)  # the LR simulation, as saved
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    gan: GanConfig = dataclasses.field(default_factory=GanConfig)
 
 
 def load_config(path: Path | str | None = None, overrides: Sequence[str] = ()) -> Config:

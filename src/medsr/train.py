@@ -31,8 +31,10 @@ from medsr.degrade import Degradation
 from medsr.evaluation import compare_methods
 from medsr.infer import model_predictor
 from medsr.io import read_volume
-from medsr.losses import LOSSES, combined
+from medsr.losses import ADVERSARIAL, LOSSES, combined, discriminator_loss, generator_loss
 from medsr.models import create_model
+from medsr.models.discriminators import DISCRIMINATORS, create_discriminator
+from medsr.perceptual import PerceptualLoss
 from medsr.samples import resolve_scan
 from medsr.volume import Volume, integer_scale
 
@@ -67,6 +69,58 @@ def train_step(
     if ema is not None:
         ema.update_parameters(model)
     return {"loss": loss.item(), "grad_norm": float(norm)}
+
+
+def gan_step(
+    generator: nn.Module,
+    discriminator: nn.Module,
+    g_optimizer: torch.optim.Optimizer,
+    d_optimizer: torch.optim.Optimizer,
+    batch: Pair,
+    pixel_loss: Callable,
+    *,
+    adversarial: str,
+    adversarial_weight: float,
+    perceptual: nn.Module | None = None,
+    perceptual_weight: float = 0.0,
+    clip_grad_norm: float = 0.0,
+    bf16: bool = False,
+    ema: AveragedModel | None = None,
+) -> dict[str, float]:
+    """One generator update, then one discriminator update (SRGAN/ESRGAN order); returns the logged values.
+
+    The generator's loss is ``pixel + adversarial_weight * adversarial (+ perceptual_weight * perceptual)``: the
+    pixel term keeps the output tied to HR (the adversarial term alone rewards any plausible anatomy).
+    """
+    generator.train()
+    discriminator.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        sr = generator(batch.lr).float()
+        # Generator: be close to HR and fool D. D's weights get gradients here but are not stepped.
+        real_logits = discriminator(batch.hr).detach().float()  # RaGAN compares against the real batch
+        fake_logits = discriminator(sr).float()
+    pixel = pixel_loss(sr, batch.hr)
+    adversarial_term = generator_loss(real_logits, fake_logits, adversarial)
+    total = pixel + adversarial_weight * adversarial_term
+    logs = {"loss/pixel": pixel.item(), "loss/adversarial": adversarial_term.item()}
+    if perceptual is not None:
+        perceptual_term = perceptual(sr, batch.hr)
+        total = total + perceptual_weight * perceptual_term
+        logs["loss/perceptual"] = perceptual_term.item()
+    g_optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    norm = nn.utils.clip_grad_norm_(generator.parameters(), clip_grad_norm if clip_grad_norm > 0 else math.inf)
+    g_optimizer.step()
+    if ema is not None:
+        ema.update_parameters(generator)
+    # Discriminator: real HR -> real, generated (detached, so G gets no gradient) -> fake.
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        real_logits, fake_logits = discriminator(batch.hr).float(), discriminator(sr.detach()).float()
+    d_loss = discriminator_loss(real_logits, fake_logits, adversarial)
+    d_optimizer.zero_grad(set_to_none=True)  # also clears the gradients G's loss left on D
+    d_loss.backward()
+    d_optimizer.step()
+    return {"loss": total.item(), "grad_norm": float(norm), **logs, "loss/d": d_loss.item()}
 
 
 def _optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
@@ -124,6 +178,17 @@ def check_config(config: Config) -> None:
         )
     if config.train.loss_terms:
         combined(config.train.loss_terms)  # raises on unknown names or bad weights, before any data is loaded
+    gan = config.gan
+    if gan.discriminator and (
+        gan.discriminator not in DISCRIMINATORS
+        or gan.adversarial not in ADVERSARIAL
+        or not 0 <= gan.pretrain_steps < train.steps
+        or min(gan.adversarial_weight, gan.d_lr) <= 0
+    ):
+        raise ValueError(
+            f"gan: discriminator one of {sorted(DISCRIMINATORS)}, adversarial one of {ADVERSARIAL}, "
+            f"0 <= pretrain_steps < train.steps, adversarial_weight and d_lr > 0; got {gan}"
+        )
     if config.data.split not in ("region", "scan"):
         raise ValueError(f"data.split must be 'region' or 'scan', got {config.data.split!r}")
     regions = {"train": config.data.train_slices, "val": config.data.val_slices, "test": config.data.test_slices}
@@ -206,6 +271,11 @@ def fit(config: Config | None, run_dir: Path, *, resume: bool = False, progress:
     batches it would have drawn (``batches`` replays the stream from the saved step), so with a fixed seed the
     resumed run ends with the weights of an uninterrupted one.
 
+    With ``gan.discriminator`` set, steps after ``gan.pretrain_steps`` are :func:`gan_step` s; the generator at the
+    end of pre-training is saved in ``psnr/`` (for network interpolation, :func:`checkpoint.interpolate`), and in
+    the adversarial phase ``best/`` follows the latest validation (a GAN is not chosen by its PSNR). The
+    discriminator and its optimiser are part of ``last/``'s training state.
+
     Args:
         config: The run's config; ignored when resuming (the run's own ``config.yaml`` is used).
         run_dir: The run folder.
@@ -255,7 +325,23 @@ def fit(config: Config | None, run_dir: Path, *, resume: bool = False, progress:
         if config.train.ema_decay
         else None
     )
-    start, best = _restore(run_dir, model, optimizer, schedule, ema, rank=rank) if resume else (0, {"psnr": -math.inf})
+    gan = config.gan
+    discriminator = d_optimizer = perceptual = None
+    if gan.discriminator:
+        if world_size > 1:
+            raise ValueError("GAN training runs in one process: torchrun with gan.discriminator is not supported")
+        channels = config.model.kwargs.get("in_channels", 1)
+        discriminator = create_discriminator(
+            gan.discriminator, config.model.spatial_dims, in_channels=channels, **gan.discriminator_kwargs
+        )
+        d_optimizer = torch.optim.Adam(discriminator.parameters(), lr=gan.d_lr, betas=(0.9, 0.99))  # ESRGAN's
+        if gan.perceptual_weights:
+            perceptual = PerceptualLoss(gan.perceptual_weights, layer=gan.perceptual_layer)
+    start, best = (
+        _restore(run_dir, model, optimizer, schedule, ema, discriminator, d_optimizer, rank=rank)
+        if resume
+        else (0, {"psnr": -math.inf})
+    )
     final = ema.module if ema is not None else model  # what is validated and saved
     # DDP averages gradients over processes: with equal shares of the global batch, the same update as one process.
     trained = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
@@ -267,16 +353,36 @@ def fit(config: Config | None, run_dir: Path, *, resume: bool = False, progress:
     )
     with _log_file(run_dir, resume, rank) as log:
         for step in bar:
-            logs = train_step(
-                trained,
-                optimizer,
-                next(stream),
-                loss_fn,
-                clip_grad_norm=config.train.clip_grad_norm,
-                bf16=config.train.bf16,
-                ema=ema,
-            )
+            adversarial_phase = discriminator is not None and step > gan.pretrain_steps
+            if adversarial_phase:
+                logs = gan_step(
+                    trained,
+                    discriminator,
+                    optimizer,
+                    d_optimizer,
+                    next(stream),
+                    loss_fn,
+                    adversarial=gan.adversarial,
+                    adversarial_weight=gan.adversarial_weight,
+                    perceptual=perceptual,
+                    perceptual_weight=gan.perceptual_weight,
+                    clip_grad_norm=config.train.clip_grad_norm,
+                    bf16=config.train.bf16,
+                    ema=ema,
+                )
+            else:
+                logs = train_step(
+                    trained,
+                    optimizer,
+                    next(stream),
+                    loss_fn,
+                    clip_grad_norm=config.train.clip_grad_norm,
+                    bf16=config.train.bf16,
+                    ema=ema,
+                )
             schedule.step()
+            if discriminator is not None and step == gan.pretrain_steps and rank == 0:  # the PSNR-oriented model
+                save_checkpoint(run_dir / "psnr", final, describe(config, step, {}, split))
             bar.set_postfix(loss=f"{logs['loss']:.4f}")
             if world_size > 1:  # log the global batch's loss, as one process would see it
                 loss = torch.tensor(logs["loss"])
@@ -289,9 +395,10 @@ def fit(config: Config | None, run_dir: Path, *, resume: bool = False, progress:
                     final, val_volumes, degradation, val_slices, config.model.spatial_dims, bf16=config.train.bf16
                 )
                 row.update(step=step, loss=logs["loss"], lr=schedule.get_last_lr()[0])
+                row.update({key: value for key, value in logs.items() if key.startswith("loss/")})
                 log.write(json.dumps(row) + "\n")
                 log.flush()
-                if row["psnr"] > best["psnr"]:
+                if row["psnr"] > best["psnr"] or adversarial_phase:  # a GAN is not chosen by PSNR: its latest
                     best = row
                     save_checkpoint(run_dir / "best", final, describe(config, step, {"validation": row}, split))
                 state = {
@@ -302,6 +409,8 @@ def fit(config: Config | None, run_dir: Path, *, resume: bool = False, progress:
                 }
                 if ema is not None:  # the checkpoint holds the average: keep the raw weights to go on training
                     state |= {"model": model.state_dict(), "ema": ema.state_dict()}
+                if discriminator is not None:
+                    state |= {"discriminator": discriminator.state_dict(), "d_optimizer": d_optimizer.state_dict()}
                 _save_last(run_dir, final, describe(config, step, {"validation": row}, split), state)
                 bar.write(f"step {step}: val PSNR {row['psnr']:.2f} dB (bicubic {row['psnr_cubic']:.2f})")
                 if world_size > 1:
@@ -340,10 +449,12 @@ def _restore(
     optimizer: torch.optim.Optimizer,
     schedule,
     ema: AveragedModel | None,
+    discriminator: nn.Module | None = None,
+    d_optimizer: torch.optim.Optimizer | None = None,
     *,
     rank: int = 0,
 ) -> tuple[int, dict]:
-    """Load ``last/`` into the model, optimiser, schedule and EMA; drop log rows written after it.
+    """Load ``last/`` into the model, optimiser, schedule, EMA and GAN discriminator; drop log rows written after it.
 
     Returns (step, best validation row).
     """
@@ -354,6 +465,9 @@ def _restore(
         ema.load_state_dict(state["ema"])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
+    if discriminator is not None:
+        discriminator.load_state_dict(state["discriminator"])
+        d_optimizer.load_state_dict(state["d_optimizer"])
     step = int(state["step"])
     # A kill between logging a validation and saving its checkpoint leaves a row the resumed run will write again.
     if rank == 0:  # the log is rank 0's
