@@ -269,12 +269,16 @@ def test_paired_difference_errors():
         paired_difference([1.0, 2.0], [2.0, 3.0], confidence=95)
 
 
-def test_hf_energy_ratio_is_one_for_hr_below_for_blur_above_for_noise(rng):
-    from medsr.degrade.sampling import gaussian_blur
+def test_hf_energy_ratio_counts_energy_beyond_the_lr_band(rng):
+    from medsr.degrade.sampling import kspace_truncate, kspace_upsample
 
     target = torch.from_numpy(rng.random((2, 1, 32, 32)))
-    assert torch.allclose(hf_energy_ratio(target, target), torch.ones(2, dtype=torch.float64))
-    blurred = gaussian_blur(target, (2.0, 2.0))
+    assert torch.allclose(hf_energy_ratio(target, target, factors=(2, 2)), torch.ones(2, dtype=torch.float64))
+    band_limited = kspace_upsample(kspace_truncate(target, (2, 2)), (32, 32))  # nothing beyond the LR band
+    assert torch.all(hf_energy_ratio(band_limited, target, factors=(2, 2)) < 1e-20)
     noisy = target + 0.3 * torch.from_numpy(rng.standard_normal(target.shape))
-    assert torch.all(hf_energy_ratio(blurred, target) < 0.5) and torch.all(hf_energy_ratio(noisy, target) > 1.2)
-    assert torch.allclose(hf_energy_ratio(3 * blurred, 3 * target), hf_energy_ratio(blurred, target))
+    ratio = hf_energy_ratio(noisy, target, factors=(2, 2))
+    assert torch.all(ratio > 1.2)
+    assert torch.allclose(hf_energy_ratio(3 * noisy, 3 * target, factors=(2, 2)), ratio)
+    with pytest.raises(ValueError, match="one > 1"):
+        hf_energy_ratio(target, target, factors=(1, 1))

@@ -183,7 +183,9 @@ def _upscale_scan(source: Path, output: Path, model, description: dict, args: ar
     scale = model_plan(factors or (1, 1, 1), model_scale)
     output.parent.mkdir(parents=True, exist_ok=True)
     text = f"medsr SR x{'x'.join(f'{f:g}' for f in factors or scale)} {Path(args.model).name}"[:64]
-    if streamable and (factors is None or np.allclose(factors, scale)):
+    if args.kspace_consistency and not (factors is None or np.allclose(factors, scale)):
+        raise ValueError("--kspace-consistency needs the model's own scale (no --scale/--spacing resampling)")
+    if streamable and (factors is None or np.allclose(factors, scale)) and not args.kspace_consistency:
         upscale_file(
             source,
             output,
@@ -209,6 +211,11 @@ def _upscale_scan(source: Path, output: Path, model, description: dict, args: ar
         overlap=args.overlap,
         precision=args.precision,
     )
+    if args.kspace_consistency:  # the scan is the measured k-space band: put it back into the output
+        from medsr.consistency import kspace_consistency
+        from medsr.degrade import Degradation
+
+        sr = kspace_consistency(sr, volume, Degradation(**description["degradation"]))
     write_volume(sr, output, description=text, anonymize=args.anonymize)
     print(f"wrote {output}: {sr!r}")
 
@@ -535,6 +542,11 @@ def build_parser() -> argparse.ArgumentParser:
     upscale.add_argument("--overlap", type=int, default=8, help="Tile overlap in input voxels.")
     upscale.add_argument(
         "--precision", choices=("auto", "fp32", "bf16"), default="auto", help="bf16 where the CPU has it (auto)."
+    )
+    upscale.add_argument(
+        "--kspace-consistency",
+        action="store_true",
+        help="MRI: replace the output's k-space band that the input measured by the input's (exact data consistency).",
     )
     upscale.add_argument("--anonymize", action="store_true", help="DICOM output: remove patient identifiers.")
     upscale.add_argument("-f", "--force", action="store_true", help="Replace OUTPUT if it exists.")

@@ -15,6 +15,7 @@ volumes and inflates them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -256,20 +257,33 @@ def hfen(
     return torch.sqrt(_masked_mean(error**2, m) / _masked_mean(reference**2, m)).to(pred.dtype)
 
 
-def hf_energy_ratio(pred: torch.Tensor, target: torch.Tensor, *, sigma: float = 1.5) -> torch.Tensor:
-    """Sharpness relative to the reference: ||LoG(pred)||^2 / ||LoG(target)||^2, one value per batch item.
+def hf_energy_ratio(pred: torch.Tensor, target: torch.Tensor, *, factors: Sequence[float]) -> torch.Tensor:
+    """Sharpness relative to the reference: spectral energy beyond the LR band, pred's over target's, per item.
 
-    The energy of the image's detail (the LoG band of :func:`hfen`) over the reference's: 1 is as much detail as
-    HR, below 1 blurrier (interpolation, PSNR-trained models), above 1 more (noise, GAN texture). It says how
-    much detail there is, not whether it is right; read it next to PSNR/HFEN (the perception-distortion
-    trade-off, Blau & Michaeli, CVPR 2018). Float64; shapes and sigma as :func:`hfen`.
+    The band an LR scan of ``factors`` (per spatial axis) keeps is ``|f| <= 1 / (2 factor)`` cycles per voxel along
+    each axis; everything outside it is detail that super-resolution has to supply. 1 is as much of it as HR,
+    below 1 blurrier (interpolation, PSNR-trained models), above 1 more (noise, GAN texture). It says how much
+    detail there is, not whether it is right: read it next to PSNR/HFEN (the perception-distortion trade-off,
+    Blau & Michaeli, CVPR 2018). Float64 FFTs over all spatial axes at once.
+
+    Args:
+        pred, target: (N, C, *spatial), 2 or 3 spatial dims, same shape.
+        factors: The resolution loss per spatial axis; at least one > 1.
     """
     _check(pred, target, None)
-    channels = pred.shape[1]
-    detail, reference = _laplacian_of_gaussian(torch.cat([pred.double(), target.double()], dim=1), sigma).split(
-        channels, dim=1
-    )
-    return (detail.pow(2).flatten(1).sum(1) / reference.pow(2).flatten(1).sum(1)).to(pred.dtype)
+    spatial = pred.shape[2:]
+    if len(factors) != len(spatial) or max(factors) <= 1:
+        raise ValueError(f"factors must give each of the {len(spatial)} spatial axes a loss, one > 1; got {factors}")
+    inside = torch.ones(spatial, dtype=torch.bool)
+    for axis, (n, factor) in enumerate(zip(spatial, factors, strict=True)):
+        kept = torch.fft.fftfreq(n, dtype=torch.float64).abs() <= 0.5 / factor + 1e-12
+        inside = inside & kept.reshape([-1 if a == axis else 1 for a in range(len(spatial))])
+    dims = tuple(range(2, pred.ndim))
+    energy = [
+        (torch.fft.fftn(x.double(), dim=dims).abs() ** 2).masked_fill(inside, 0).flatten(1).sum(1)
+        for x in (pred, target)
+    ]
+    return (energy[0] / energy[1]).to(pred.dtype)
 
 
 @torch.no_grad()
