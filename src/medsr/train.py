@@ -62,13 +62,26 @@ def train_step(
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         sr = model(batch.lr)
     loss = loss_fn(sr.float(), batch.hr)
+    norm = _update(model, optimizer, loss, clip_grad_norm=clip_grad_norm, ema=ema)
+    return {"loss": loss.item(), "grad_norm": norm}
+
+
+def _update(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss: torch.Tensor,
+    *,
+    clip_grad_norm: float,
+    ema: AveragedModel | None,
+) -> float:
+    """Backpropagate ``loss``, clip, step, update the EMA; returns the gradient norm before clipping."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     norm = nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm if clip_grad_norm > 0 else math.inf)
     optimizer.step()
     if ema is not None:
         ema.update_parameters(model)
-    return {"loss": loss.item(), "grad_norm": float(norm)}
+    return float(norm)
 
 
 def gan_step(
@@ -107,12 +120,7 @@ def gan_step(
         perceptual_term = perceptual(sr, batch.hr)
         total = total + perceptual_weight * perceptual_term
         logs["loss/perceptual"] = perceptual_term.item()
-    g_optimizer.zero_grad(set_to_none=True)
-    total.backward()
-    norm = nn.utils.clip_grad_norm_(generator.parameters(), clip_grad_norm if clip_grad_norm > 0 else math.inf)
-    g_optimizer.step()
-    if ema is not None:
-        ema.update_parameters(generator)
+    norm = _update(generator, g_optimizer, total, clip_grad_norm=clip_grad_norm, ema=ema)
     # Discriminator: real HR -> real, generated (detached, so G gets no gradient) -> fake.
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         real_logits, fake_logits = discriminator(batch.hr).float(), discriminator(sr.detach()).float()
@@ -120,7 +128,7 @@ def gan_step(
     d_optimizer.zero_grad(set_to_none=True)  # also clears the gradients G's loss left on D
     d_loss.backward()
     d_optimizer.step()
-    return {"loss": total.item(), "grad_norm": float(norm), **logs, "loss/d": d_loss.item()}
+    return {"loss": total.item(), "grad_norm": norm, **logs, "loss/d": d_loss.item()}
 
 
 def _optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
