@@ -112,3 +112,28 @@ def test_network_interpolation_blends_the_weights(tmp_path, capsys):
     with pytest.raises(ValueError, match="different networks"):
         interpolate(psnr, "edsr_mr_x2", 0.5, tmp_path / "bad")
     assert main(["interpolate", str(psnr), str(gan), str(tmp_path / "mix")]) == 2  # exists, no --force
+
+
+def test_gan_step_adds_a_perceptual_term_from_user_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    from medsr.perceptual import PerceptualLoss, vgg19_features
+
+    torch.manual_seed(0)
+    weights = tmp_path / "vgg.safetensors"
+    save_file({f"features.{k}": v for k, v in vgg19_features(3).state_dict().items()}, str(weights))
+    generator, discriminator = create_model("edsr_tiny", scale=(2, 2)), create_discriminator("patchgan", 2, channels=4)
+    logs = gan_step(
+        generator,
+        discriminator,
+        torch.optim.Adam(generator.parameters()),
+        torch.optim.Adam(discriminator.parameters()),
+        Pair(torch.rand(2, 1, 12, 12), torch.rand(2, 1, 24, 24)),
+        l1,
+        adversarial="vanilla",
+        adversarial_weight=5e-3,
+        perceptual=PerceptualLoss(weights, layer=3),
+        perceptual_weight=1.0,
+    )
+    expected = logs["loss/pixel"] + 5e-3 * logs["loss/adversarial"] + logs["loss/perceptual"]
+    assert logs["loss/perceptual"] > 0 and logs["loss"] == pytest.approx(expected, rel=1e-5)
