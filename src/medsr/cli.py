@@ -127,6 +127,7 @@ def _upscale(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from medsr.data import find_scans
+    from medsr.progress import progress_bar
 
     if args.scale and args.spacing:
         raise ValueError("give --scale or --spacing, not both")
@@ -139,7 +140,7 @@ def _upscale(args: argparse.Namespace) -> int:
     if args.output.exists() and not args.output.is_dir():
         raise ValueError(f"{args.output}: batch mode writes into a folder, and this is a file")
     failed = []
-    for scan in tqdm(scans, desc="scans", unit="scan"):
+    for scan in progress_bar(scans, desc="scans", unit="scan"):
         output = args.output / scan.relative_to(args.input)
         try:
             _check_output(output, [scan], args.force)

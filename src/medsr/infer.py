@@ -13,9 +13,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from medsr.intensity import default_window, denormalize, normalize
+from medsr.progress import progress_bar
 from medsr.volume import Volume, integer_scale, scale_affine
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
@@ -220,7 +220,7 @@ def predict_planes(
             overlap=(overlap, overlap),
             batch_size=batch_size,
         )
-        for n in tqdm(
+        for n in progress_bar(
             range(stack.shape[1]), desc=f"planes ({name[first]}, {name[second]})", unit="plane", disable=not progress
         )
     ]

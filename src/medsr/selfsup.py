@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from scipy.ndimage import map_coordinates
 from torch import nn
-from tqdm import tqdm
 
 from medsr.data import FOREGROUND_LEVEL, Pair
 from medsr.degrade.sampling import PROFILES, profile_weights
@@ -32,6 +31,7 @@ from medsr.infer import DEFAULT_TILE, model_predictor, predict_orthogonal_planes
 from medsr.intensity import default_window, denormalize, normalize
 from medsr.losses import l1
 from medsr.models import create_model
+from medsr.progress import progress_bar
 from medsr.train import train_step
 from medsr.volume import Volume, permute_axes, scale_affine
 
@@ -236,7 +236,7 @@ def train_model(
     bf16 = resolve_precision(settings.precision) == "bf16"
     losses: list[float] = []
     start = time.monotonic()
-    bar = tqdm(total=settings.steps, desc="self-supervised training", unit="step", disable=not progress)
+    bar = progress_bar(total=settings.steps, desc="self-supervised training", unit="step", disable=not progress)
     for step in range(settings.steps):
         done = max(step / settings.steps, (time.monotonic() - start) / settings.time_budget)
         if done >= 1:

@@ -18,11 +18,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from medsr.infer import DEFAULT_TILE, Predictor, blend_weights, predict_volume, tile_starts
 from medsr.intensity import Window, window_from_slices
 from medsr.io import VolumeFile, open_volume, volume_writer
+from medsr.progress import progress_bar
 from medsr.volume import Modality, Volume, integer_scale, scale_affine
 
 
@@ -86,7 +86,7 @@ def upscale_file(
     ) as write:
         window = window_from_slices(
             volume.modality,
-            lambda: tqdm(
+            lambda: progress_bar(
                 volume.slices(), desc="window", total=volume.spatial_shape[2], leave=False, disable=not progress
             ),
         )
@@ -134,7 +134,7 @@ def _predict_slabs(
     starts = tile_starts(size, depth, slab_overlap)
     lr, held = torch.zeros((1, *volume.spatial_shape[:2], 0)), 0  # normalised input slices [held, held + n)
     total = weight = None  # blended output (C, I', J', n) and k-weights (n,) of the planes from start * sk on
-    for index, start in enumerate(tqdm(starts, desc="upscale", unit="slab", disable=not progress)):
+    for index, start in enumerate(progress_bar(starts, desc="upscale", unit="slab", disable=not progress)):
         lr = lr[..., start - held :]  # slabs overlap: keep what this one shares with the last, read the rest
         new = torch.from_numpy(volume.read_slab(start + lr.shape[3], start + depth))
         lr, held = torch.cat([lr, window.to_unit(new)[None]], dim=-1), start

@@ -22,7 +22,6 @@ import yaml
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import default_collate
-from tqdm import tqdm
 
 from medsr.checkpoint import load_training_state, save_checkpoint
 from medsr.config import Config, load_config, to_dict
@@ -35,6 +34,7 @@ from medsr.losses import ADVERSARIAL, LOSSES, combined, discriminator_loss, gene
 from medsr.models import create_model
 from medsr.models.discriminators import DISCRIMINATORS, create_discriminator
 from medsr.perceptual import PerceptualLoss
+from medsr.progress import progress_bar
 from medsr.samples import resolve_scan
 from medsr.volume import Volume, integer_scale
 
@@ -356,7 +356,7 @@ def fit(config: Config | None, run_dir: Path, *, resume: bool = False, progress:
     loss_fn = combined(config.train.loss_terms) if config.train.loss_terms else LOSSES[config.train.loss]
     stream = batches(dataset, config.data.batch_size, start, rank=rank, world_size=world_size)
     steps = range(start + 1, config.train.steps + 1)
-    bar = tqdm(
+    bar = progress_bar(
         steps, desc="train", unit="step", initial=start, total=config.train.steps, disable=not progress or rank > 0
     )
     with _log_file(run_dir, resume, rank) as log:
