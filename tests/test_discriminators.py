@@ -23,11 +23,11 @@ def test_discriminators_take_any_patch_size_and_give_logits(name, spatial_dims):
         }.get(name)
         if expected is not None:
             assert logits.shape == expected
-        else:  # one logit per patch: 4x4 convs padded by 2, three of stride 2 (n // 2 + 1), two of stride 1 (n + 1)
+        else:  # one logit per patch: 4x4 convs padded by 1, three of stride 2 ((n - 2) // 2 + 1), two of stride 1
             side = size
             for _ in range(3):
-                side = side // 2 + 1
-            side = side + 2
+                side = (side - 2) // 2 + 1
+            side = side - 2
             assert logits.shape == (3, 1, *(side,) * spatial_dims)
         logits.sum().backward()
         assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0

@@ -56,7 +56,7 @@ def test_lr_consistency_is_zero_for_the_truth_and_reported_for_every_method(phan
     hr = phantom.replace(array=phantom.array[:, :24, :20, :12])
     lr = degrade_normalised(hr, degradation, rng=None)
     assert lr_rmse(hr, lr, degradation) < 1e-6
-    comparison = compare_methods(phantom, degradation, {}, slices=(4, 12))
+    comparison = compare_methods(phantom, degradation, {}, slices=(4, 12), extras=True)
     rmse = {row["method"]: row["lr_rmse"] for row in comparison.rows}
     assert set(rmse) == {"nearest", "linear", "cubic"} and all(value > 1e-3 for value in rmse.values())
 
@@ -75,3 +75,15 @@ def test_kspace_consistency_puts_the_measured_band_back(phantom):
     assert (fixed.array - hr.array).pow(2).mean() < (guess.array - hr.array).pow(2).mean()
     with pytest.raises(ValueError, match="rect k-space window"):
         kspace_consistency(guess, lr, Degradation(factors=(2, 2, 1), modality="MR", kspace_window="hann"))
+
+
+def test_kspace_consistency_refuses_what_it_cannot_invert(phantom):
+    from medsr.consistency import kspace_consistency
+
+    for degradation in (
+        Degradation(factors=(2, 2, 1), modality="MR", slice_thickness=3.0),
+        Degradation(factors=(2, 2, 1), modality="MR", psf_fwhm=(1.0, 1.0, 0.0)),
+        Degradation(factors=(2, 2, 1), modality="CT"),
+    ):
+        with pytest.raises(ValueError, match="k-space consistency needs"):
+            kspace_consistency(phantom, phantom, degradation)

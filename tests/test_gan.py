@@ -92,6 +92,8 @@ def test_the_esrgan_config_trains_both_phases_and_resumes_exactly(tmp_path, monk
         ("gan.discriminator=resnet", "discriminator one of"),
         ("gan.adversarial=wgan", "adversarial one of"),
         ("gan.pretrain_steps=6", "pretrain_steps < train.steps"),
+        ("gan.pretrain_steps=0", "1 <= pretrain_steps"),
+        ("gan.perceptual_weights=missing.safetensors", "needs gan.discriminator and an existing file"),
     ],
 )
 def test_bad_gan_settings_are_refused_before_training(override, match):

@@ -282,3 +282,7 @@ def test_hf_energy_ratio_counts_energy_beyond_the_lr_band(rng):
     assert torch.allclose(hf_energy_ratio(3 * noisy, 3 * target, factors=(2, 2)), ratio)
     with pytest.raises(ValueError, match="one > 1"):
         hf_energy_ratio(target, target, factors=(1, 1))
+    # per axis: a band limit along i only leaves the j detail, which a factor along j counts
+    along_i = kspace_upsample(kspace_truncate(target, (2, 1)), (32, 32))
+    assert torch.all(hf_energy_ratio(along_i, target, factors=(2, 1)) < 1e-20)
+    assert torch.all(hf_energy_ratio(along_i, target, factors=(1, 2)) > 0.4)  # ~0.5 of white noise's j detail

@@ -89,9 +89,15 @@ def interpolate(psnr: Path | str, gan: Path | str, alpha: float, out: Path) -> N
     ):
         raise ValueError(f"{psnr} and {gan} are different networks; interpolation needs one architecture")
     weights_a = model_a.state_dict()
-    model_b.load_state_dict({k: alpha * weights_a[k] + (1 - alpha) * v for k, v in model_b.state_dict().items()})
+    model_b.load_state_dict(
+        {
+            k: alpha * weights_a[k] + (1 - alpha) * v if v.is_floating_point() else v
+            for k, v in model_b.state_dict().items()
+        }
+    )
     interpolation = {"psnr": str(resolve_checkpoint(psnr)), "gan": str(resolve_checkpoint(gan)), "alpha": alpha}
-    save_checkpoint(out, model_b, description | {"interpolation": interpolation})
+    unscored = {k: v for k, v in description.items() if k != "scores"}  # the GAN's scores are not the blend's
+    save_checkpoint(out, model_b, unscored | {"interpolation": interpolation})
 
 
 def resolve_checkpoint(name_or_path: Path | str) -> Path:

@@ -213,10 +213,10 @@ def _upscale_scan(source: Path, output: Path, model, description: dict, args: ar
         precision=args.precision,
     )
     if args.kspace_consistency:  # the scan is the measured k-space band: put it back into the output
+        from medsr.config import config_from_dict
         from medsr.consistency import kspace_consistency
-        from medsr.degrade import Degradation
 
-        sr = kspace_consistency(sr, volume, Degradation(**description["degradation"]))
+        sr = kspace_consistency(sr, volume, config_from_dict(description["config"]).degradation)
     write_volume(sr, output, description=text, anonymize=args.anonymize)
     print(f"wrote {output}: {sr!r}")
 
@@ -359,7 +359,7 @@ def _write_evaluation(comparison, directory: Path, model_ref: str, scan: str, de
     directory.mkdir(parents=True, exist_ok=True)
     for name, rows, columns in (
         ("scores", comparison.rows, SCORE_COLUMNS),
-        ("per_slice", comparison.slices, ("method", "slice", *SCORE_COLUMNS[1:])),
+        ("per_slice", comparison.slices, ("method", "slice", *SCORE_COLUMNS[1:-2])),  # hf_ratio, lr_rmse: slab-wide
     ):
         with (directory / f"{name}.csv").open("w", newline="") as file:
             writer = csv.DictWriter(file, fieldnames=columns, restval="")

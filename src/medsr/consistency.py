@@ -42,10 +42,11 @@ def kspace_consistency(sr: Volume, lr: Volume, degradation: Degradation) -> Volu
     band is known exactly.
     """
     d = degradation
-    if d.modality != "MR" or d.kspace_window != "rect" or d.factors[2] != 1 or any(d.psf_fwhm):
+    if d.modality != "MR" or d.kspace_window != "rect" or d.factors[2] != 1 or any(d.psf_fwhm) or d.slice_thickness:
         raise ValueError(
-            "k-space consistency needs the MR model with a rect k-space window, no PSF and in-plane factors only, "
-            f"got {d.modality}, {d.kspace_window!r}, PSF {d.psf_fwhm}, factors {d.factors}"
+            "k-space consistency needs the MR model with a rect k-space window, no PSF, no slice profile and in-plane "
+            f"factors only, got {d.modality}, {d.kspace_window!r}, PSF {d.psf_fwhm}, slice thickness "
+            f"{d.slice_thickness}, factors {d.factors}"
         )
     array = sr.array.double()  # (C, I, J, K); the truncation acts on (I, J, K) with a factor 1 along k
     target = lr.array.double()

@@ -83,7 +83,7 @@ def compare_methods(
             the models trained on.
         spatial_dims: 2 (the models run slice by slice) or 3 (on the whole slab).
         seed: Seed of the LR noise draw (random degradations), so a comparison can be replayed.
-        extras: Also score HFEN and 3D SSIM (slower).
+        extras: Also score HFEN, 3D SSIM and, for the whole slab, ``hf_ratio`` and ``lr_rmse`` (slower).
     """
     scale = integer_scale(degradation.factors)
     slab = crop_to_multiple(slice_range(hr, slices=slices), scale=scale)
@@ -100,10 +100,14 @@ def compare_methods(
     for name in (*BASELINES, *models):
         scores = score_slices(images[name], images["hr"], mask, extras=extras)
         output = slab.replace(array=images[name].permute(1, 2, 3, 0))  # (C, I, J, K)
-        slab_scores = {  # of the whole slab: detail beyond the LR band (vs HR), and fidelity to the LR input
-            "hf_ratio": float(hf_energy_ratio(output.array[None], slab.array[None], factors=scale)),
-            "lr_rmse": lr_rmse(output, lr, degradation),
-        }
+        slab_scores = (
+            {  # of the whole slab: detail beyond the LR band (vs HR), and fidelity to the LR input
+                "hf_ratio": float(hf_energy_ratio(output.array[None], slab.array[None], factors=scale)),
+                "lr_rmse": lr_rmse(output, lr, degradation),
+            }
+            if extras
+            else {}
+        )
         rows.append({"method": name} | {key: float(values.mean()) for key, values in scores.items()} | slab_scores)
         per_slice += [
             {"method": name, "slice": start + k} | {key: float(v[k]) for key, v in scores.items() if key != "ssim3d"}

@@ -18,4 +18,5 @@ LOG_INTERVAL = 30.0  # seconds between progress lines when stderr is not a termi
 def progress_bar(iterable: Iterable | None = None, **kwargs: Any) -> tqdm:
     """``tqdm(iterable, **kwargs)`` with ``mininterval`` chosen for where stderr goes (unless given)."""
     kwargs.setdefault("mininterval", 0.1 if sys.stderr.isatty() else LOG_INTERVAL)
+    kwargs.setdefault("maxinterval", max(kwargs["mininterval"], 10.0))  # tqdm's monitor would refresh sooner
     return tqdm(iterable, **kwargs)

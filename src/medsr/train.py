@@ -110,8 +110,9 @@ def gan_step(
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         sr = generator(batch.lr).float()
         # Generator: be close to HR and fool D. D's weights get gradients here but are not stepped.
-        real_logits = discriminator(batch.hr).detach().float()  # RaGAN compares against the real batch
         fake_logits = discriminator(sr).float()
+        with torch.no_grad():  # only RaGAN compares with the real batch; the others ignore it
+            real_logits = discriminator(batch.hr).float() if adversarial == "ragan" else fake_logits.detach()
     pixel = pixel_loss(sr, batch.hr)
     adversarial_term = generator_loss(real_logits, fake_logits, adversarial)
     total = pixel + adversarial_weight * adversarial_term
@@ -190,12 +191,16 @@ def check_config(config: Config) -> None:
     if gan.discriminator and (
         gan.discriminator not in DISCRIMINATORS
         or gan.adversarial not in ADVERSARIAL
-        or not 0 <= gan.pretrain_steps < train.steps
-        or min(gan.adversarial_weight, gan.d_lr) <= 0
+        or not 1 <= gan.pretrain_steps < train.steps
+        or min(gan.adversarial_weight, gan.d_lr, gan.perceptual_weight) <= 0
     ):
         raise ValueError(
             f"gan: discriminator one of {sorted(DISCRIMINATORS)}, adversarial one of {ADVERSARIAL}, "
-            f"0 <= pretrain_steps < train.steps, adversarial_weight and d_lr > 0; got {gan}"
+            f"1 <= pretrain_steps < train.steps (psnr/ is saved there), weights and d_lr > 0; got {gan}"
+        )
+    if gan.perceptual_weights and not (gan.discriminator and Path(gan.perceptual_weights).is_file()):
+        raise ValueError(
+            f"gan.perceptual_weights {gan.perceptual_weights!r}: needs gan.discriminator and an existing file"
         )
     if config.data.split not in ("region", "scan"):
         raise ValueError(f"data.split must be 'region' or 'scan', got {config.data.split!r}")

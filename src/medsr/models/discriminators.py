@@ -26,8 +26,11 @@ LEAK = 0.2  # LeakyReLU slope of SRGAN, ESRGAN, PatchGAN and Real-ESRGAN
 
 
 def _conv(spatial_dims: int, in_channels: int, out_channels: int, *, kernel: int, stride: int, sn: bool) -> nn.Module:
-    """A 2D/3D convolution padded to keep size / stride, optionally spectrally normalised."""
-    layer = (nn.Conv2d if spatial_dims == 2 else nn.Conv3d)(in_channels, out_channels, kernel, stride, kernel // 2)
+    """A 2D/3D convolution padded by (kernel - 1) // 2 (a 4x4 stride-2 conv halves an even size, as in pix2pix and
+    Real-ESRGAN), optionally spectrally normalised."""
+    layer = (nn.Conv2d if spatial_dims == 2 else nn.Conv3d)(
+        in_channels, out_channels, kernel, stride, (kernel - 1) // 2
+    )
     return nn.utils.parametrizations.spectral_norm(layer) if sn else layer
 
 
