@@ -488,6 +488,13 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_precision(command: argparse.ArgumentParser) -> None:
+    """The inference precision option (see ``infer.model_predictor``)."""
+    command.add_argument(
+        "--precision", choices=("auto", "fp32", "bf16"), default="auto", help="bf16 where the CPU has it (auto)."
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medsr", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -541,9 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     upscale.add_argument("--modality", help="Override the modality (NIfTI/PNG carry none).")
     upscale.add_argument("--tile", type=int, help="Tile edge in input voxels (bounds memory; 128 in 2D, 48 in 3D).")
     upscale.add_argument("--overlap", type=int, default=8, help="Tile overlap in input voxels.")
-    upscale.add_argument(
-        "--precision", choices=("auto", "fp32", "bf16"), default="auto", help="bf16 where the CPU has it (auto)."
-    )
+    _add_precision(upscale)
     upscale.add_argument(
         "--kspace-consistency",
         action="store_true",
@@ -569,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     selfsr.add_argument("--time-budget", type=float, help="Training time in seconds at most (default 300).")
     selfsr.add_argument("--steps", type=int, help="Training steps at most (default 4000).")
     selfsr.add_argument("--modality", help="Override the modality (NIfTI carries none; sets the intensity window).")
-    selfsr.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="bf16 where the CPU has it (auto).")
+    _add_precision(selfsr)
     selfsr.add_argument("--save-model", type=Path, metavar="DIR", help="Save the trained network (safetensors + JSON).")
     selfsr.add_argument("--model", type=Path, metavar="DIR", help="Apply a network saved by --save-model; no training.")
     selfsr.add_argument("--anonymize", action="store_true", help="DICOM output: remove patient identifiers.")
@@ -581,9 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--scan", default="colin27", help="Sample name or path of an HR scan.")
     evaluate.add_argument("--slices", type=_slab, help="Held-out axial slab START:STOP (default: the model's test).")
     evaluate.add_argument("--out", type=Path, help="Folder for report.html, scores (CSV/JSON) and figures.")
-    evaluate.add_argument(
-        "--precision", choices=("auto", "fp32", "bf16"), default="auto", help="bf16 where the CPU has it (auto)."
-    )
+    _add_precision(evaluate)
     evaluate.add_argument(
         "--card",
         action="store_true",

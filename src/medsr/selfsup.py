@@ -26,7 +26,7 @@ from scipy.ndimage import map_coordinates
 from torch import nn
 
 from medsr.data import FOREGROUND_LEVEL, Pair
-from medsr.degrade.sampling import PROFILES, profile_weights
+from medsr.degrade.sampling import PROFILES, apply_along_axis, profile_weights
 from medsr.infer import DEFAULT_TILE, model_predictor, predict_orthogonal_planes, resample, resolve_precision
 from medsr.intensity import default_window, denormalize, normalize
 from medsr.losses import l1
@@ -99,9 +99,7 @@ def interpolate_slices(volume: Volume, axis: int, n: int) -> Volume:
     self-supervised SR improves on, and its starting point)."""
     m = volume.spatial_shape[axis]
     coordinates = (np.arange(n) + 0.5) * m / n - 0.5  # voxel-centre convention, as scale_affine
-    weights = bspline_weights(coordinates, m).to(volume.array.dtype)  # (n, m)
-    moved = torch.movedim(volume.array, axis + 1, -1)
-    array = torch.movedim(moved @ weights.T, -1, axis + 1).contiguous()
+    array = apply_along_axis(bspline_weights(coordinates, m), volume.array, axis + 1).contiguous()  # (n, m) map
     scale = [1.0, 1.0, 1.0]
     scale[axis] = n / m
     return volume.replace(array=array, affine=scale_affine(volume.affine, scale))

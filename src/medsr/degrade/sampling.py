@@ -148,8 +148,14 @@ def profile_sample(array: torch.Tensor, axis: int, factor: float, *, profile: st
     """
     n = array.shape[axis]
     m = lr_shape([n], [factor])[0]
-    weights = profile_matrix(n, m, profile=profile, fwhm=fwhm).to(array.dtype)
-    return torch.movedim(torch.tensordot(weights, torch.movedim(array, axis, 0), dims=1), 0, axis)
+    return apply_along_axis(profile_matrix(n, m, profile=profile, fwhm=fwhm), array, axis)
+
+
+def apply_along_axis(weights: torch.Tensor, array: torch.Tensor, axis: int) -> torch.Tensor:
+    """Apply a linear map along one axis: ``weights`` (m, n) takes ``array``'s axis of length n to length m
+    (a sampler or an interpolator written as a matrix); in ``array``'s dtype, the other axes untouched."""
+    moved = torch.tensordot(weights.to(array.dtype), torch.movedim(array, axis, 0), dims=1)
+    return torch.movedim(moved, 0, axis)
 
 
 def voxels(lengths_mm: Sequence[float], spacing: Sequence[float]) -> tuple[float, ...]:
