@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install samples demo test lint figures clean
+.PHONY: install samples demo test lint figures models clean
 
 # torch is installed first and pinned, so nothing pulls a CUDA build.
 $(VENV)/installed: pyproject.toml
@@ -32,6 +32,11 @@ figures: samples
 		--factors 2,2,1 --psf-fwhm 3.0,1.5,0 --noise speckle --figure $(FIGURES)/degrade_us.png
 	$(BIN)/medsr simulate "$$($(BIN)/medsr samples --path xray_chest)" /tmp/medsr_xray.nii.gz -f \
 		--factors 2,2,1 --psf-fwhm 0.5,0.5,0 --noise poisson --photons 2000 --figure $(FIGURES)/degrade_xray.png
+
+# Score every shipped model on its held-out data next to bicubic: rewrites their cards, scores and docs/models.md;
+# fails if one does not beat bicubic.
+models: samples
+	$(BIN)/medsr models --evaluate --table docs/models.md
 
 lint: install
 	$(BIN)/ruff format --check src tests benchmarks

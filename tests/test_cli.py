@@ -126,11 +126,41 @@ def test_upscale_png_gives_png_of_twice_the_size(tmp_path):
 
 def test_upscale_dicom_warns_about_modality_and_keeps_geometry(tmp_path, capsys):
     source = pydicom.data.get_testdata_file("CT_small.dcm")
-    assert main(["upscale", source, str(tmp_path / "sr.nii.gz")]) == 0
+    assert main(["upscale", source, str(tmp_path / "sr.nii.gz"), "--model", "edsr_mr_x2"]) == 0
     assert "trained on MR" in capsys.readouterr().err
     lr, sr = read_volume(source), read_volume(tmp_path / "sr.nii.gz")
     assert sr.spatial_shape == (256, 256, 1)
     np.testing.assert_allclose(sr.affine, scale_affine(lr.affine, (2, 2, 1)), atol=1e-5)
+
+
+def test_upscale_picks_the_shipped_model_of_the_modality_and_warns_outside_its_spacing(tmp_path, capsys):
+    source = pydicom.data.get_testdata_file("CT_small.dcm")  # CT, 0.66 mm pixels; the CT model saw 1.9 mm LR pixels
+    assert main(["upscale", source, str(tmp_path / "sr.nii.gz")]) == 0
+    err = capsys.readouterr().err
+    assert "model edsr_ct_x2" in err and "trained on MR" not in err
+    assert "spacing along i is 0.661 mm; the model was trained on 1.91 mm" in err
+    assert read_volume(tmp_path / "sr.nii.gz").spatial_shape == (256, 256, 1)
+
+
+def test_upscale_through_plane_picks_the_slice_model_and_keeps_geometry(colin_crop, tmp_path, capsys):
+    """--scale 1,1,4 on MR: the through-plane model, 4 times more slices over the same field of view."""
+    out = tmp_path / "thin.nii.gz"
+    assert main(["upscale", str(colin_crop), str(out), "--scale", "1,1,4", "--modality", "MR"]) == 0
+    assert "model edsr_mr_slices_x4" in capsys.readouterr().err
+    lr, sr = read_volume(colin_crop), read_volume(out)
+    assert sr.spatial_shape == (64, 64, 16)
+    np.testing.assert_allclose(sr.affine, scale_affine(lr.affine, (1, 1, 4)), atol=1e-5)
+
+
+def test_models_lists_the_shipped_models_and_prints_a_card(capsys):
+    assert main(["models"]) == 0
+    listing = capsys.readouterr().out
+    for name in ("edsr_mr_x2", "edsr_mr_x4", "edsr_mr_slices_x4", "edsr_ct_x2", "edsr_us_x2", "edsr_xray_x2"):
+        assert name in listing
+    assert main(["models", "edsr_mr_x4"]) == 0
+    assert "# Model card: edsr_mr_x4" in capsys.readouterr().out
+    assert main(["models", "edsr_nope"]) == 2
+    assert "not shipped models: ['edsr_nope']" in capsys.readouterr().err
 
 
 def write_nifti(path, array):

@@ -147,7 +147,7 @@ def test_to_dict_is_plain_data():
     assert data["model"]["scale"] == [2, 2]
     assert data["degradation"]["factors"] == [2.0, 2.0, 1.0]
     assert data["data"]["scans"] == ["colin27"]
-    assert set(data) == {"model", "data", "degradation", "train", "gan"}
+    assert set(data) == {"model", "data", "degradation", "train", "gan", "card"}
 
 
 def test_yaml_round_trip(tmp_path):

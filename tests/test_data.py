@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from medsr.data import PairDataset, crop_to_multiple, find_scans, prepare_scan, slice_range, split_scans
+from medsr.data import Pair, PairDataset, crop_to_multiple, find_scans, prepare_scan, slice_range, split_scans
 from medsr.degrade import Degradation, degrade
 from medsr.intensity import Window, default_window, normalize
 from medsr.io import read_volume, write_volume
@@ -68,6 +68,39 @@ def test_3d_pairs_are_aligned_blocks(rng, factors, patch, lr_shape):
             *(n * f for n, f in zip(lr_shape, factors, strict=True)),
         )
         assert is_aligned_crop(pair, lr, volume.array[..., 2:14], factors)
+
+
+def test_through_plane_2d_pairs_are_aligned_ik_and_jk_planes(rng):
+    """Factors (1, 1, c) with a 2D model: each item is an (i, k) or a (j, k) plane of the slab and its LR."""
+    volume = Volume(torch.from_numpy(rng.random((1, 16, 12, 14), dtype=np.float32)), np.eye(4), Modality.MR)
+    degradation = Degradation((1, 1, 2), slice_profile="gaussian")
+    data = dataset(volume, degradation, slices=(2, 14), patch=(8, 6))
+    lr = degrade(slice_range(volume, slices=(2, 14)), degradation).array
+    orientations = set()
+    for index in range(8):
+        pair = data[index]
+        assert pair.lr.shape == (1, 8, 3) and pair.hr.shape == (1, 8, 6)
+        matches = [
+            axis
+            for axis in (1, 2)  # the plane's normal: i (a (j, k) plane) or j (an (i, k) plane)
+            if is_aligned_crop(
+                Pair(pair.lr.unsqueeze(axis), pair.hr.unsqueeze(axis)), lr, volume.array[..., 2:14], (1, 1, 2)
+            )
+        ]
+        assert matches
+        orientations.update(matches)
+    assert orientations == {1, 2}
+
+
+def test_region_split_along_i_draws_only_from_that_region(rng):
+    """``axis=0``: the slab [8, 16) along i; every HR patch comes from it, with its LR simulated from it alone."""
+    volume = Volume(torch.from_numpy(rng.random((1, 24, 20, 1), dtype=np.float32)), np.eye(4), Modality.MR)
+    data = dataset(volume, slices=(8, 16), patch=8, axis=0)
+    region = slice_range(volume, slices=(8, 16), axis=0)
+    assert region.spatial_shape == (8, 20, 1) and np.allclose(region.affine[:3, 3], (8, 0, 0))
+    lr = degrade(region, X2).array
+    for index in range(3):
+        assert is_aligned_crop(data[index], lr, region.array, (2, 2, 1))
 
 
 def test_2d_pairs_from_a_2d_image(rng):
@@ -185,10 +218,10 @@ def test_crop_to_multiple_and_slice_range_keep_geometry(volume):
     "degradation, options, message",
     [
         (Degradation((2, 2, 1)), {"patch": 15}, "multiple of the scale"),
-        (Degradation((2, 2, 2)), {"patch": (8, 8), "spatial_dims": 3}, "needs 3 sizes"),
+        (Degradation((2, 2, 2)), {"patch": (8, 8), "spatial_dims": 3}, "needs 1 or 3 sizes"),
         (Degradation((2, 2, 1)), {"patch": 48}, "larger than scan 0"),
         (Degradation((1.5, 2, 1)), {}, "integer factors"),
-        (Degradation((2, 2, 2)), {}, "factor of 1 along k"),
+        (Degradation((2, 2, 2)), {}, r"\(a, b, 1\) or \(1, 1, c\)"),
     ],
 )
 def test_bad_settings_are_rejected(volume, degradation, options, message):

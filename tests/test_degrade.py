@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from medsr.degrade import Degradation, degrade, kspace_truncate, lr_shape
+from medsr.degrade import Degradation, degrade, explain, kspace_truncate, lr_shape
 from medsr.volume import Modality, Volume, world_coordinates
 
 from .conftest import oblique_affine
@@ -71,3 +71,18 @@ def test_degrade_along_k_of_a_2d_image_is_an_error():
 def test_bad_degradations_are_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Degradation(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "degradation, words",
+    [
+        (Degradation((2, 2, 1)), ["MR: k-space truncation 2x2x1 (rect window", "no added noise"]),
+        (Degradation((1, 1, 4), slice_profile="gaussian"), ["slices 4x thicker along k, gaussian profile"]),
+        (Degradation((2, 2, 3), modality="CT", noise="gaussian", noise_sigma=20), ["aperture sampling 2x2x3", "20 HU"]),
+        (Degradation((2, 2, 1), modality="US", psf_fwhm=(0.5, 0.3, 0)), ["incoherent", "display grid"]),
+        (Degradation((2, 2, 1), modality="CR", noise="poisson", photons=1000), ["aperture", "1000 quanta"]),
+    ],
+)
+def test_explain_names_what_each_scanner_model_does(degradation, words):
+    text = explain(degradation)
+    assert all(word in text for word in words), text

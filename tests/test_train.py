@@ -91,6 +91,42 @@ def test_fit_on_colin27_writes_config_metrics_and_checkpoints(tmp_path):
     assert model(torch.rand(1, 1, 8, 8)).shape == (1, 1, 16, 16)
 
 
+def test_fit_trains_a_2d_model_through_plane_and_records_its_inputs(tmp_path):
+    """A 2D model of scale (1, 2) learns thick slices from (i, k) and (j, k) planes; validation runs it on both
+    orientations of the slab (``predict_orthogonal_planes``). The checkpoint records its LR inputs."""
+    overrides = [
+        "model.scale=[1,2]",
+        "degradation.factors=[1,1,2]",
+        "degradation.slice_profile=gaussian",
+        "data.patch=[24,8]",
+        "data.val_slices=[75,79]",
+        "train.steps=2",
+    ]
+    best = fit(load_config(overrides=[*TINY, *overrides]), tmp_path, progress=False)
+    assert math.isfinite(best["psnr"]) and best["psnr_cubic"] > 25
+    model, description = load_checkpoint(tmp_path / "best")
+    assert model(torch.rand(1, 1, 6, 4)).shape == (1, 1, 6, 8)
+    inputs = description["inputs"]  # Colin27 at 1 mm, slices 2x thicker; uint8 intensities
+    assert inputs["spacing_mm"] == {"min": [1.0, 1.0, 2.0], "max": [1.0, 1.0, 2.0]}
+    assert -5 < inputs["low"][0] <= inputs["low"][1] < 5 and 100 < inputs["high"][0] <= inputs["high"][1] <= 255
+
+
+def test_region_split_along_j_for_2d_images(tmp_path):
+    """A 2D image (one slice) is split by columns: ``data.split_axis: 1``; validation scores its own columns."""
+    overrides = [
+        "data.scans=[mr_shoulder]",
+        "data.split_axis=1",
+        "data.train_slices=[0,600]",
+        "data.val_slices=[640,800]",
+        "data.test_slices=[840,1024]",
+        "train.steps=2",
+    ]
+    best = fit(load_config(overrides=[*TINY, *overrides]), tmp_path, progress=False)
+    assert math.isfinite(best["psnr"]) and best["psnr_cubic"] > 25
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert config["data"]["split_axis"] == 1
+
+
 def test_fit_trains_and_validates_a_3d_model_through_plane(tmp_path):
     """A 3D model learns a factor along k (thick slices): validation scores the HR slices of the whole slab."""
     overrides = [
@@ -122,7 +158,9 @@ def test_shipped_default_model_is_present():
         (["degradation.factors=[1.5,1.5,1]"], "integer factors"),
         (["train.loss=l3"], "unknown loss"),
         (["train.optimizer=sgd"], "adam or adamw"),
-        (["degradation.factors=[2,2,2]"], "in-plane factors only"),
+        (["degradation.factors=[2,2,2]"], "through-plane"),
+        (["degradation.factors=[1,1,4]"], "model.scale"),  # through-plane, but the model's scale is (2, 2)
+        (["data.split_axis=3"], "split_axis"),
         (["model.spatial_dims=3", "model.scale=[2,2]"], "model.scale"),
         (["train.schedule=step"], "step_every"),
         (["train.ema_decay=1.0"], "ema_decay"),

@@ -132,10 +132,10 @@ def _upscale(args: argparse.Namespace) -> int:
     if args.scale and args.spacing:
         raise ValueError("give --scale or --spacing, not both")
     scans = find_scans(args.input) if args.input.is_dir() else [args.input]
-    model, description = _load_model(args.model)
+    models = {}  # name -> (model, description): each loaded once in batch mode
     if scans == [args.input]:  # a file, or a folder that is one DICOM series
         _check_output(args.output, [args.input], args.force)
-        _upscale_scan(args.input, args.output, model, description, args)
+        _upscale_scan(args.input, args.output, models, args)
         return 0
     if args.output.exists() and not args.output.is_dir():
         raise ValueError(f"{args.output}: batch mode writes into a folder, and this is a file")
@@ -144,7 +144,7 @@ def _upscale(args: argparse.Namespace) -> int:
         output = args.output / scan.relative_to(args.input)
         try:
             _check_output(output, [scan], args.force)
-            _upscale_scan(scan, output, model, description, args)
+            _upscale_scan(scan, output, models, args)
         except (ValueError, OSError) as error:
             failed.append(scan)
             tqdm.write(f"medsr upscale: skipped {scan}: {error}", file=sys.stderr)
@@ -152,14 +152,23 @@ def _upscale(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _upscale_scan(source: Path, output: Path, model, description: dict, args: argparse.Namespace) -> None:
+def _warn(message: str) -> None:
+    print(f"medsr: warning: {message}", file=sys.stderr)
+
+
+def _upscale_scan(source: Path, output: Path, models: dict, args: argparse.Namespace) -> None:
     """Integer factors between NIfTI/DICOM series stream slab by slab (memory independent of the scan's size);
-    everything else (PNG/TIFF, ultrasound frames, non-integer factors) goes through memory."""
+    everything else (PNG/TIFF, ultrasound frames, non-integer factors) goes through memory.
+
+    Without ``--model`` the shipped model for the scan's modality and the asked factors is used
+    (``zoo.choose_model``); ``models`` caches the loaded ones."""
     import numpy as np
 
     from medsr.infer import model_plan, model_predictor, super_resolve
+    from medsr.inputs import input_warnings, intensity_range
     from medsr.io import file_format, open_volume, read_volume, write_volume
     from medsr.streaming import upscale_file
+    from medsr.zoo import choose_model
 
     streamable = file_format(source) in ("nifti", "dicom") and file_format(output) in ("nifti", "dicom")
     try:  # headers only
@@ -168,22 +177,37 @@ def _upscale_scan(source: Path, output: Path, model, description: dict, args: ar
         streamable = False
     if not streamable:
         volume = read_volume(source, modality=args.modality)
-    modality = volume.modality.value
-    if modality == "OT":  # NIfTI/PNG carry no modality: take the model's (it sets the window rule)
-        modality = description["modality"]
-    elif modality != description["modality"]:
-        print(
-            f"medsr upscale: warning: {source} is {modality}, but {args.model} was trained on "
-            f"{description['modality']}; expect poor results",
-            file=sys.stderr,
-        )
     factors = args.scale
     if args.spacing:
         factors = tuple(a / b for a, b in zip(volume.spacing, args.spacing, strict=True))
+    modality = volume.modality.value
+    name = args.model
+    if name is None:
+        if modality == "OT":
+            _warn(f"{source} names no modality; using the MR model (pass --modality or --model)")
+        name = choose_model("MR" if modality == "OT" else modality, factors)
+        print(f"{source}: model {name}", file=sys.stderr)
+    if name not in models:
+        models[name] = _load_model(name)
+    model, description = models[name]
+    if modality == "OT":  # NIfTI/PNG carry no modality: take the model's (it sets the window rule)
+        modality = description["modality"]
+    elif modality != description["modality"]:
+        _warn(f"{source} is {modality}, but {name} was trained on {description['modality']}; expect poor results")
     model_scale = description["model_kwargs"]["scale"]
-    scale = model_plan(factors or (1, 1, 1), model_scale)
+    scale = model_plan(factors or description["scale"], model_scale)
+    if "inputs" in description:  # checkpoints from before medsr recorded what they were trained on have none
+        slices = volume.slices if streamable else lambda: [volume.array.numpy()]
+        for problem in input_warnings(
+            description["inputs"],
+            modality=description["modality"],
+            spacing=volume.spacing,
+            scale=scale,
+            intensities=intensity_range(slices),
+        ):
+            _warn(f"{source}: {problem}; results may be poor")
     output.parent.mkdir(parents=True, exist_ok=True)
-    text = f"medsr SR x{'x'.join(f'{f:g}' for f in factors or scale)} {Path(args.model).name}"[:64]
+    text = f"medsr SR x{'x'.join(f'{f:g}' for f in factors or scale)} {Path(name).name}"[:64]
     if args.kspace_consistency and not (factors is None or np.allclose(factors, scale)):
         raise ValueError("--kspace-consistency needs the model's own scale (no --scale/--spacing resampling)")
     if streamable and (factors is None or np.allclose(factors, scale)) and not args.kspace_consistency:
@@ -207,7 +231,7 @@ def _upscale_scan(source: Path, output: Path, model, description: dict, args: ar
         volume.replace(modality=modality),
         model,
         model_scale=model_scale,
-        factors=factors,
+        factors=factors or scale,
         tile=args.tile,
         overlap=args.overlap,
         precision=args.precision,
@@ -311,6 +335,8 @@ def _evaluate_scan(model_ref: str, scan: str, slices: tuple[int, int] | None, pr
     path = resolve_scan(scan)
     saved = description.get("scans")  # the split fit() used; older checkpoints: rebuilt from the config
     train, val = ([Path(p) for p in saved[k]] for k in ("train", "val")) if saved else training_scans(config)[:2]
+    if config.data.split == "region":  # the saved paths are the training machine's; these are this machine's
+        train = train + training_scans(config)[0]
     if config.data.split == "scan" and path in train + val:  # validation picked the checkpoint: not held out
         raise ValueError(f"{path} is a scan {model_ref} trained or was validated on; evaluate on a test scan")
     if config.data.split == "region" and path in train:
@@ -322,9 +348,12 @@ def _evaluate_scan(model_ref: str, scan: str, slices: tuple[int, int] | None, pr
                     f"on {path}; choose a held-out slab with --slices"
                 )
     hr = prepare_scan(read_volume(path, modality=description["modality"]), config.degradation)
-    slices = slices or (0, hr.spatial_shape[2])  # a scan the model never saw: all of it
-    if slices[1] > hr.spatial_shape[2]:
-        raise ValueError(f"{path}: has {hr.spatial_shape[2]} slices; choose a slab inside it with --slices")
+    axis = config.data.split_axis
+    slices = slices or (0, hr.spatial_shape[axis])  # a scan the model never saw: all of it
+    if slices[1] > hr.spatial_shape[axis]:
+        raise ValueError(
+            f"{path}: has {hr.spatial_shape[axis]} voxels along {'ijk'[axis]}; choose a slab inside it with --slices"
+        )
     comparison = compare_methods(
         hr,
         config.degradation,
@@ -332,6 +361,7 @@ def _evaluate_scan(model_ref: str, scan: str, slices: tuple[int, int] | None, pr
         slices=slices,
         spatial_dims=config.model.spatial_dims,
         extras=True,
+        axis=axis,
     )
     return comparison, config.degradation, slices
 
@@ -400,7 +430,7 @@ def _print_scores(rows: list[dict], scan: str, degradation, slices: tuple[int, i
     from medsr.report import format_table
 
     print(
-        f"\n{scan}, held-out slices {slices[0]}..{slices[1] - 1} (k), {_describe(degradation)}; PSNR/SSIM/HFEN "
+        f"\n{scan}, held-out slab {slices[0]}..{slices[1] - 1}, {_describe(degradation)}; PSNR/SSIM/HFEN "
         "per 2D slice, SSIM 3D over the slab, data_range 1 on intensities normalised by the LR scan's 0.5..99.9th "
         "percentiles; *_body: within the dilated foreground mask\n"
     )
@@ -410,8 +440,6 @@ def _print_scores(rows: list[dict], scan: str, degradation, slices: tuple[int, i
 def _evaluate(args: argparse.Namespace) -> int:
     comparison, degradation, slices = _evaluate_scan(args.model, args.scan, args.slices, args.precision)
     _print_scores(comparison.rows, args.scan, degradation, slices)
-    if args.card:
-        _write_card(args.model, comparison.rows, args.scan, slices, args.precision)
     if args.out:
         _write_evaluation(comparison, args.out, args.model, args.scan, degradation, slices)
         print(
@@ -420,27 +448,87 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_card(model_ref: str, rows: list[dict], scan: str, slices: tuple[int, int], precision: str) -> None:
-    """Record held-out scores in the checkpoint's model.json and write MODEL_CARD.md beside it."""
-    from medsr.checkpoint import resolve_checkpoint, update_description
-    from medsr.infer import resolve_precision
-    from medsr.report import model_card
+def _held_out_sets(description: dict) -> list[tuple[str, tuple[int, int] | None]]:
+    """(scan, slab or None for the whole scan) a model is scored on: the test region of each training scan (region
+    split) or the test scans (scan split), and the config's ``held_out_scans``."""
+    from medsr.config import config_from_dict
 
-    directory = resolve_checkpoint(model_ref)
+    data = config_from_dict(description["config"]).data
+    if data.split == "region":
+        sets = [(scan, tuple(data.test_slices)) for scan in data.scans]
+    else:
+        sets = [(path, None) for path in description["scans"]["test"]]
+    return sets + [(scan, None) for scan in data.held_out_scans]
+
+
+def _models(args: argparse.Namespace) -> int:
+    """List the shipped models, print one's card, or score them on their held-out data (cards and table)."""
+    from medsr.checkpoint import resolve_checkpoint
+    from medsr.report import format_table
+    from medsr.zoo import shipped_descriptions, summary_row
+
+    shipped = shipped_descriptions()
+    names = args.names or list(shipped)
+    unknown = sorted(set(names) - set(shipped))
+    if unknown:
+        raise ValueError(f"not shipped models: {unknown}; shipped: {', '.join(shipped)}")
+    if args.names and not args.evaluate:
+        for name in names:
+            print((resolve_checkpoint(name) / "MODEL_CARD.md").read_text())
+        return 0
+    losing = [failure for name in (names if args.evaluate else []) for failure in _score_shipped(name, args.precision)]
+    rows = [summary_row(name, description) for name, description in shipped_descriptions().items() if name in names]
+    columns = ("model", "modality", "scale", "kind", "lr_spacing", "held_out", "psnr", "psnr_cubic", "gain_db")
+    table = format_table(rows, columns)
+    print(table)
+    if args.table:
+        _write_text(args.table, f"```\n{table}\n```\n")
+        print(f"wrote {args.table}")
+    for failure in losing:
+        print(f"medsr models: {failure}", file=sys.stderr)
+    return 1 if losing else 0
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write a text file atomically (a temporary file beside it, then a rename)."""
+    tmp = path.with_name(f".tmp.{path.name}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _score_shipped(name: str, precision: str) -> list[str]:
+    """Score a model on each of its held-out sets, store them in its model.json (``scores['held_out']``) and write
+    its MODEL_CARD.md. Returns the sets on which it does not beat bicubic's PSNR."""
+    from medsr.checkpoint import resolve_checkpoint, update_description
+    from medsr.config import config_from_dict
+    from medsr.infer import resolve_precision
+    from medsr.report import held_out_text, model_card
+
+    directory = resolve_checkpoint(name)
     model, description = _load_model(str(directory))
-    parameters = sum(p.numel() for p in model.parameters())
-    updates = {
-        "parameters": parameters,
-        "scores": description["scores"] | {"test": {"scan": scan, "slices": list(slices), "rows": rows}},
-    }
+    axis = config_from_dict(description["config"]).data.split_axis
+    held_out, losing = [], []
+    for scan, slices in _held_out_sets(description):
+        comparison, _, used = _evaluate_scan(str(directory), str(scan), slices, precision)
+        data = held_out_text(Path(scan).name, used if slices else None, axis)
+        held_out.append(
+            {"data": data, "scan": str(scan), "slices": list(used) if slices else None, "rows": comparison.rows}
+        )
+        psnr = {row["method"]: row["psnr"] for row in comparison.rows}
+        if psnr[str(directory)] <= psnr["cubic"]:
+            losing.append(
+                f"{name} does not beat bicubic on {data}: {psnr[str(directory)]:.2f} <= {psnr['cubic']:.2f} dB"
+            )
+        print(f"{name} on {data}: {psnr[str(directory)]:.2f} dB, bicubic {psnr['cubic']:.2f} dB", file=sys.stderr)
+    for entry in held_out:  # the table calls the model by its name
+        for row in entry["rows"]:
+            row["method"] = name if row["method"] == str(directory) else row["method"]
+    scores = {k: v for k, v in description["scores"].items() if k != "test"} | {"held_out": held_out}
+    updates = {"parameters": sum(p.numel() for p in model.parameters()), "scores": scores}
     update_description(directory, **updates)
-    description |= updates
-    card = directory / "MODEL_CARD.md"
-    tmp = directory / ".tmp.MODEL_CARD.md"
-    precision = resolve_precision(precision)
-    tmp.write_text(model_card(directory.name, description, rows, scan=scan, slices=slices, precision=precision))
-    tmp.replace(card)
-    print(f"\nwrote {card} and the held-out scores into {directory / 'model.json'}")
+    card = model_card(name, description | updates, held_out, precision=resolve_precision(precision))
+    _write_text(directory / "MODEL_CARD.md", card)
+    return losing
 
 
 def _figure(images, model_name: str, path: Path, degradation, slices: tuple[int, int]) -> None:
@@ -540,7 +628,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="NIfTI, PNG/TIFF, or a new DICOM series folder (a name without suffix); a folder in batch mode.",
     )
-    upscale.add_argument("--model", default=DEFAULT_MODEL, help="Shipped model name or checkpoint folder.")
+    upscale.add_argument(
+        "--model", help="Shipped model name or checkpoint folder (default: the shipped one for the modality and scale)."
+    )
     upscale.add_argument(
         "--scale", type=_triple, help="Output voxels per input voxel along i,j,k, e.g. 2,2,1 (default: the model's)."
     )
@@ -584,15 +674,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="Compare a model with interpolation on held-out slices.")
     evaluate.add_argument("--model", default=DEFAULT_MODEL, help="Shipped model name or checkpoint folder.")
     evaluate.add_argument("--scan", default="colin27", help="Sample name or path of an HR scan.")
-    evaluate.add_argument("--slices", type=_slab, help="Held-out axial slab START:STOP (default: the model's test).")
+    evaluate.add_argument(
+        "--slices", type=_slab, help="Held-out slab START:STOP along the model's split axis (default: its test slab)."
+    )
     evaluate.add_argument("--out", type=Path, help="Folder for report.html, scores (CSV/JSON) and figures.")
     _add_precision(evaluate)
-    evaluate.add_argument(
-        "--card",
-        action="store_true",
-        help="Write MODEL_CARD.md and the held-out scores into the model's checkpoint folder.",
-    )
     evaluate.set_defaults(run=_evaluate)
+
+    models = commands.add_parser("models", help="List the shipped models, print their cards, or score them again.")
+    models.add_argument("names", nargs="*", help="Models to show (their MODEL_CARD.md) or score; default: all.")
+    models.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="Score each on its held-out data next to bicubic, rewrite its card and scores; exit 1 if one loses.",
+    )
+    models.add_argument("--table", type=Path, help="Also write the summary table to this file (Markdown).")
+    _add_precision(models)
+    models.set_defaults(run=_models)
 
     interpolate = commands.add_parser(
         "interpolate", help="Blend a PSNR-oriented model and its GAN fine-tuning (ESRGAN network interpolation)."

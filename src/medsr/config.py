@@ -32,10 +32,13 @@ class DataConfig:
     # (data.split_scans with `fractions` and train.seed); the slices are then unused.
     split: str = "region"
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    # Region split along k (axial slices, [start, stop)): never evaluate on slices the model trained on.
+    # Region split ([start, stop) along split_axis: 0 = i, 1 = j, 2 = k, axial slices): never evaluate on what the
+    # model trained on. A 2D image (K = 1) is split along i or j.
+    split_axis: int = 2
     train_slices: tuple[int, int] = (20, 90)
     val_slices: tuple[int, int] = (95, 105)
     test_slices: tuple[int, int] = (110, 150)
+    held_out_scans: tuple[str, ...] = ()  # other scans never trained or validated on, scored whole (model tables)
     patch: tuple[int, ...] = (96,)  # HR patch size in voxels: one edge for every axis, or one per model axis
     batch_size: int = 16
     min_foreground: float = 0.3  # fraction of patch voxels above 5 % of the window, so patches are not mostly air
@@ -79,12 +82,21 @@ class GanConfig:
 
 
 @dataclasses.dataclass
+class CardConfig:
+    """What the model card says beyond the measurements: what the model is for and where it stops working."""
+
+    intended_use: str = ""
+    limits: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass
 class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     degradation: Degradation = dataclasses.field(default_factory=Degradation)  # the LR simulation, as saved
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     gan: GanConfig = dataclasses.field(default_factory=GanConfig)
+    card: CardConfig = dataclasses.field(default_factory=CardConfig)
 
 
 def load_config(path: Path | str | None = None, overrides: Sequence[str] = ()) -> Config:

@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 from medsr.degrade import Degradation, degrade
 from medsr.degrade.noise import poisson, quanta_reference, rician
 from medsr.degrade.sampling import FWHM_PER_SIGMA
+from medsr.inputs import volume_range
 from medsr.intensity import Window, default_window, denormalize, normalize
 from medsr.io import IMAGE_SUFFIXES, NIFTI_SUFFIXES, is_dicom_file
 from medsr.volume import Volume, crop, integer_scale
@@ -120,19 +121,24 @@ def prepare_scan(volume: Volume, degradation: Degradation) -> Volume:
     The window is computed on the simulated LR scan because that is all inference sees
     (``infer.super_resolve`` computes it on its input), so training, evaluation and use agree exactly. A random
     degradation's window comes from one LR draw with a fixed seed, since inference sees a noisy LR too. The window
-    is kept in ``meta['window']`` so that :class:`PairDataset` adds noise in physical units.
+    is kept in ``meta['window']`` so that :class:`PairDataset` adds noise in physical units; the LR's spacing and
+    intensity range in ``meta['lr_spacing']`` and ``meta['lr_range']`` (what ``inputs.training_inputs`` records).
     """
     cropped = crop_to_multiple(volume, scale=integer_scale(degradation.factors))
-    window = default_window(degrade(cropped, degradation, rng=np.random.default_rng(0)))
-    return normalize(cropped, window).replace(meta={**cropped.meta, "window": window})
+    lr = degrade(cropped, degradation, rng=np.random.default_rng(0))
+    meta = {"window": default_window(lr), "lr_spacing": lr.spacing, "lr_range": volume_range(lr)}
+    return normalize(cropped, meta["window"]).replace(meta={**cropped.meta, **meta})
 
 
-def slice_range(volume: Volume, *, slices: tuple[int, int]) -> Volume:
-    """Slab ``[start, stop)`` along k, with the affine moved to its first slice."""
+def slice_range(volume: Volume, *, slices: tuple[int, int], axis: int = 2) -> Volume:
+    """Slab ``[start, stop)`` along ``axis`` (0 = i, 1 = j, 2 = k), with the affine moved to its first voxel."""
     start, stop = slices
-    if not 0 <= start < stop <= volume.spatial_shape[2]:
-        raise ValueError(f"slices [{start}, {stop}) outside the volume's {volume.spatial_shape[2]} slices")
-    return crop(volume, (0, 0, start), (*volume.spatial_shape[:2], stop))
+    size = volume.spatial_shape[axis]
+    if not 0 <= start < stop <= size:
+        raise ValueError(f"slices [{start}, {stop}) outside the volume's {size} voxels along {'ijk'[axis]}")
+    first, last = [0, 0, 0], list(volume.spatial_shape)
+    first[axis], last[axis] = start, stop
+    return crop(volume, first, last)
 
 
 def _box(corner: Sequence[int], size: Sequence[int], scale: Sequence[int] = (1, 1, 1)) -> tuple[slice, ...]:
@@ -158,7 +164,11 @@ def _margin(degradation: Degradation, spacing: Sequence[float], scale: Sequence[
 
 
 class PairDataset(Dataset[Pair]):
-    """Random aligned LR/HR patches from normalised HR scans: (i, j) slices in 2D or blocks in 3D.
+    """Random aligned LR/HR patches from normalised HR scans: planes in 2D or blocks in 3D.
+
+    A 2D model learns in-plane, on (i, j) patches, when the factor along k is 1, or through-plane when the
+    factors are (1, 1, c): then each item is an (i, k) or a (j, k) patch (either, at random), the planes
+    ``infer.predict_orthogonal_planes`` runs the model on.
 
     LR voxel ``m`` covers HR voxels ``[m * s, (m + 1) * s)`` along each axis, and every pair is cut on that grid.
     Each scan's region is degraded once without noise. Noise is drawn per item from the item's rng, in physical
@@ -177,13 +187,15 @@ class PairDataset(Dataset[Pair]):
     Args:
         volumes: HR volumes from :func:`prepare_scan`, (C, I, J, K) each.
         degradation: The LR simulation. Factors must be integers (the model scale), and 1 along k in 2D.
-        slices: ``[start, stop)`` along k to draw from (the training region), or None for every slice of every
+        slices: ``[start, stop)`` along ``axis`` to draw from (the training region), or None for all of every
             scan. Each region is cropped to a multiple of the scale.
-        patch: HR patch size in voxels: one edge (square or cube) or one per spatial axis; multiples of the scale.
+        patch: HR patch size in voxels: one edge (square or cube) or one per model axis ((i, j), (i or j, k)
+            through-plane, or (i, j, k)); multiples of the scale.
         length: Items per epoch.
         seed: Each item is drawn from ``default_rng((seed, epoch, index))``: replayable and worker-safe.
         min_foreground: Fraction of HR patch voxels that must be tissue; up to ``FOREGROUND_TRIES`` draws try.
-        spatial_dims: 2 for (C, Pi, Pj) slice patches, 3 for (C, Pi, Pj, Pk) blocks.
+        spatial_dims: 2 for (C, Pi, Pj) slice patches (or (C, P, Pk) through-plane), 3 for (C, Pi, Pj, Pk) blocks.
+        axis: The axis ``slices`` count along (0 = i, 1 = j, 2 = k).
     """
 
     def __init__(
@@ -197,33 +209,43 @@ class PairDataset(Dataset[Pair]):
         seed: int = 0,
         min_foreground: float = 0.3,
         spatial_dims: int = 2,
+        axis: int = 2,
     ) -> None:
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         self.scale = integer_scale(degradation.factors)
-        if spatial_dims == 2 and self.scale[2] != 1:
-            raise ValueError(f"2D training pairs need a factor of 1 along k, got {degradation.factors}")
+        self.through_plane = spatial_dims == 2 and self.scale[2] != 1
+        if self.through_plane and self.scale[:2] != (1, 1):
+            raise ValueError(f"2D training pairs need factors (a, b, 1) or (1, 1, c), got {degradation.factors}")
         size = tuple(patch) if isinstance(patch, Sequence) else (patch,)
         size = size * spatial_dims if len(size) == 1 else size
-        self.patch = (*size, 1) if len(size) == spatial_dims == 2 else size  # HR (i, j, k)
-        if len(size) != spatial_dims or any(p < 1 or p % s for p, s in zip(self.patch, self.scale, strict=True)):
-            raise ValueError(
-                f"patch {patch} needs {spatial_dims} sizes, each a multiple of the scale {self.scale[:spatial_dims]}"
-            )
+        if len(size) != spatial_dims:
+            raise ValueError(f"patch {patch} needs 1 or {spatial_dims} sizes")
+        # The HR (i, j, k) shapes an item may take; the singleton axis of a 2D one is dropped.
+        if self.through_plane:
+            self.patches = [(size[0], 1, size[1]), (1, size[0], size[1])]
+        else:
+            self.patches = [(*size, 1) if spatial_dims == 2 else size]
+        if any(p < 1 or p % s for shape in self.patches for p, s in zip(shape, self.scale, strict=True)):
+            raise ValueError(f"patch {patch}: each size must be a multiple of the scale {self.scale} (i, j, k)")
         self.regions = [
-            crop_to_multiple(v if slices is None else slice_range(v, slices=slices), scale=self.scale) for v in volumes
+            crop_to_multiple(v if slices is None else slice_range(v, slices=slices, axis=axis), scale=self.scale)
+            for v in volumes
         ]
         for index, region in enumerate(self.regions):
-            if any(p > n for p, n in zip(self.patch, region.spatial_shape, strict=True)):
-                raise ValueError(f"patch {self.patch} (i, j, k) is larger than scan {index}: {region.spatial_shape}")
+            if any(p > n for shape in self.patches for p, n in zip(shape, region.spatial_shape, strict=True)):
+                raise ValueError(
+                    f"patch {self.patches[0]} (i, j, k) is larger than scan {index}: {region.spatial_shape}"
+                )
         self.degradation, self.spatial_dims = degradation, spatial_dims
         self.on_the_fly = degradation.noise in ("gaussian", "speckle")
         # Swapping i and j is a valid augmentation only if the scanner blurs and samples them alike (not for US,
         # lateral vs axial; not for unequal PSFs, scales or spacings).
         self.transposable = (
             degradation.modality != "US"
+            and not self.through_plane
             and self.scale[0] == self.scale[1]
-            and self.patch[0] == self.patch[1]
+            and self.patches[0][0] == self.patches[0][1]
             and degradation.psf_fwhm[0] == degradation.psf_fwhm[1]
             and all(abs(r.spacing[0] - r.spacing[1]) < 1e-6 for r in self.regions)
         )
@@ -249,7 +271,8 @@ class PairDataset(Dataset[Pair]):
         rng = np.random.default_rng((self.seed, self.epoch, index))
         scan = int(rng.integers(len(self.regions)))
         hr = self.regions[scan].array
-        size = [p // s for p, s in zip(self.patch, self.scale, strict=True)]  # LR patch
+        shape = self.patches[int(rng.integers(2))] if self.through_plane else self.patches[0]
+        size = [p // s for p, s in zip(shape, self.scale, strict=True)]  # LR patch
         grid = [n // s for n, s in zip(hr.shape[1:], self.scale, strict=True)]  # LR region
         for _ in range(FOREGROUND_TRIES):
             corner = [int(rng.integers(n - p + 1)) for n, p in zip(grid, size, strict=True)]
@@ -264,8 +287,9 @@ class PairDataset(Dataset[Pair]):
                 hr_patch, lr_patch = hr_patch.flip(axis), lr_patch.flip(axis)
         if self.transposable and rng.random() < 0.5:
             hr_patch, lr_patch = hr_patch.transpose(1, 2), lr_patch.transpose(1, 2)
-        if self.spatial_dims == 2:
-            hr_patch, lr_patch = hr_patch[..., 0], lr_patch[..., 0]
+        if self.spatial_dims == 2:  # drop the singleton axis: k in-plane, i or j through-plane
+            dropped = 1 + (shape.index(1) if self.through_plane else 2)
+            hr_patch, lr_patch = hr_patch.squeeze(dropped), lr_patch.squeeze(dropped)
         return Pair(lr=lr_patch.contiguous(), hr=hr_patch.contiguous())
 
     def _lr_patch(self, scan: int, corner: list[int], size: list[int], rng: np.random.Generator) -> torch.Tensor:

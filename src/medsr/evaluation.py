@@ -72,6 +72,7 @@ def compare_methods(
     spatial_dims: int = 2,
     seed: int = 0,
     extras: bool = False,
+    axis: int = 2,
 ) -> Comparison:
     """Score the baselines and ``models`` on the slab ``slices`` of ``hr``.
 
@@ -79,14 +80,14 @@ def compare_methods(
         hr: HR volume from ``data.prepare_scan`` (normalised with its LR's window, cropped to the factors).
         degradation: Integer factors; 1 along k for 2D models.
         models: Name -> predictor taking ``spatial_dims`` (see ``infer.model_predictor``).
-        slices: ``[start, stop)`` along k, cut down to a multiple of the k factor; must not overlap the slices
-            the models trained on.
-        spatial_dims: 2 (the models run slice by slice) or 3 (on the whole slab).
+        slices: ``[start, stop)`` along ``axis`` (0 = i, 1 = j, 2 = k), cut down to a multiple of that axis's
+            factor; must not overlap the region the models trained on. Scores are per (i, j) slice either way.
+        spatial_dims: 2 (the models run plane by plane, see ``infer.predict_volume``) or 3 (on the whole slab).
         seed: Seed of the LR noise draw (random degradations), so a comparison can be replayed.
         extras: Also score HFEN, 3D SSIM and, for the whole slab, ``hf_ratio`` and ``lr_rmse`` (slower).
     """
     scale = integer_scale(degradation.factors)
-    slab = crop_to_multiple(slice_range(hr, slices=slices), scale=scale)
+    slab = crop_to_multiple(slice_range(hr, slices=slices, axis=axis), scale=scale)
     lr = degrade_normalised(slab, degradation, rng=np.random.default_rng(seed))
     images = {"lr": lr.array.permute(3, 0, 1, 2), "hr": slab.array.permute(3, 0, 1, 2)}  # (K, C, I, J)
     for method in BASELINES:
@@ -95,7 +96,8 @@ def compare_methods(
         sr = predict_volume(predictor, lr, scale=scale, spatial_dims=spatial_dims, progress=False)
         images[name] = sr.array.permute(3, 0, 1, 2)
     mask = body_mask(images["hr"])
-    start, stop = slices[0], slices[0] + slab.spatial_shape[2]
+    start = slices[0] if axis == 2 else 0  # the k index of the slab's first slice in the scan
+    stop = start + slab.spatial_shape[2]
     rows, per_slice = [], []
     for name in (*BASELINES, *models):
         scores = score_slices(images[name], images["hr"], mask, extras=extras)

@@ -23,7 +23,9 @@ import numpy as np
 import torch
 
 from medsr.config import config_from_dict
+from medsr.degrade import explain
 from medsr.metrics import paired_difference
+from medsr.zoo import is_through_plane
 
 # The score columns medsr reports, in display order: name -> (heading, number format). HFEN is the only one for
 # which lower is better.
@@ -45,7 +47,7 @@ def format_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str]) -
     """A fixed-width text table; metric columns get their usual precision (PSNR 2 decimals, SSIM 4)."""
 
     def cell(row: Mapping[str, object], column: str) -> str:
-        value = row[column]
+        value = row.get(column, _MISSING)
         return METRICS.get(column, (column, "{}"))[1].format(value) if isinstance(value, float) else str(value)
 
     cells = [[cell(row, c) for c in columns] for row in rows]
@@ -354,56 +356,84 @@ def profile_figure(
     _save(figure, path, title)
 
 
-def model_card(
-    name: str, description: Mapping, rows: Sequence[Mapping], *, scan: str, slices: tuple[int, int], precision: str
-) -> str:
+def held_out_text(scan: str, slices: tuple[int, int] | None, axis: int) -> str:
+    """How a held-out set is named in cards and tables: a scan's region, or a whole scan never seen."""
+    if slices is None:
+        return f"{scan} (whole scan, never seen)"
+    return f"{scan}, {'ijk'[axis]} {slices[0]}..{slices[1] - 1}"
+
+
+def model_card(name: str, description: Mapping, held_out: Sequence[Mapping], *, precision: str) -> str:
     """A Markdown model card: what the model is for, what it was trained on, held-out scores next to baselines.
 
+    ``held_out``: one entry per held-out set, ``{"data": held_out_text(...), "rows": compare_methods rows}``.
     ``precision`` is the inference precision the scores were computed with ('fp32' or 'bf16')."""
-    config = description["config"]
-    data, degradation, train = config["data"], config["degradation"], config["train"]
+    config = config_from_dict(description["config"])
+    data, train = config.data, config.train
     kwargs = ", ".join(f"{k}={v}" for k, v in description["model_kwargs"].items())
     validation = description.get("scores", {}).get("validation", {})
-    factors = "x".join(f"{f:g}" for f in degradation["factors"])
-    table = format_table(rows, ["method", "psnr", "ssim", "psnr_body", "ssim_body", "ssim3d", "hfen"])
-    patch = config_from_dict(config).data.patch  # typed: older checkpoints stored one int
-    patch = "x".join(str(p) for p in (patch * 2 if len(patch) == 1 else patch))
+    scale = description["scale"]
+    factors = "x".join(str(f) for f in scale)
+    in_plane = f"x{scale[0]}" if scale[0] == scale[1] else f"{scale[0]}x{scale[1]}"
+    task = f"slices {scale[2]}x thinner (through-plane)" if is_through_plane(scale) else f"in-plane {in_plane}"
+    patch = "x".join(str(p) for p in (data.patch * 2 if len(data.patch) == 1 else data.patch))
+    axis = "ijk"[data.split_axis]
+    if data.split == "region":
+        split = (
+            f"region split along {axis}: training {axis} {data.train_slices[0]}..{data.train_slices[1] - 1}, "
+            f"validation {data.val_slices[0]}..{data.val_slices[1] - 1}, test {data.test_slices[0]}.."
+            f"{data.test_slices[1] - 1}"
+        )
+    else:
+        split = f"split by scan ({', '.join(f'{f:g}' for f in data.fractions)} train/validation/test)"
+    inputs = description.get("inputs")
+    if inputs:
+        spacing_axes = (2,) if is_through_plane(scale) else (0, 1)
+        low, high = inputs["spacing_mm"]["min"], inputs["spacing_mm"]["max"]
+        spacing = ", ".join(
+            f"{'ijk'[a]} {low[a]:.3g}" + (f"..{high[a]:.3g}" if high[a] != low[a] else "") + " mm" for a in spacing_axes
+        )
+        if description["modality"] in ("CR", "DX"):
+            spacing = "not checked (radiographs: the pixel size depends on magnification; these files give none)"
+        low, high = (f"{a:.4g}" if a == b else f"{a:.4g}..{b:.4g}" for a, b in (inputs["low"], inputs["high"]))
+        trained_on = (
+            f"\n- **Inputs it was trained on** (LR): spacing {spacing}; intensity percentiles 0.5th {low}, 99.9th "
+            f"{high} (physical units). `medsr upscale` warns outside these."
+        )
+    else:
+        trained_on = ""
+    columns = ["method", "psnr", "ssim", "psnr_body", "ssim_body", "ssim3d", "hfen"]
+    tables = "\n\n".join(f"{entry['data']}:\n\n```\n{format_table(entry['rows'], columns)}\n```" for entry in held_out)
+    limits = "".join(f"\n- {limit}" for limit in config.card.limits)
     return f"""# Model card: {name}
 
-- **Task**: {description["modality"]} super-resolution by {factors} (per voxel axis i x j x k).
+- **Task**: {description["modality"]} super-resolution, {task}; scale {factors} per voxel axis (i x j x k).
 - **Architecture**: `{description["model_name"]}` ({kwargs}); {description.get("parameters", "?")} parameters.
-- **Training data**: {", ".join(data["scans"])}, axial slices {data["train_slices"][0]}..{data["train_slices"][1] - 1}
-  (k index); validation slices {data["val_slices"][0]}..{data["val_slices"][1] - 1}.
-- **Degradation learned**: k-space truncation {factors}, {degradation["kspace_window"]} window, no added noise.
+- **Training data**: {", ".join(data.scans)}; {split}.
+- **Degradation learned**: {explain(config.degradation)}.{trained_on}
 - **Intensities**: {description["intensity"]}.
-- **Training**: {train["steps"]} steps, batch {data["batch_size"]} of {patch} HR patches,
-  Adam lr {train["lr"]} with cosine decay, {train["loss"]} loss, seed {train["seed"]}, on CPU. Best validation
-  step {description["step"]} (validation PSNR {validation.get("psnr", float("nan")):.2f} dB, bicubic
+- **Training**: {train.steps} steps, batch {data.batch_size} of {patch} HR patches, Adam lr {train.lr} with
+  {train.schedule} decay, {train.loss} loss, seed {train.seed}{", bf16" if train.bf16 else ""}, on CPU. Best
+  validation step {description["step"]} (validation PSNR {validation.get("psnr", float("nan")):.2f} dB, bicubic
   {validation.get("psnr_cubic", float("nan")):.2f} dB).
 
 ## Held-out scores
 
-{scan}, axial slices {slices[0]}..{slices[1] - 1}, never seen in training or model selection. PSNR (dB) and SSIM
-per 2D slice, averaged, and SSIM over the slab in 3D; HFEN (high-frequency error norm, lower is better) per
-slice; `data_range = 1` on normalised intensities; `*_body` inside the dilated head mask. Inference in {precision}
-(`--precision auto` picks bf16 on CPUs with bf16 instructions).
+Data never seen in training or model selection, degraded as above. PSNR (dB) and SSIM per 2D (i, j) slice,
+averaged, and SSIM over the slab in 3D (slabs of 11 slices or more); HFEN (high-frequency error norm, lower is
+better) per slice; `data_range = 1` on normalised intensities; `*_body` inside the dilated foreground mask.
+Inference in {precision} (`--precision auto` picks bf16 on CPUs with bf16 instructions).
 
-```
-{table}
-```
+{tables}
 
 ## Intended use and limits
 
-- MR magnitude images whose in-plane resolution was lost the way k-space truncation loses it (a lower
-  acquisition matrix over the same field of view), upsampled x2 in-plane; slices are processed independently.
-- Trained on **one subject** (Colin27, a T1 average of 27 scans: very high SNR). Noisy clinical scans, other
-  contrasts (T2, FLAIR), other anatomy or other degradations (partial Fourier, thick slices) are outside what it
-  saw; check against your own data with `medsr evaluate` before trusting it.
+- {config.card.intended_use or "See the degradation above: the model inverts that and nothing else."}{limits}
 - Not a diagnostic device. Super-resolution adds no information the scanner did not measure; the scores above
-  measure agreement with one high-resolution reference.
+  measure agreement with high-resolution references of a few scans.
 
-Reproduce: `medsr train configs/edsr_mr_x2.yaml --out runs/edsr_mr_x2` then
-`medsr evaluate --model runs/edsr_mr_x2/best --card`.
+Reproduce: `medsr train configs/{name}.yaml --out runs/{name}`, copy `runs/{name}/best` to
+`src/medsr/weights/{name}`, then `medsr models --evaluate {name}` (scores, this card).
 """
 
 

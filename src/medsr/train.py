@@ -29,6 +29,7 @@ from medsr.data import Pair, PairDataset, find_scans, prepare_scan, split_scans
 from medsr.degrade import Degradation
 from medsr.evaluation import compare_methods
 from medsr.infer import model_predictor
+from medsr.inputs import training_inputs
 from medsr.io import read_volume
 from medsr.losses import ADVERSARIAL, LOSSES, combined, discriminator_loss, generator_loss
 from medsr.models import create_model
@@ -202,8 +203,11 @@ def check_config(config: Config) -> None:
         raise ValueError(
             f"gan.perceptual_weights {gan.perceptual_weights!r}: needs gan.discriminator and an existing file"
         )
-    if config.data.split not in ("region", "scan"):
-        raise ValueError(f"data.split must be 'region' or 'scan', got {config.data.split!r}")
+    if config.data.split not in ("region", "scan") or config.data.split_axis not in (0, 1, 2):
+        raise ValueError(
+            f"data.split must be 'region' or 'scan' and data.split_axis 0, 1 or 2 (i, j, k); got "
+            f"{config.data.split!r}, {config.data.split_axis!r}"
+        )
     regions = {"train": config.data.train_slices, "val": config.data.val_slices, "test": config.data.test_slices}
     for (name_a, (start_a, stop_a)), (name_b, (start_b, stop_b)) in itertools.combinations(regions.items(), 2):
         if start_a < stop_b and start_b < stop_a:
@@ -212,12 +216,13 @@ def check_config(config: Config) -> None:
                 f"{(start_b, stop_b)}: the model would be scored on what it saw"
             )
     factors = integer_scale(config.degradation.factors)
-    if config.model.spatial_dims == 2 and factors[2] != 1:
+    through_plane = config.model.spatial_dims == 2 and factors[2] != 1
+    if through_plane and factors[:2] != (1, 1):
         raise ValueError(
-            f"degradation.factors {factors}: a 2D model learns in-plane factors only; use model.spatial_dims 3 "
-            "for a factor along k"
+            f"degradation.factors {factors}: a 2D model learns in-plane (a, b, 1) or through-plane (1, 1, c) "
+            "factors; use model.spatial_dims 3 for both at once"
         )
-    expected = factors[: config.model.spatial_dims]
+    expected = (1, factors[2]) if through_plane else factors[: config.model.spatial_dims]
     if tuple(config.model.scale) != expected:
         raise ValueError(f"model.scale {config.model.scale} must equal the degradation factors {expected}")
 
@@ -250,12 +255,18 @@ def _distributed() -> tuple[int, int]:
 
 
 def describe(
-    config: Config, step: int, scores: dict[str, Any], scans: tuple[list[Path], list[Path], list[Path]]
+    config: Config,
+    step: int,
+    scores: dict[str, Any],
+    scans: tuple[list[Path], list[Path], list[Path]],
+    inputs: dict[str, Any],
 ) -> dict[str, Any]:
     """The checkpoint's JSON description: enough to rebuild the model and to know what it is for.
 
     ``scans`` (train, validation, test paths, resolved) is saved as used, so evaluation can refuse every scan or
-    slab the model saw without rebuilding the split from a folder that may have changed since.
+    slab the model saw without rebuilding the split from a folder that may have changed since. ``inputs`` is
+    the training scans' LR spacing and intensity range (``inputs.training_inputs``), for ``medsr upscale``'s
+    warnings.
     """
     return {
         "model_name": config.model.name,
@@ -272,6 +283,7 @@ def describe(
         "step": step,
         "scores": scores,
         "scans": {name: [str(p) for p in paths] for name, paths in zip(("train", "val", "test"), scans, strict=True)},
+        "inputs": inputs,
     }
 
 
@@ -312,9 +324,13 @@ def fit(config: Config | None, run_dir: Path, *, resume: bool = False, progress:
     degradation = config.degradation
     split = training_scans(config)
     train_paths, val_paths, _ = split
+    seen = sorted({resolve_scan(scan) for scan in config.data.held_out_scans} & {*train_paths, *val_paths})
+    if seen:
+        raise ValueError(f"data.held_out_scans {[str(p) for p in seen]} are also training or validation scans")
     volumes = load_scans(train_paths, config)
     by_region = config.data.split == "region"
     val_volumes = volumes if by_region else load_scans(val_paths, config)
+    inputs = training_inputs([v.meta["lr_spacing"] for v in volumes], [v.meta["lr_range"] for v in volumes])
     val_slices = config.data.val_slices if by_region else None
     dataset = PairDataset(
         volumes,
@@ -325,6 +341,7 @@ def fit(config: Config | None, run_dir: Path, *, resume: bool = False, progress:
         seed=config.train.seed,
         min_foreground=config.data.min_foreground,
         spatial_dims=config.model.spatial_dims,
+        axis=config.data.split_axis,
     )
     model = create_model(
         config.model.name, spatial_dims=config.model.spatial_dims, scale=config.model.scale, **config.model.kwargs
@@ -395,8 +412,8 @@ def fit(config: Config | None, run_dir: Path, *, resume: bool = False, progress:
                 )
             schedule.step()
             if discriminator is not None and step == gan.pretrain_steps and rank == 0:  # the PSNR-oriented model
-                save_checkpoint(run_dir / "psnr", final, describe(config, step, {}, split))
-            bar.set_postfix(loss=f"{logs['loss']:.4f}")
+                save_checkpoint(run_dir / "psnr", final, describe(config, step, {}, split, inputs))
+            bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
             if world_size > 1:  # log the global batch's loss, as one process would see it
                 loss = torch.tensor(logs["loss"])
                 dist.all_reduce(loss)
@@ -405,7 +422,13 @@ def fit(config: Config | None, run_dir: Path, *, resume: bool = False, progress:
                 dist.barrier()  # wait while rank 0 validates and saves
             elif step % config.train.val_every == 0 or step == config.train.steps:
                 row = validate(
-                    final, val_volumes, degradation, val_slices, config.model.spatial_dims, bf16=config.train.bf16
+                    final,
+                    val_volumes,
+                    degradation,
+                    val_slices,
+                    config.model.spatial_dims,
+                    bf16=config.train.bf16,
+                    axis=config.data.split_axis,
                 )
                 row.update(step=step, loss=logs["loss"], lr=schedule.get_last_lr()[0])
                 row.update({key: value for key, value in logs.items() if key.startswith("loss/")})
@@ -413,7 +436,7 @@ def fit(config: Config | None, run_dir: Path, *, resume: bool = False, progress:
                 log.flush()
                 if row["psnr"] > best["psnr"] or adversarial_phase:  # a GAN is not chosen by PSNR: its latest
                     best = row
-                    save_checkpoint(run_dir / "best", final, describe(config, step, {"validation": row}, split))
+                    save_checkpoint(run_dir / "best", final, describe(config, step, {"validation": row}, split, inputs))
                 state = {
                     "optimizer": optimizer.state_dict(),
                     "schedule": schedule.state_dict(),
@@ -424,7 +447,7 @@ def fit(config: Config | None, run_dir: Path, *, resume: bool = False, progress:
                     state |= {"model": model.state_dict(), "ema": ema.state_dict()}
                 if discriminator is not None:
                     state |= {"discriminator": discriminator.state_dict(), "d_optimizer": d_optimizer.state_dict()}
-                _save_last(run_dir, final, describe(config, step, {"validation": row}, split), state)
+                _save_last(run_dir, final, describe(config, step, {"validation": row}, split, inputs), state)
                 bar.write(f"step {step}: val PSNR {row['psnr']:.2f} dB (bicubic {row['psnr_cubic']:.2f})")
                 if world_size > 1:
                     dist.barrier()
@@ -498,10 +521,12 @@ def validate(
     spatial_dims: int = 2,
     *,
     bf16: bool = False,
+    axis: int = 2,
 ) -> dict:
     """Validation PSNR/SSIM of the model, and bicubic's PSNR, averaged over the HR slices of the validation slab
-    of every scan (``slices`` None: all of each scan); a 3D model runs on the whole slab. Inference runs in the
-    precision of training (``bf16``), so the best checkpoint does not depend on the machine validating it."""
+    (``slices`` along ``axis``) of every scan (``slices`` None: all of each scan); a 3D model runs on the whole
+    slab. Inference runs in the precision of training (``bf16``), so the best checkpoint does not depend on the
+    machine validating it."""
     predictor = model_predictor(model, precision="bf16" if bf16 else "fp32")
     rows = [
         row
@@ -510,9 +535,10 @@ def validate(
             v,
             degradation,
             {"model": predictor},
-            slices=slices or (0, v.spatial_shape[2]),
+            slices=slices or (0, v.spatial_shape[axis]),
             spatial_dims=spatial_dims,
             seed=index,
+            axis=axis,
         ).rows
     ]
 

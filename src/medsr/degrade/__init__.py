@@ -107,6 +107,34 @@ class Degradation:
         return self.noise != "none"
 
 
+def explain(d: Degradation) -> str:
+    """The degradation in words, for model cards: what the scanner model does along which axes."""
+    factors = "x".join(f"{f:g}" for f in d.factors)
+    in_plane = max(d.factors[:2]) > 1
+    parts = []
+    if any(d.psf_fwhm):
+        psf = "x".join(f"{f:g}" for f in d.psf_fwhm)
+        kind = "beam PSF (incoherent, no new speckle)" if d.modality == "US" and d.noise != "speckle" else "PSF"
+        parts.append(f"Gaussian {kind} of FWHM {psf} mm (i x j x k)")
+    if in_plane:
+        sampling = {
+            "MR": f"k-space truncation {factors} ({d.kspace_window} window: a smaller acquisition matrix, same FOV)",
+            "US": f"sampling on a {factors} coarser display grid (each LR pixel the mean of the HR pixels it covers)",
+        }.get(d.modality, f"detector-aperture sampling {factors} (each LR pixel the mean of the HR pixels it covers)")
+        parts.append(sampling)
+    if d.factors[2] > 1 or d.slice_thickness:
+        thickness = f"{d.slice_thickness:g} mm" if d.slice_thickness else "the LR slice spacing (contiguous)"
+        parts.append(f"slices {d.factors[2]:g}x thicker along k, {d.slice_profile} profile, FWHM = {thickness}")
+    noise = {
+        "none": "no added noise",
+        "rician": f"Rician noise sigma {d.noise_sigma:g}",
+        "gaussian": f"correlated Gaussian noise sigma {d.noise_sigma:g} HU",
+        "poisson": f"quantum noise, {d.photons:g} quanta per pixel at full intensity",
+        "speckle": "new speckle from the wider PSF",
+    }[d.noise]
+    return f"{d.modality}: " + "; ".join([*parts, noise])
+
+
 def factors_for_spacing(volume: Volume, spacing_mm: Sequence[float]) -> tuple[float, float, float]:
     """Per-axis factors that turn the volume's spacing into ``spacing_mm`` (i, j, k); each must be >= 1."""
     factors = tuple(t / s for t, s in zip(spacing_mm, volume.spacing, strict=True))
@@ -181,4 +209,4 @@ _PIPELINES = {
     Modality.US: _ultrasound,
 }
 
-__all__ = ["Degradation", "degrade", "factors_for_spacing", "kspace_truncate", "kspace_upsample", "lr_shape"]
+__all__ = ["Degradation", "degrade", "explain", "factors_for_spacing", "kspace_truncate", "kspace_upsample", "lr_shape"]

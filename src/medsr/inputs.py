@@ -1,0 +1,92 @@
+"""The inputs a model was trained on (LR spacing and intensity range), and the checks of a scan against them.
+
+A model only knows the scans it saw. ``fit`` records, for its training scans' simulated LR versions, the voxel
+spacing along the axes the model upsamples and the intensity range (0.5th and 99.9th percentiles, in physical
+units); ``medsr upscale`` warns when a scan lies outside. Intensities are compared as the units allow: CT (HU) and
+ultrasound B-mode (0..255) are absolute, so the percentiles themselves are compared; MR and X-ray units are
+arbitrary (each scan is normalised by its own percentiles), so only the window's offset, its lower end over its
+width, is: a magnitude image starts near 0, a CT read as MR or a phase image does not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from medsr.intensity import LOWER_PERCENTILE, UPPER_PERCENTILE, percentiles
+from medsr.volume import Volume
+
+SPACING_TOLERANCE = 1.5  # a scan's spacing may be this factor finer or coarser than the training scans'
+INTENSITY_TOLERANCE = 0.1  # fraction of the training window's width a scan's percentiles may lie outside
+ABSOLUTE_UNITS = ("CT", "US")  # the same tissue has the same value in every scan (HU, B-mode grey level)
+PROJECTION = ("CR", "DX")  # radiographs: pixel size at the detector depends on magnification; often missing
+
+
+def intensity_range(slices: Callable[[], Iterable[np.ndarray]]) -> tuple[float, float]:
+    """The (0.5th, 99.9th) percentiles of a scan given as slices in physical units (see ``intensity.percentiles``)."""
+    low, high = percentiles(slices, (LOWER_PERCENTILE, UPPER_PERCENTILE))
+    return low, high
+
+
+def volume_range(volume: Volume) -> tuple[float, float]:
+    """:func:`intensity_range` of a volume in memory."""
+    return intensity_range(lambda: [volume.array.detach().cpu().numpy()])
+
+
+def training_inputs(spacings: Sequence[Sequence[float]], ranges: Sequence[tuple[float, float]]) -> dict[str, Any]:
+    """The record ``fit`` saves in ``model.json`` under ``inputs``, from the training scans' LR versions: the
+    per-axis spacing range (mm, i, j, k) and the ranges of their percentiles (:func:`intensity_range`)."""
+    spacings, ranges = np.array(spacings, dtype=np.float64), np.array(ranges, dtype=np.float64)
+    return {
+        "spacing_mm": {"min": spacings.min(0).tolist(), "max": spacings.max(0).tolist()},
+        "low": [float(ranges[:, 0].min()), float(ranges[:, 0].max())],
+        "high": [float(ranges[:, 1].min()), float(ranges[:, 1].max())],
+    }
+
+
+def input_warnings(
+    inputs: dict[str, Any],
+    *,
+    modality: str,
+    spacing: Sequence[float],
+    scale: Sequence[int],
+    intensities: tuple[float, float],
+) -> list[str]:
+    """Ways a scan lies outside what a model was trained on; empty when it lies inside.
+
+    Args:
+        inputs: The model's ``inputs`` record (:func:`training_inputs`).
+        modality: The model's modality.
+        spacing: The scan's voxel spacing in mm (i, j, k).
+        scale: The model's scale per axis (i, j, k); the spacing is checked along the axes it upsamples (radiographs
+            excepted: their pixel size is not a property of the anatomy).
+        intensities: The scan's (0.5th, 99.9th) percentiles in physical units (:func:`intensity_range`).
+    """
+    warnings = []
+    lowest, highest = inputs["spacing_mm"]["min"], inputs["spacing_mm"]["max"]
+    for axis, (s, a, b, factor) in enumerate(zip(spacing, lowest, highest, scale, strict=True)):
+        if factor > 1 and modality not in PROJECTION and not a / SPACING_TOLERANCE <= s <= b * SPACING_TOLERANCE:
+            trained = f"{a:.3g} mm" if a == b else f"{a:.3g}..{b:.3g} mm"
+            warnings.append(f"spacing along {'ijk'[axis]} is {s:.3g} mm; the model was trained on {trained}")
+    (low_min, low_max), (high_min, high_max) = inputs["low"], inputs["high"]
+    low, high = intensities
+    width = high_min - low_max
+    if modality in ABSOLUTE_UNITS:
+        margin = INTENSITY_TOLERANCE * width
+        if low < low_min - margin or low > low_max + margin or high < high_min - margin or high > high_max + margin:
+            warnings.append(
+                f"intensities span {low:.4g}..{high:.4g} (0.5th..99.9th percentile); the model was trained on "
+                f"{low_min:.4g}..{low_max:.4g} to {high_min:.4g}..{high_max:.4g}"
+            )
+    else:
+        offsets = [low_min / (high_max - low_min), low_max / (high_min - low_max)]
+        offset = low / (high - low) if high > low else float("inf")
+        if not min(offsets) - INTENSITY_TOLERANCE <= offset <= max(offsets) + INTENSITY_TOLERANCE:
+            warnings.append(
+                f"the intensity window starts at {offset:+.2f} of its width above 0 ({low:.4g}..{high:.4g}); the "
+                f"model's training scans started at {min(offsets):+.2f}..{max(offsets):+.2f} (not a magnitude "
+                "image, an offset, or another modality?)"
+            )
+    return warnings
