@@ -41,7 +41,8 @@ def test_a_scan_like_the_training_scans_gives_no_warning():
         (MR, {"spacing": (0.5, 0.5, 1.0)}, ["spacing along i is 0.5 mm", "spacing along j is 0.5 mm"]),
         (MR, {"spacing": (2.0, 2.0, 6.0), "scale": (1, 1, 4)}, ["spacing along k is 6 mm"]),
         (MR, {"intensities": (-1024.0, 1500.0)}, ["intensity window starts at -0.41"]),  # a CT read as MR
-        (CT, {"modality": "CT", "spacing": (1.9, 1.9, 1.5), "intensities": (-3024.0, 1400.0)}, ["-3024..1400"]),
+        (CT, {"modality": "CT", "spacing": (1.9, 1.9, 1.5), "intensities": (-1024.0, 3500.0)}, ["-1024..3500"]),
+        (CT, {"modality": "CT", "spacing": (1.9, 1.9, 1.5), "intensities": (-3024.0, 1400.0)}, []),  # padding: air
     ],
 )
 def test_scans_outside_the_training_range_are_named(inputs, options, expected):

@@ -7,7 +7,7 @@ import torch
 
 from medsr.intensity import CT_WINDOW_HU, Window, default_window, percentiles, window_from_slices
 from medsr.samples import sample_path
-from medsr.volume import Volume
+from medsr.volume import Modality, Volume
 
 Q = (0, 0.5, 1, 12.3, 50, 99.5, 99.9, 100)
 
@@ -57,8 +57,16 @@ def test_ct_window_is_fixed_and_reads_nothing(phantom):
     def unreadable():
         raise AssertionError("a CT window must not read the scan")
 
-    assert window_from_slices("CT", unreadable) == Window(*CT_WINDOW_HU)
-    assert default_window(phantom.replace(modality="CT")) == Window(*CT_WINDOW_HU)
+    assert window_from_slices("CT", unreadable) == Window(*CT_WINDOW_HU, floor=-1024)
+    assert default_window(phantom.replace(modality="CT")) == Window(*CT_WINDOW_HU, floor=-1024)
+
+
+def test_ct_padding_below_air_is_seen_as_air():
+    """Scanners pad outside the reconstruction circle with -2000 or -3024 HU: the model sees -1024 (air) there."""
+    window = default_window(Volume(torch.tensor([[[[-3024.0]], [[-1024.0]], [[40.0]]]]), np.eye(4), Modality.CT))
+    unit = window.to_unit(torch.tensor([-3024.0, -1024.0, 40.0, 3071.0]))
+    torch.testing.assert_close(unit, torch.tensor([0.0, 0.0, 1064 / 4095, 1.0]))
+    assert Window(0.0, 1.0).to_unit(torch.tensor([-5.0])) == -5.0  # other windows keep values outside
 
 
 def test_constant_volume_is_refused(phantom):

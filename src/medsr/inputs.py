@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from medsr.intensity import LOWER_PERCENTILE, UPPER_PERCENTILE, percentiles
+from medsr.intensity import CT_WINDOW_HU, LOWER_PERCENTILE, UPPER_PERCENTILE, percentiles
 from medsr.volume import Volume
 
 SPACING_TOLERANCE = 1.5  # a scan's spacing may be this factor finer or coarser than the training scans'
@@ -72,6 +72,8 @@ def input_warnings(
             warnings.append(f"spacing along {'ijk'[axis]} is {s:.3g} mm; the model was trained on {trained}")
     (low_min, low_max), (high_min, high_max) = inputs["low"], inputs["high"]
     low, high = intensities
+    if modality == "CT":  # below air is padding, which the model sees as air (``intensity.Window.floor``)
+        low, high = max(low, CT_WINDOW_HU[0]), max(high, CT_WINDOW_HU[0])
     width = high_min - low_max
     if modality in ABSOLUTE_UNITS:
         margin = INTENSITY_TOLERANCE * width

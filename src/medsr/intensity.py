@@ -21,10 +21,14 @@ LOWER_PERCENTILE, UPPER_PERCENTILE = 0.5, 99.9
 
 @dataclasses.dataclass(frozen=True)
 class Window:
-    """An intensity interval ``[lo, hi]`` in physical units mapped to [0, 1]; values outside are kept, not clipped."""
+    """An intensity interval ``[lo, hi]`` in physical units mapped to [0, 1]; values outside are kept, not clipped,
+    except below ``floor`` (if set): those are raised to it first. CT's floor is air, -1024 HU: nothing in a
+    patient is below it, and scanners store the padding outside the reconstruction circle there (often -2000 or
+    -3024); a model trained on tissue would take that step for an edge, so it sees air instead."""
 
     lo: float
     hi: float
+    floor: float | None = None
 
     def __post_init__(self) -> None:
         if not np.isfinite([self.lo, self.hi]).all() or self.hi <= self.lo:
@@ -32,6 +36,8 @@ class Window:
 
     def to_unit(self, values: torch.Tensor) -> torch.Tensor:
         """Physical units -> [0, 1] (lo -> 0, hi -> 1), any shape."""
+        if self.floor is not None:
+            values = values.clamp(min=self.floor)
         return (values - self.lo) / (self.hi - self.lo)
 
     def to_physical(self, values: torch.Tensor) -> torch.Tensor:
@@ -56,7 +62,7 @@ def window_from_slices(modality: Modality | str, slices: Callable[[], Iterable[n
     :func:`percentiles`), never for CT. The window equals ``default_window`` of the whole scan exactly.
     """
     if Modality(modality) == Modality.CT:
-        return Window(*CT_WINDOW_HU)
+        return Window(*CT_WINDOW_HU, floor=CT_WINDOW_HU[0])
     lo, hi = percentiles(slices, (LOWER_PERCENTILE, UPPER_PERCENTILE))
     if hi <= lo:
         raise ValueError(f"volume is constant ({lo}): nothing to super-resolve")

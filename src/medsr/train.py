@@ -278,7 +278,10 @@ def describe(
         "modality": config.data.modality,
         "scale": list(integer_scale(config.degradation.factors)),
         "degradation": to_dict(config)["degradation"],
-        "intensity": "normalised per LR scan: 0.5th percentile -> 0, 99.9th -> 1 (CT: -1024..3071 HU -> 0..1)",
+        "intensity": (
+            "normalised per LR scan: 0.5th percentile -> 0, 99.9th -> 1 (CT: -1024..3071 HU -> 0..1, below -1024 HU "
+            "raised to -1024)"
+        ),
         "config": to_dict(config),
         "step": step,
         "scores": scores,
