@@ -465,7 +465,7 @@ def _models(args: argparse.Namespace) -> int:
     """List the shipped models, print one's card, or score them on their held-out data (cards and table)."""
     from medsr.checkpoint import resolve_checkpoint
     from medsr.report import format_table
-    from medsr.zoo import shipped_descriptions, summary_row
+    from medsr.zoo import shipped_descriptions, summary_rows
 
     shipped = shipped_descriptions()
     names = args.names or list(shipped)
@@ -477,7 +477,12 @@ def _models(args: argparse.Namespace) -> int:
             print((resolve_checkpoint(name) / "MODEL_CARD.md").read_text())
         return 0
     losing = [failure for name in (names if args.evaluate else []) for failure in _score_shipped(name, args.precision)]
-    rows = [summary_row(name, description) for name, description in shipped_descriptions().items() if name in names]
+    rows = [
+        row
+        for name, description in shipped_descriptions().items()
+        if name in names
+        for row in summary_rows(name, description)
+    ]
     columns = ("model", "modality", "scale", "kind", "lr_spacing", "held_out", "psnr", "psnr_cubic", "gain_db")
     table = format_table(rows, columns)
     print(table)

@@ -60,9 +60,9 @@ def choose_model(modality: str, factors: Sequence[float] | None) -> str:
     return exact[0] if exact else enough[0][1] if enough else max((r, n) for n, r in reach.items())[1]
 
 
-def summary_row(name: str, description: dict[str, Any]) -> dict[str, Any]:
-    """One line of ``medsr models``: what the model does, on what spacing, and its held-out PSNR next to bicubic
-    (the first held-out set of ``scores['held_out']``, as ``medsr models --evaluate`` writes it)."""
+def summary_rows(name: str, description: dict[str, Any]) -> list[dict[str, Any]]:
+    """The lines of ``medsr models`` for one model: what it does, on what spacing, and its PSNR next to bicubic's
+    on each held-out set of ``scores['held_out']`` (as ``medsr models --evaluate`` writes it), one line each."""
     spacing = description.get("inputs", {}).get("spacing_mm")
     scale = description["scale"]
     axes = (2,) if is_through_plane(scale) else (0, 1)
@@ -70,17 +70,17 @@ def summary_row(name: str, description: dict[str, Any]) -> dict[str, Any]:
         spacing_text = "-"
     else:
         spacing_text = "x".join(f"{spacing['min'][a]:.3g}" for a in axes) + " mm"
-    held_out = description.get("scores", {}).get("held_out", [])
     row = {
         "model": name,
         "modality": description["modality"],
         "scale": "x".join(str(s) for s in scale),
         "kind": "slices" if is_through_plane(scale) else "in-plane",
         "lr_spacing": spacing_text,
-        "held_out": held_out[0]["data"] if held_out else "-",
     }
-    if held_out:
-        methods = {r["method"]: r for r in held_out[0]["rows"]}
-        model, cubic = methods[name]["psnr"], methods["cubic"]["psnr"]
-        row |= {"psnr": f"{model:.2f}", "psnr_cubic": f"{cubic:.2f}", "gain_db": f"{model - cubic:+.2f}"}
-    return row
+    rows = []
+    for entry in description.get("scores", {}).get("held_out", []):
+        psnr = {r["method"]: r["psnr"] for r in entry["rows"]}
+        model, cubic = psnr[name], psnr["cubic"]
+        scores = {"psnr": f"{model:.2f}", "psnr_cubic": f"{cubic:.2f}", "gain_db": f"{model - cubic:+.2f}"}
+        rows.append(row | {"held_out": entry["data"]} | scores)
+    return rows or [row | {"held_out": "not scored: medsr models --evaluate"}]
