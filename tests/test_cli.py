@@ -137,9 +137,27 @@ def test_upscale_picks_the_shipped_model_of_the_modality_and_warns_outside_its_s
     source = pydicom.data.get_testdata_file("CT_small.dcm")  # CT, 0.66 mm pixels; the CT model saw 1.9 mm LR pixels
     assert main(["upscale", source, str(tmp_path / "sr.nii.gz")]) == 0
     err = capsys.readouterr().err
-    assert "model edsr_ct_x2" in err and "trained on MR" not in err
+    assert "model edsr_ct_x2" in err and "trained on MR" not in err and "intensit" not in err
     assert "spacing along i is 0.661 mm; the model was trained on 1.91 mm" in err
     assert read_volume(tmp_path / "sr.nii.gz").spatial_shape == (256, 256, 1)
+
+
+def test_upscale_a_digital_radiograph_uses_the_x_ray_model_without_warnings(tmp_path, capsys):
+    """DX and CR radiographs share the X-ray model: no modality warning, and no pixel-size check."""
+    from PIL import Image
+
+    tibia = read_volume(sample_path("xray_tibia"))
+    pixels = (tibia.array[0, 600:700, 700:820, 0].numpy().T / 4).round().astype(np.uint8)  # 10-bit -> 8-bit
+    Image.fromarray(pixels).save(tmp_path / "dx.png")
+    assert main(["upscale", str(tmp_path / "dx.png"), str(tmp_path / "sr.png"), "--modality", "DX"]) == 0
+    err = capsys.readouterr().err
+    assert "model edsr_xray_x2" in err and "warning" not in err
+
+
+def test_a_slice_model_refuses_in_plane_factors(colin_crop, tmp_path, capsys):
+    args = ["upscale", str(colin_crop), str(tmp_path / "sr.nii.gz"), "--model", "edsr_mr_slices_x4"]
+    assert main([*args, "--scale", "2,2,1"]) == 2
+    assert "makes thin slices" in capsys.readouterr().err and not (tmp_path / "sr.nii.gz").exists()
 
 
 def test_upscale_through_plane_picks_the_slice_model_and_keeps_geometry(colin_crop, tmp_path, capsys):
@@ -155,7 +173,8 @@ def test_upscale_through_plane_picks_the_slice_model_and_keeps_geometry(colin_cr
 def test_models_lists_the_shipped_models_and_prints_a_card(capsys):
     assert main(["models"]) == 0
     listing = capsys.readouterr().out
-    for name in ("edsr_mr_x2", "edsr_mr_x4", "edsr_mr_slices_x4", "edsr_ct_x2", "edsr_us_x2", "edsr_xray_x2"):
+    names = ("edsr_mr_x2", "edsr_mr_x4", "edsr_mr_slices_x4", "edsr_ct_x2", "edsr_ct_slices_x3", "edsr_us_x2")
+    for name in (*names, "edsr_xray_x2"):
         assert name in listing
     assert main(["models", "edsr_mr_x4"]) == 0
     assert "# Model card: edsr_mr_x4" in capsys.readouterr().out

@@ -16,6 +16,7 @@ def test_record_holds_the_ranges_over_the_training_scans():
         "spacing_mm": {"min": [2.0, 2.0, 1.0], "max": [2.4, 2.4, 1.2]},
         "low": [-5.0, 0.0],
         "high": [180.0, 200.0],
+        "scans": [[0.0, 200.0], [-5.0, 180.0]],
     }
 
 
@@ -52,6 +53,6 @@ def test_scans_outside_the_training_range_are_named(inputs, options, expected):
         assert text in warning
 
 
-def test_radiograph_pixel_size_is_not_checked():
+def test_radiograph_pixel_size_and_units_are_not_checked():
     xray = training_inputs([(2.0, 2.0, 1.0)], [(900.0, 26000.0)])
-    assert check(xray, "CR", spacing=(0.1, 0.1, 1.0), intensities=(800.0, 20000.0)) == []
+    assert check(xray, "CR", spacing=(0.1, 0.1, 1.0), intensities=(8000.0, 20000.0)) == []

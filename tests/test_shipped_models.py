@@ -1,18 +1,23 @@
 """Every shipped model: reproducible from its config, scored on held-out data, and working on a small real input."""
 
+from pathlib import Path
+
 import pytest
 
 from medsr.checkpoint import SHIPPED_DIR, load_checkpoint, shipped_models
 from medsr.config import config_from_dict, load_config, to_dict
-from medsr.data import prepare_scan, slice_range
+from medsr.data import crop_to_multiple, prepare_scan, slice_range
+from medsr.degrade import degrade
 from medsr.evaluation import compare_methods
 from medsr.infer import model_predictor
+from medsr.inputs import input_warnings, volume_range
 from medsr.io import read_volume
 from medsr.samples import resolve_scan
 from medsr.volume import crop
 from medsr.zoo import is_through_plane
 
 SHIPPED = shipped_models()
+CONFIGS = Path(__file__).parents[1] / "configs"
 CROP = 96  # in-plane edge of the HR crop each model is run on
 
 
@@ -29,12 +34,32 @@ def test_shipped_model_is_described_and_reproducible(name):
     assert (SHIPPED_DIR / name / "MODEL_CARD.md").read_text().startswith(f"# Model card: {name}")
     assert {"spacing_mm", "low", "high"} <= set(description["inputs"])
     # The config in configs/ is the one the model was trained with (so `medsr train` reproduces it).
-    assert to_dict(load_config(f"configs/{name}.yaml")) == to_dict(config_from_dict(description["config"]))
+    assert to_dict(load_config(CONFIGS / f"{name}.yaml")) == to_dict(config_from_dict(description["config"]))
     held_out = description["scores"]["held_out"]
     assert held_out
     for entry in held_out:  # the numbers in the card and the table: better than bicubic on every held-out set
         psnr = {row["method"]: row["psnr"] for row in entry["rows"]}
         assert psnr[name] > psnr["cubic"], entry["data"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_held_out_data_raises_no_intensity_warning(name):
+    """The model's own held-out scans, degraded as in training, lie inside its intensity record."""
+    _, description = load_checkpoint(name)
+    config = config_from_dict(description["config"])
+    for entry in description["scores"]["held_out"]:
+        volume = read_volume(resolve_scan(entry["scan"]), modality=description["modality"])
+        if entry["slices"]:
+            volume = slice_range(volume, slices=tuple(entry["slices"]), axis=config.data.split_axis)
+        lr = degrade(crop_to_multiple(volume, scale=description["scale"]), config.degradation)
+        warnings = input_warnings(
+            description["inputs"],
+            modality=description["modality"],
+            spacing=lr.spacing,
+            scale=description["scale"],
+            intensities=volume_range(lr),
+        )
+        assert not [w for w in warnings if "intensit" in w], (entry["data"], warnings)
 
 
 @pytest.mark.parametrize("name", SHIPPED)

@@ -209,7 +209,7 @@ def test_split_by_scan_trains_on_a_folder_and_evaluate_refuses_its_training_scan
     assert main(["evaluate", "--model", checkpoint, "--scan", str(train[0])]) == 2
     assert "trained or was validated on" in capsys.readouterr().err
     assert main(["evaluate", "--model", checkpoint, "--scan", str(test[0])]) == 0
-    assert "slab 0..11" in capsys.readouterr().out
+    assert "slab k 0..11" in capsys.readouterr().out
     # The split is saved with the model: a scan added to the folder later cannot reshuffle a training scan into test.
     write_volume(colin.replace(array=colin.array[:, 40:104, 60:124, 10:22]), folder / "s3.nii.gz")
     assert main(["evaluate", "--model", checkpoint, "--scan", str(train[0])]) == 2

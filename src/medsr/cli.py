@@ -8,8 +8,26 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 DEFAULT_MODEL = "edsr_mr_x2"
+
+
+class Slab(NamedTuple):
+    """Voxels ``[start, stop)`` along ``axis`` (0 = i, 1 = j, 2 = k) of a scan: what an evaluation scored."""
+
+    start: int
+    stop: int
+    axis: int
+
+    def __str__(self) -> str:
+        return f"{'ijk'[self.axis]} {self.start}..{self.stop - 1}"
+
+    def k_index(self, k: int) -> int:
+        """The scan's k index of the slab's slice ``k`` (scores and figures are per (i, j) slice)."""
+        return self.start + k if self.axis == 2 else k
+
+
 SCORE_COLUMNS = ("method", "psnr", "ssim", "psnr_body", "ssim_body", "ssim3d", "hfen", "hf_ratio", "lr_rmse")
 
 
@@ -168,7 +186,7 @@ def _upscale_scan(source: Path, output: Path, models: dict, args: argparse.Names
     from medsr.inputs import input_warnings, intensity_range
     from medsr.io import file_format, open_volume, read_volume, write_volume
     from medsr.streaming import upscale_file
-    from medsr.zoo import choose_model
+    from medsr.zoo import SAME_MODELS, choose_model, is_through_plane
 
     streamable = file_format(source) in ("nifti", "dicom") and file_format(output) in ("nifti", "dicom")
     try:  # headers only
@@ -192,9 +210,11 @@ def _upscale_scan(source: Path, output: Path, models: dict, args: argparse.Names
     model, description = models[name]
     if modality == "OT":  # NIfTI/PNG carry no modality: take the model's (it sets the window rule)
         modality = description["modality"]
-    elif modality != description["modality"]:
+    elif SAME_MODELS.get(modality, modality) != SAME_MODELS.get(description["modality"], description["modality"]):
         _warn(f"{source} is {modality}, but {name} was trained on {description['modality']}; expect poor results")
     model_scale = description["model_kwargs"]["scale"]
+    if is_through_plane(description["scale"]) and factors is not None and factors[2] <= 1 + 1e-6:
+        raise ValueError(f"{name} makes thin slices {description['scale']} (i, j, k): ask for a factor along k")
     scale = model_plan(factors or description["scale"], model_scale)
     if "inputs" in description:  # checkpoints from before medsr recorded what they were trained on have none
         slices = volume.slices if streamable else lambda: [volume.array.numpy()]
@@ -321,7 +341,7 @@ def _load_model(model_ref: str):
 def _evaluate_scan(model_ref: str, scan: str, slices: tuple[int, int] | None, precision: str = "auto"):
     """Compare a model with the baselines on a held-out slab of a scan (HFEN and 3D SSIM included).
 
-    Returns the ``evaluation.Comparison``, the degradation and the slab."""
+    Returns the ``evaluation.Comparison``, the degradation and the :class:`Slab`."""
     from medsr.config import config_from_dict
     from medsr.data import prepare_scan
     from medsr.evaluation import compare_methods
@@ -333,10 +353,10 @@ def _evaluate_scan(model_ref: str, scan: str, slices: tuple[int, int] | None, pr
     model, description = _load_model(model_ref)
     config = config_from_dict(description["config"])
     path = resolve_scan(scan)
-    saved = description.get("scans")  # the split fit() used; older checkpoints: rebuilt from the config
-    train, val = ([Path(p) for p in saved[k]] for k in ("train", "val")) if saved else training_scans(config)[:2]
-    if config.data.split == "region":  # the saved paths are the training machine's; these are this machine's
-        train = train + training_scans(config)[0]
+    # The split fit() saved holds the training machine's paths; the config's split, rebuilt, this machine's.
+    saved = description.get("scans", {})
+    here = training_scans(config)
+    train, val = ([Path(p) for p in saved.get(k, [])] + paths for k, paths in (("train", here[0]), ("val", here[1])))
     if config.data.split == "scan" and path in train + val:  # validation picked the checkpoint: not held out
         raise ValueError(f"{path} is a scan {model_ref} trained or was validated on; evaluate on a test scan")
     if config.data.split == "region" and path in train:
@@ -363,7 +383,7 @@ def _evaluate_scan(model_ref: str, scan: str, slices: tuple[int, int] | None, pr
         extras=True,
         axis=axis,
     )
-    return comparison, config.degradation, slices
+    return comparison, config.degradation, Slab(*slices, axis)
 
 
 def _describe(degradation) -> str:
@@ -381,7 +401,7 @@ def _describe(degradation) -> str:
     return ", ".join(changed)
 
 
-def _write_evaluation(comparison, directory: Path, model_ref: str, scan: str, degradation, slices) -> None:
+def _write_evaluation(comparison, directory: Path, model_ref: str, scan: str, degradation, slab: Slab) -> None:
     """scores.csv/json (means per method), per_slice.csv/json, three figures and report.html into ``directory``."""
     from medsr.evaluation import BASELINES, body_mask
     from medsr.report import error_map_figure, profile_figure, write_html_report
@@ -400,13 +420,13 @@ def _write_evaluation(comparison, directory: Path, model_ref: str, scan: str, de
     middle = images["hr"].shape[0] // 2
     hr = images["hr"][middle, 0]
     methods = {name: images[name][middle, 0] for name in ("cubic", model_ref)}
-    title = f"slice {slices[0] + middle}, {_describe(degradation)}"
+    title = f"slice {slab.k_index(middle)}, {_describe(degradation)}"
     figures = {
         "Side by side, with a zoomed detail": directory / "comparison.png",
         "Absolute error against HR": directory / "error_map.png",
         "Intensity profile across the strongest edge": directory / "profile.png",
     }
-    _figure(images, model_ref, figures["Side by side, with a zoomed detail"], degradation, slices)
+    _figure(images, model_ref, figures["Side by side, with a zoomed detail"], degradation, slab)
     error_map_figure(figures["Absolute error against HR"], hr, methods, title=title)
     mask = body_mask(images["hr"][middle : middle + 1])[0, 0]
     profile_figure(figures["Intensity profile across the strongest edge"], hr, methods, mask=mask, title=title)
@@ -420,17 +440,17 @@ def _write_evaluation(comparison, directory: Path, model_ref: str, scan: str, de
         data_range=1.0,
         intensities="normalised by the LR scan's 0.5..99.9th percentiles (CT: -1024..3071 HU) to [0, 1]",
         mask="foreground (> 5 % of the window), dilated by 2 voxels in-plane",
-        split=f"{scan}, slices {slices[0]}..{slices[1] - 1} along k, held out from training and validation",
+        split=f"{scan}, {slab}, held out from training and validation",
         figures=figures,
         title=f"medsr evaluation: {model_ref} on {scan}",
     )
 
 
-def _print_scores(rows: list[dict], scan: str, degradation, slices: tuple[int, int]) -> None:
+def _print_scores(rows: list[dict], scan: str, degradation, slab: Slab) -> None:
     from medsr.report import format_table
 
     print(
-        f"\n{scan}, held-out slab {slices[0]}..{slices[1] - 1}, {_describe(degradation)}; PSNR/SSIM/HFEN "
+        f"\n{scan}, held-out slab {slab}, {_describe(degradation)}; PSNR/SSIM/HFEN "
         "per 2D slice, SSIM 3D over the slab, data_range 1 on intensities normalised by the LR scan's 0.5..99.9th "
         "percentiles; *_body: within the dilated foreground mask\n"
     )
@@ -438,10 +458,10 @@ def _print_scores(rows: list[dict], scan: str, degradation, slices: tuple[int, i
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    comparison, degradation, slices = _evaluate_scan(args.model, args.scan, args.slices, args.precision)
-    _print_scores(comparison.rows, args.scan, degradation, slices)
+    comparison, degradation, slab = _evaluate_scan(args.model, args.scan, args.slices, args.precision)
+    _print_scores(comparison.rows, args.scan, degradation, slab)
     if args.out:
-        _write_evaluation(comparison, args.out, args.model, args.scan, degradation, slices)
+        _write_evaluation(comparison, args.out, args.model, args.scan, degradation, slab)
         print(
             f"\nwrote {args.out}/: report.html, scores.csv/json, per_slice.csv/json, comparison/error_map/profile.png"
         )
@@ -450,15 +470,28 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _held_out_sets(description: dict) -> list[tuple[str, tuple[int, int] | None]]:
     """(scan, slab or None for the whole scan) a model is scored on: the test region of each training scan (region
-    split) or the test scans (scan split), and the config's ``held_out_scans``."""
+    split; sample names kept, folders expanded) or the test scans (scan split, as split on this machine), and the
+    config's ``held_out_scans``."""
     from medsr.config import config_from_dict
+    from medsr.samples import resolve_scan
+    from medsr.train import training_scans
 
-    data = config_from_dict(description["config"]).data
+    config = config_from_dict(description["config"])
+    data = config.data
     if data.split == "region":
-        sets = [(scan, tuple(data.test_slices)) for scan in data.scans]
+        scans = [path for scan in data.scans for path in _expand(scan, resolve_scan(scan))]
+        sets = [(scan, tuple(data.test_slices)) for scan in scans]
     else:
-        sets = [(path, None) for path in description["scans"]["test"]]
+        sets = [(str(path), None) for path in training_scans(config)[2]]
     return sets + [(scan, None) for scan in data.held_out_scans]
+
+
+def _expand(name: str, path: Path) -> list[str]:
+    """A scan's name as given, or the scans inside it when it is a folder of scans (not one DICOM series)."""
+    from medsr.data import find_scans
+
+    found = find_scans(path) if path.is_dir() else [path]
+    return [name] if found == [path] else [str(p) for p in found]
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -515,9 +548,10 @@ def _score_shipped(name: str, precision: str) -> list[str]:
     held_out, losing = [], []
     for scan, slices in _held_out_sets(description):
         comparison, _, used = _evaluate_scan(str(directory), str(scan), slices, precision)
-        data = held_out_text(Path(scan).name, used if slices else None, axis)
+        slab = (used.start, used.stop) if slices else None
+        data = held_out_text(Path(scan).name, slab, axis)
         held_out.append(
-            {"data": data, "scan": str(scan), "slices": list(used) if slices else None, "rows": comparison.rows}
+            {"data": data, "scan": str(scan), "slices": list(slab) if slab else None, "rows": comparison.rows}
         )
         psnr = {row["method"]: row["psnr"] for row in comparison.rows}
         if psnr[str(directory)] <= psnr["cubic"]:
@@ -536,7 +570,7 @@ def _score_shipped(name: str, precision: str) -> list[str]:
     return losing
 
 
-def _figure(images, model_name: str, path: Path, degradation, slices: tuple[int, int]) -> None:
+def _figure(images, model_name: str, path: Path, degradation, slab: Slab) -> None:
     from medsr.report import comparison_figure
 
     middle = images["hr"].shape[0] // 2
@@ -544,7 +578,7 @@ def _figure(images, model_name: str, path: Path, degradation, slices: tuple[int,
     panels = {"LR": images["lr"][lr_middle, 0]} | {
         name: images[key][middle, 0] for name, key in (("bicubic", "cubic"), (model_name, model_name), ("HR", "hr"))
     }
-    title = f"slice {slices[0] + middle}, {_describe(degradation)}"
+    title = f"slice {slab.k_index(middle)}, {_describe(degradation)}"
     comparison_figure(path, panels, title=title)
 
 
@@ -565,16 +599,16 @@ def _demo(args: argparse.Namespace) -> int:
     from medsr.io import read_volume, write_volume
     from medsr.samples import sample_path
 
-    comparison, degradation, slices = _evaluate_scan(args.model, "colin27", None)
-    _print_scores(comparison.rows, "colin27", degradation, slices)
-    _write_evaluation(comparison, args.out, args.model, "colin27", degradation, slices)
+    comparison, degradation, slab = _evaluate_scan(args.model, "colin27", None)
+    _print_scores(comparison.rows, "colin27", degradation, slab)
+    _write_evaluation(comparison, args.out, args.model, "colin27", degradation, slab)
 
     # The same LR scan the table scored, simulated and then super-resolved through the `medsr upscale` path.
     model, description = _load_model(args.model)
     hr = crop_to_multiple(read_volume(sample_path("colin27"), modality="MR"), scale=description["scale"])
     lr = degrade(hr, degradation)
     write_volume(lr, args.out / "colin27_lr.nii.gz")
-    sr = super_resolve(lr, model, model_scale=description["model_kwargs"]["scale"])
+    sr = super_resolve(lr, model, model_scale=description["model_kwargs"]["scale"], factors=description["scale"])
     write_volume(sr, args.out / "colin27_sr.nii.gz")
     print(f"\nLR   {lr!r}\nSR   {sr!r}\nHR   {hr!r}")
     print(f"wrote {args.out}/: report.html, scores.csv, per_slice.csv, figures, colin27_lr.nii.gz, colin27_sr.nii.gz")

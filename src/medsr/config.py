@@ -28,7 +28,7 @@ class ModelConfig:
 class DataConfig:
     scans: tuple[str, ...] = ("colin27",)  # sample names (see `medsr samples`), scan paths, or folders of scans
     modality: str = "MR"
-    # 'region': every scan is split along k by the slices below. 'scan': whole scans go to train/val/test
+    # 'region': every scan is split along split_axis by the slices below. 'scan': whole scans go to train/val/test
     # (data.split_scans with `fractions` and train.seed); the slices are then unused.
     split: str = "region"
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)

@@ -3,7 +3,7 @@
 The LR of each scan is simulated from the whole HR scan (or the slab of it given by ``slices``), not per
 patch, so patches carry exactly what a real LR acquisition of that region contains, Gibbs ringing from distant
 edges included. Train, validation and test data are kept apart by scan (:func:`split_scans`) or, with a single
-scan, by slice range along k.
+scan, by a range of slices along one axis (``data.split_axis``).
 """
 
 from __future__ import annotations
@@ -126,8 +126,10 @@ def prepare_scan(volume: Volume, degradation: Degradation) -> Volume:
     """
     cropped = crop_to_multiple(volume, scale=integer_scale(degradation.factors))
     lr = degrade(cropped, degradation, rng=np.random.default_rng(0))
-    meta = {"window": default_window(lr), "lr_spacing": lr.spacing, "lr_range": volume_range(lr)}
-    return normalize(cropped, meta["window"]).replace(meta={**cropped.meta, **meta})
+    window = default_window(lr)
+    floor = -np.inf if window.floor is None else window.floor  # CT: what the model sees of padding is air
+    meta = {"window": window, "lr_spacing": lr.spacing, "lr_range": tuple(max(v, floor) for v in volume_range(lr))}
+    return normalize(cropped, window).replace(meta={**cropped.meta, **meta})
 
 
 def slice_range(volume: Volume, *, slices: tuple[int, int], axis: int = 2) -> Volume:
@@ -186,7 +188,7 @@ class PairDataset(Dataset[Pair]):
 
     Args:
         volumes: HR volumes from :func:`prepare_scan`, (C, I, J, K) each.
-        degradation: The LR simulation. Factors must be integers (the model scale), and 1 along k in 2D.
+        degradation: The LR simulation. Factors must be integers (the model scale); in 2D, (a, b, 1) or (1, 1, c).
         slices: ``[start, stop)`` along ``axis`` to draw from (the training region), or None for all of every
             scan. Each region is cropped to a multiple of the scale.
         patch: HR patch size in voxels: one edge (square or cube) or one per model axis ((i, j), (i or j, k)

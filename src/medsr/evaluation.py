@@ -78,7 +78,7 @@ def compare_methods(
 
     Args:
         hr: HR volume from ``data.prepare_scan`` (normalised with its LR's window, cropped to the factors).
-        degradation: Integer factors; 1 along k for 2D models.
+        degradation: Integer factors; (a, b, 1) or (1, 1, c) for 2D models.
         models: Name -> predictor taking ``spatial_dims`` (see ``infer.model_predictor``).
         slices: ``[start, stop)`` along ``axis`` (0 = i, 1 = j, 2 = k), cut down to a multiple of that axis's
             factor; must not overlap the region the models trained on. Scores are per (i, j) slice either way.

@@ -24,6 +24,7 @@ import torch
 
 from medsr.config import config_from_dict
 from medsr.degrade import explain
+from medsr.inputs import PROJECTION
 from medsr.metrics import paired_difference
 from medsr.zoo import is_through_plane
 
@@ -393,7 +394,7 @@ def model_card(name: str, description: Mapping, held_out: Sequence[Mapping], *, 
         spacing = ", ".join(
             f"{'ijk'[a]} {low[a]:.3g}" + (f"..{high[a]:.3g}" if high[a] != low[a] else "") + " mm" for a in spacing_axes
         )
-        if description["modality"] in ("CR", "DX"):
+        if description["modality"] in PROJECTION:
             spacing = "not checked (radiographs: the pixel size depends on magnification; these files give none)"
         low, high = (f"{a:.4g}" if a == b else f"{a:.4g}..{b:.4g}" for a, b in (inputs["low"], inputs["high"]))
         trained_on = (

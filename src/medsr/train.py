@@ -153,8 +153,8 @@ def _schedule(optimizer: torch.optim.Optimizer, config: Config) -> torch.optim.l
 def training_scans(config: Config) -> tuple[list[Path], list[Path], list[Path]]:
     """Train, validation and test scan paths: folders expand to the scans inside them.
 
-    With ``data.split == 'region'`` every scan is in all three (each split along k by the slice ranges); with
-    'scan', whole scans are split by :func:`data.split_scans`, reproducibly from ``train.seed``.
+    With ``data.split == 'region'`` every scan is in all three (each split along ``data.split_axis`` by the slice
+    ranges); with 'scan', whole scans are split by :func:`data.split_scans`, reproducibly from ``train.seed``.
     """
     paths = []
     for scan in config.data.scans:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from medsr.checkpoint import DESCRIPTION, SHIPPED_DIR, shipped_models
+from medsr.inputs import PROJECTION
 
 DEFAULT_FACTORS = (2.0, 2.0, 1.0)  # what `medsr upscale` does without --scale or --spacing
 SAME_MODELS = {"DX": "CR"}  # digital and computed radiographs look alike: one X-ray model serves both
@@ -66,7 +67,7 @@ def summary_rows(name: str, description: dict[str, Any]) -> list[dict[str, Any]]
     spacing = description.get("inputs", {}).get("spacing_mm")
     scale = description["scale"]
     axes = (2,) if is_through_plane(scale) else (0, 1)
-    if spacing is None or description["modality"] in ("CR", "DX"):
+    if spacing is None or description["modality"] in PROJECTION:
         spacing_text = "-"
     else:
         spacing_text = "x".join(f"{spacing['min'][a]:.3g}" for a in axes) + " mm"
