@@ -53,6 +53,10 @@ def test_scans_outside_the_training_range_are_named(inputs, options, expected):
         assert text in warning
 
 
+def test_an_unknown_spacing_is_not_checked():
+    assert check(MR, spacing=None) == []
+
+
 def test_radiograph_pixel_size_and_units_are_not_checked():
     xray = training_inputs([(2.0, 2.0, 1.0)], [(900.0, 26000.0)])
     assert check(xray, "CR", spacing=(0.1, 0.1, 1.0), intensities=(8000.0, 20000.0)) == []

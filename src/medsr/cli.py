@@ -221,7 +221,7 @@ def _upscale_scan(source: Path, output: Path, models: dict, args: argparse.Names
         for problem in input_warnings(
             description["inputs"],
             modality=description["modality"],
-            spacing=volume.spacing,
+            spacing=None if file_format(source) == "image" else volume.spacing,  # PNG/TIFF: 1 mm by convention
             scale=scale,
             intensities=intensity_range(slices),
         ):

@@ -54,7 +54,7 @@ def input_warnings(
     inputs: dict[str, Any],
     *,
     modality: str,
-    spacing: Sequence[float],
+    spacing: Sequence[float] | None,
     scale: Sequence[int],
     intensities: tuple[float, float],
 ) -> list[str]:
@@ -63,7 +63,7 @@ def input_warnings(
     Args:
         inputs: The model's ``inputs`` record (:func:`training_inputs`).
         modality: The model's modality.
-        spacing: The scan's voxel spacing in mm (i, j, k).
+        spacing: The scan's voxel spacing in mm (i, j, k); None when the file gives none (PNG/TIFF): not checked.
         scale: The model's scale per axis (i, j, k); the spacing is checked along the axes it upsamples (radiographs
             excepted: their pixel size is not a property of the anatomy).
         intensities: The scan's (0.5th, 99.9th) percentiles in physical units (:func:`intensity_range`).
@@ -75,8 +75,9 @@ def input_warnings(
     """
     warnings = []
     lowest, highest = inputs["spacing_mm"]["min"], inputs["spacing_mm"]["max"]
-    for axis, (s, a, b, factor) in enumerate(zip(spacing, lowest, highest, scale, strict=True)):
-        if factor > 1 and modality not in PROJECTION and not a / SPACING_TOLERANCE <= s <= b * SPACING_TOLERANCE:
+    for axis, (s, a, b, factor) in enumerate(zip(spacing or scale, lowest, highest, scale, strict=True)):
+        checked = spacing is not None and factor > 1 and modality not in PROJECTION
+        if checked and not a / SPACING_TOLERANCE <= s <= b * SPACING_TOLERANCE:
             trained = f"{a:.3g} mm" if a == b else f"{a:.3g}..{b:.3g} mm"
             warnings.append(f"spacing along {'ijk'[axis]} is {s:.3g} mm; the model was trained on {trained}")
     scans = np.array(inputs["scans"], dtype=np.float64)  # (scans, 2): each training scan's (low, high)
