@@ -154,6 +154,17 @@ def test_upscale_a_digital_radiograph_uses_the_x_ray_model_without_warnings(tmp_
     assert "model edsr_xray_x2" in err and "warning" not in err
 
 
+def test_streamed_upscale_equals_the_in_memory_result(colin_crop, tmp_path):
+    """The CLI streams NIfTI to NIfTI with the window of its input checks: the voxels of ``super_resolve``."""
+    from medsr.checkpoint import load_checkpoint
+    from medsr.infer import super_resolve
+
+    assert main(["upscale", str(colin_crop), str(tmp_path / "sr.nii"), "--modality", "MR", "--precision", "fp32"]) == 0
+    model, _ = load_checkpoint("edsr_mr_x2")
+    expected = super_resolve(read_volume(colin_crop, modality="MR"), model, model_scale=(2, 2), precision="fp32")
+    torch.testing.assert_close(read_volume(tmp_path / "sr.nii").array, expected.array, rtol=0, atol=0)
+
+
 def test_a_slice_model_refuses_in_plane_factors(colin_crop, tmp_path, capsys):
     args = ["upscale", str(colin_crop), str(tmp_path / "sr.nii.gz"), "--model", "edsr_mr_slices_x4"]
     assert main([*args, "--scale", "2,2,1"]) == 2

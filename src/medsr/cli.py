@@ -184,6 +184,7 @@ def _upscale_scan(source: Path, output: Path, models: dict, args: argparse.Names
 
     from medsr.infer import model_plan, model_predictor, super_resolve
     from medsr.inputs import input_warnings, intensity_range
+    from medsr.intensity import Window
     from medsr.io import file_format, open_volume, read_volume, write_volume
     from medsr.streaming import upscale_file
     from medsr.zoo import SAME_MODELS, choose_model, is_through_plane
@@ -216,14 +217,17 @@ def _upscale_scan(source: Path, output: Path, models: dict, args: argparse.Names
     if is_through_plane(description["scale"]) and factors is not None and factors[2] <= 1 + 1e-6:
         raise ValueError(f"{name} makes thin slices {description['scale']} (i, j, k): ask for a factor along k")
     scale = model_plan(factors or description["scale"], model_scale)
+    window = None  # the streaming path's, when the percentiles below give it
     if "inputs" in description:  # checkpoints from before medsr recorded what they were trained on have none
-        slices = volume.slices if streamable else lambda: [volume.array.numpy()]
+        intensities = intensity_range(volume.slices if streamable else lambda: [volume.array.numpy()])
+        if modality != "CT" and intensities[1] > intensities[0]:  # intensity.default_window's rule (CT: fixed)
+            window = Window(*intensities)
         for problem in input_warnings(
             description["inputs"],
             modality=description["modality"],
             spacing=None if file_format(source) == "image" else volume.spacing,  # PNG/TIFF: 1 mm by convention
             scale=scale,
-            intensities=intensity_range(slices),
+            intensities=intensities,
         ):
             _warn(f"{source}: {problem}; results may be poor")
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -242,6 +246,7 @@ def _upscale_scan(source: Path, output: Path, models: dict, args: argparse.Names
             overlap=args.overlap,
             description=text,
             anonymize=args.anonymize,
+            window=window,
         )
         print(f"wrote {output}")
         return

@@ -40,6 +40,7 @@ def upscale_file(
     description: str = "super-resolved by medsr",
     anonymize: bool = False,
     progress: bool = True,
+    window: Window | None = None,
 ) -> None:
     """Super-resolve the scan at ``source`` into ``target`` holding only a slab of it in memory at a time.
 
@@ -63,6 +64,8 @@ def upscale_file(
         batch_size: Tiles per predictor call.
         description, anonymize: DICOM target only, as for ``write_volume``.
         progress: Show tqdm bars over the window passes and the slabs.
+        window: The source's ``intensity.default_window`` when the caller already has it (``medsr upscale``
+            computes the percentiles for its input checks), saving the passes over the source; computed otherwise.
 
     Raises:
         ValueError: ``target`` is ``source``; the source is unreadable, truncated or holds a NaN/inf voxel (the
@@ -84,7 +87,7 @@ def upscale_file(
         description=description,
         anonymize=anonymize,
     ) as write:
-        window = window_from_slices(
+        window = window or window_from_slices(
             volume.modality,
             lambda: progress_bar(
                 volume.slices(), desc="window", total=volume.spatial_shape[2], leave=False, disable=not progress
