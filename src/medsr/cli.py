@@ -511,6 +511,8 @@ def _models(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"not shipped models: {unknown}; shipped: {', '.join(shipped)}")
     if args.names and not args.evaluate:
+        if args.table:
+            raise ValueError("--table writes the summary table: pass it without model names, or with --evaluate")
         for name in names:
             print((resolve_checkpoint(name) / "MODEL_CARD.md").read_text())
         return 0

@@ -9,6 +9,7 @@ scan, by a range of slices along one axis (``data.split_axis``).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 from collections import Counter
@@ -234,11 +235,9 @@ class PairDataset(Dataset[Pair]):
             crop_to_multiple(v if slices is None else slice_range(v, slices=slices, axis=axis), scale=self.scale)
             for v in volumes
         ]
-        for index, region in enumerate(self.regions):
-            if any(p > n for shape in self.patches for p, n in zip(shape, region.spatial_shape, strict=True)):
-                raise ValueError(
-                    f"patch {self.patches[0]} (i, j, k) is larger than scan {index}: {region.spatial_shape}"
-                )
+        for (index, region), shape in itertools.product(enumerate(self.regions), self.patches):
+            if any(p > n for p, n in zip(shape, region.spatial_shape, strict=True)):
+                raise ValueError(f"patch {shape} (i, j, k) is larger than scan {index}: {region.spatial_shape}")
         self.degradation, self.spatial_dims = degradation, spatial_dims
         self.on_the_fly = degradation.noise in ("gaussian", "speckle")
         # Swapping i and j is a valid augmentation only if the scanner blurs and samples them alike (not for US,
