@@ -1,11 +1,8 @@
 """The training-input record and the warnings `medsr upscale` gives for scans outside it."""
 
-import numpy as np
 import pytest
-import torch
 
-from medsr.inputs import input_warnings, training_inputs, volume_range
-from medsr.volume import Modality, Volume
+from medsr.inputs import input_warnings, training_inputs
 
 MR = training_inputs([(2.0, 2.0, 1.0), (2.4, 2.4, 1.2)], [(0.0, 200.0), (-5.0, 180.0)])
 CT = training_inputs([(1.9, 1.9, 1.5)], [(-1024.0, 1400.0)])
@@ -18,12 +15,6 @@ def test_record_holds_the_ranges_over_the_training_scans():
         "high": [180.0, 200.0],
         "scans": [[0.0, 200.0], [-5.0, 180.0]],
     }
-
-
-def test_volume_range_is_the_percentiles_numpy_gives():
-    values = np.random.default_rng(0).normal(50, 10, (1, 30, 20, 7)).astype(np.float32)
-    low, high = volume_range(Volume(torch.from_numpy(values), np.eye(4), Modality.MR))
-    np.testing.assert_allclose([low, high], np.percentile(values, [0.5, 99.9]), rtol=1e-5)
 
 
 def check(inputs, modality="MR", spacing=(2.2, 2.2, 5.0), scale=(2, 2, 1), intensities=(0.0, 900.0)):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from medsr.intensity import CT_WINDOW_HU, Window, default_window, percentiles, window_from_slices
+from medsr.intensity import CT_WINDOW_HU, Window, default_window, percentiles, volume_range, window_from_slices
 from medsr.samples import sample_path
 from medsr.volume import Modality, Volume
 
@@ -72,3 +72,9 @@ def test_ct_padding_below_air_is_seen_as_air():
 def test_constant_volume_is_refused(phantom):
     with pytest.raises(ValueError, match="constant"):
         default_window(Volume(torch.ones((1, 4, 4, 4)), phantom.affine, "MR"))
+
+
+def test_volume_range_is_the_percentiles_numpy_gives():
+    values = np.random.default_rng(0).normal(50, 10, (1, 30, 20, 7)).astype(np.float32)
+    low, high = volume_range(Volume(torch.from_numpy(values), np.eye(4), Modality.MR))
+    np.testing.assert_allclose([low, high], np.percentile(values, [0.5, 99.9]), rtol=1e-5)

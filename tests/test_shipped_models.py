@@ -10,7 +10,8 @@ from medsr.data import crop_to_multiple, prepare_scan, slice_range
 from medsr.degrade import degrade
 from medsr.evaluation import compare_methods
 from medsr.infer import model_predictor
-from medsr.inputs import input_warnings, volume_range
+from medsr.inputs import input_warnings
+from medsr.intensity import volume_range
 from medsr.io import read_volume
 from medsr.samples import resolve_scan
 from medsr.volume import crop

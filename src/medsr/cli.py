@@ -8,26 +8,12 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported where used: `medsr --help` stays fast
+    from medsr.evaluation import Slab
 
 DEFAULT_MODEL = "edsr_mr_x2"
-
-
-class Slab(NamedTuple):
-    """Voxels ``[start, stop)`` along ``axis`` (0 = i, 1 = j, 2 = k) of a scan: what an evaluation scored."""
-
-    start: int
-    stop: int
-    axis: int
-
-    def __str__(self) -> str:
-        return f"{'ijk'[self.axis]} {self.start}..{self.stop - 1}"
-
-    def k_index(self, k: int) -> int:
-        """The scan's k index of the slab's slice ``k`` (scores and figures are per (i, j) slice)."""
-        return self.start + k if self.axis == 2 else k
-
-
 SCORE_COLUMNS = ("method", "psnr", "ssim", "psnr_body", "ssim_body", "ssim3d", "hfen", "hf_ratio", "lr_rmse")
 
 
@@ -183,13 +169,14 @@ def _upscale_scan(source: Path, output: Path, models: dict, args: argparse.Names
     import numpy as np
 
     from medsr.infer import model_plan, model_predictor, super_resolve
-    from medsr.inputs import input_warnings, intensity_range
-    from medsr.intensity import Window
+    from medsr.inputs import input_warnings
+    from medsr.intensity import intensity_range, window_from_range
     from medsr.io import file_format, open_volume, read_volume, write_volume
     from medsr.streaming import upscale_file
-    from medsr.zoo import SAME_MODELS, choose_model, is_through_plane
+    from medsr.zoo import choose_model, is_through_plane, model_family
 
-    streamable = file_format(source) in ("nifti", "dicom") and file_format(output) in ("nifti", "dicom")
+    source_format = file_format(source)
+    streamable = source_format in ("nifti", "dicom") and file_format(output) in ("nifti", "dicom")
     try:  # headers only
         volume = open_volume(source, modality=args.modality) if streamable else None
     except ValueError:  # e.g. an ultrasound frame, cropped to its image region: read_volume's job
@@ -211,7 +198,7 @@ def _upscale_scan(source: Path, output: Path, models: dict, args: argparse.Names
     model, description = models[name]
     if modality == "OT":  # NIfTI/PNG carry no modality: take the model's (it sets the window rule)
         modality = description["modality"]
-    elif SAME_MODELS.get(modality, modality) != SAME_MODELS.get(description["modality"], description["modality"]):
+    elif model_family(modality) != model_family(description["modality"]):
         _warn(f"{source} is {modality}, but {name} was trained on {description['modality']}; expect poor results")
     model_scale = description["model_kwargs"]["scale"]
     if is_through_plane(description["scale"]) and factors is not None and factors[2] <= 1 + 1e-6:
@@ -220,12 +207,12 @@ def _upscale_scan(source: Path, output: Path, models: dict, args: argparse.Names
     window = None  # the streaming path's, when the percentiles below give it
     if "inputs" in description:  # checkpoints from before medsr recorded what they were trained on have none
         intensities = intensity_range(volume.slices if streamable else lambda: [volume.array.numpy()])
-        if modality != "CT" and intensities[1] > intensities[0]:  # intensity.default_window's rule (CT: fixed)
-            window = Window(*intensities)
+        if intensities[1] > intensities[0]:  # a constant scan: left to the window's own error
+            window = window_from_range(modality, intensities)
         for problem in input_warnings(
             description["inputs"],
             modality=description["modality"],
-            spacing=None if file_format(source) == "image" else volume.spacing,  # PNG/TIFF: 1 mm by convention
+            spacing=None if source_format == "image" else volume.spacing,  # PNG/TIFF: 1 mm by convention
             scale=scale,
             intensities=intensities,
         ):
@@ -349,7 +336,7 @@ def _evaluate_scan(model_ref: str, scan: str, slices: tuple[int, int] | None, pr
     Returns the ``evaluation.Comparison``, the degradation and the :class:`Slab`."""
     from medsr.config import config_from_dict
     from medsr.data import prepare_scan
-    from medsr.evaluation import compare_methods
+    from medsr.evaluation import Slab, compare_methods
     from medsr.infer import model_predictor
     from medsr.io import read_volume
     from medsr.samples import resolve_scan
@@ -502,7 +489,7 @@ def _expand(name: str, path: Path) -> list[str]:
 def _models(args: argparse.Namespace) -> int:
     """List the shipped models, print one's card, or score them on their held-out data (cards and table)."""
     from medsr.checkpoint import resolve_checkpoint
-    from medsr.report import format_table
+    from medsr.report import format_table, write_atomically
     from medsr.zoo import shipped_descriptions, summary_rows
 
     shipped = shipped_descriptions()
@@ -527,38 +514,33 @@ def _models(args: argparse.Namespace) -> int:
     table = format_table(rows, columns)
     print(table)
     if args.table:
-        _write_text(args.table, f"```\n{table}\n```\n")
+        write_atomically(args.table, f"```\n{table}\n```\n".encode())
         print(f"wrote {args.table}")
     for failure in losing:
         print(f"medsr models: {failure}", file=sys.stderr)
     return 1 if losing else 0
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Write a text file atomically (a temporary file beside it, then a rename)."""
-    tmp = path.with_name(f".tmp.{path.name}")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def _score_shipped(name: str, precision: str) -> list[str]:
     """Score a model on each of its held-out sets, store them in its model.json (``scores['held_out']``) and write
     its MODEL_CARD.md. Returns the sets on which it does not beat bicubic's PSNR."""
     from medsr.checkpoint import resolve_checkpoint, update_description
-    from medsr.config import config_from_dict
     from medsr.infer import resolve_precision
-    from medsr.report import held_out_text, model_card
+    from medsr.report import held_out_text, model_card, write_atomically
 
     directory = resolve_checkpoint(name)
     model, description = _load_model(str(directory))
-    axis = config_from_dict(description["config"]).data.split_axis
     held_out, losing = [], []
     for scan, slices in _held_out_sets(description):
         comparison, _, used = _evaluate_scan(str(directory), str(scan), slices, precision)
-        slab = (used.start, used.stop) if slices else None
-        data = held_out_text(Path(scan).name, slab, axis)
+        data = held_out_text(Path(scan).name, used if slices else None)
         held_out.append(
-            {"data": data, "scan": str(scan), "slices": list(slab) if slab else None, "rows": comparison.rows}
+            {
+                "data": data,
+                "scan": str(scan),
+                "slices": [used.start, used.stop] if slices else None,
+                "rows": comparison.rows,
+            }
         )
         psnr = {row["method"]: row["psnr"] for row in comparison.rows}
         if psnr[str(directory)] <= psnr["cubic"]:
@@ -573,7 +555,7 @@ def _score_shipped(name: str, precision: str) -> list[str]:
     updates = {"parameters": sum(p.numel() for p in model.parameters()), "scores": scores}
     update_description(directory, **updates)
     card = model_card(name, description | updates, held_out, precision=resolve_precision(precision))
-    _write_text(directory / "MODEL_CARD.md", card)
+    write_atomically(directory / "MODEL_CARD.md", card.encode())
     return losing
 
 

@@ -24,8 +24,7 @@ from torch.utils.data import Dataset
 from medsr.degrade import Degradation, degrade
 from medsr.degrade.noise import poisson, quanta_reference, rician
 from medsr.degrade.sampling import FWHM_PER_SIGMA
-from medsr.inputs import volume_range
-from medsr.intensity import Window, default_window, denormalize, normalize
+from medsr.intensity import Window, denormalize, normalize, volume_range, window_from_range
 from medsr.io import IMAGE_SUFFIXES, NIFTI_SUFFIXES, is_dicom_file
 from medsr.volume import Volume, crop, integer_scale
 
@@ -127,9 +126,10 @@ def prepare_scan(volume: Volume, degradation: Degradation) -> Volume:
     """
     cropped = crop_to_multiple(volume, scale=integer_scale(degradation.factors))
     lr = degrade(cropped, degradation, rng=np.random.default_rng(0))
-    window = default_window(lr)
+    lr_range = volume_range(lr)
+    window = window_from_range(lr.modality, lr_range)  # default_window(lr), from the range computed once
     floor = -np.inf if window.floor is None else window.floor  # CT: what the model sees of padding is air
-    meta = {"window": window, "lr_spacing": lr.spacing, "lr_range": tuple(max(v, floor) for v in volume_range(lr))}
+    meta = {"window": window, "lr_spacing": lr.spacing, "lr_range": tuple(max(v, floor) for v in lr_range)}
     return normalize(cropped, window).replace(meta={**cropped.meta, **meta})
 
 

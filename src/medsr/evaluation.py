@@ -25,6 +25,21 @@ from medsr.volume import Volume, integer_scale
 BASELINES = ("nearest", "linear", "cubic")
 
 
+class Slab(NamedTuple):
+    """Voxels ``[start, stop)`` along ``axis`` (0 = i, 1 = j, 2 = k) of a scan: what an evaluation scored."""
+
+    start: int
+    stop: int
+    axis: int
+
+    def __str__(self) -> str:
+        return f"{'ijk'[self.axis]} {self.start}..{self.stop - 1}"
+
+    def k_index(self, k: int) -> int:
+        """The scan's k index of the slab's slice ``k`` (scores and figures are per (i, j) slice)."""
+        return self.start + k if self.axis == 2 else k
+
+
 def body_mask(hr: torch.Tensor) -> torch.Tensor:
     """Voxels above 5 % of the normalised range, dilated by 2 voxels in-plane so edges count. (K, 1, I, J) bool."""
     mask = (hr > FOREGROUND_LEVEL).float()
@@ -96,8 +111,7 @@ def compare_methods(
         sr = predict_volume(predictor, lr, scale=scale, spatial_dims=spatial_dims, progress=False)
         images[name] = sr.array.permute(3, 0, 1, 2)
     mask = body_mask(images["hr"])
-    start = slices[0] if axis == 2 else 0  # the k index of the slab's first slice in the scan
-    stop = start + slab.spatial_shape[2]
+    where = Slab(*slices, axis)
     rows, per_slice = [], []
     for name in (*BASELINES, *models):
         scores = score_slices(images[name], images["hr"], mask, extras=extras)
@@ -112,9 +126,11 @@ def compare_methods(
         )
         rows.append({"method": name} | {key: float(values.mean()) for key, values in scores.items()} | slab_scores)
         per_slice += [
-            {"method": name, "slice": start + k} | {key: float(v[k]) for key, v in scores.items() if key != "ssim3d"}
-            for k in range(stop - start)
+            {"method": name, "slice": where.k_index(k)}
+            | {key: float(v[k]) for key, v in scores.items() if key != "ssim3d"}
+            for k in range(slab.spatial_shape[2])
         ]
         if "ssim3d" in scores:
-            per_slice.append({"method": name, "slice": f"{start}..{stop - 1}", "ssim3d": float(scores["ssim3d"])})
+            first, last = where.k_index(0), where.k_index(slab.spatial_shape[2] - 1)
+            per_slice.append({"method": name, "slice": f"{first}..{last}", "ssim3d": float(scores["ssim3d"])})
     return Comparison(rows, per_slice, images)

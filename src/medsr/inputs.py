@@ -12,13 +12,12 @@ held-out region of the chest by 0.18), so no rule would separate good inputs fro
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from medsr.intensity import CT_WINDOW_HU, LOWER_PERCENTILE, UPPER_PERCENTILE, percentiles
-from medsr.volume import Volume
+from medsr.intensity import CT_WINDOW_HU
 
 SPACING_TOLERANCE = 1.5  # a scan's spacing may be this factor finer or coarser than the training scans'
 INTENSITY_TOLERANCE = 0.1  # fraction of the training window's width a scan's percentiles may lie outside
@@ -26,20 +25,9 @@ ABSOLUTE_UNITS = ("CT", "US")  # the same tissue has the same value in every sca
 PROJECTION = ("CR", "DX")  # radiographs: pixel size at the detector depends on magnification; often missing
 
 
-def intensity_range(slices: Callable[[], Iterable[np.ndarray]]) -> tuple[float, float]:
-    """The (0.5th, 99.9th) percentiles of a scan given as slices in physical units (see ``intensity.percentiles``)."""
-    low, high = percentiles(slices, (LOWER_PERCENTILE, UPPER_PERCENTILE))
-    return low, high
-
-
-def volume_range(volume: Volume) -> tuple[float, float]:
-    """:func:`intensity_range` of a volume in memory."""
-    return intensity_range(lambda: [volume.array.detach().cpu().numpy()])
-
-
 def training_inputs(spacings: Sequence[Sequence[float]], ranges: Sequence[tuple[float, float]]) -> dict[str, Any]:
     """The record ``fit`` saves in ``model.json`` under ``inputs``, from the training scans' LR versions: the
-    per-axis spacing range (mm, i, j, k), each scan's percentiles (:func:`intensity_range`, ``scans``) and the
+    per-axis spacing range (mm, i, j, k), each scan's percentiles (``intensity.intensity_range``, ``scans``) and the
     ranges of the lower and upper one over the scans (``low``, ``high``)."""
     spacings, ranges = np.array(spacings, dtype=np.float64), np.array(ranges, dtype=np.float64)
     return {
@@ -66,7 +54,7 @@ def input_warnings(
         spacing: The scan's voxel spacing in mm (i, j, k); None when the file gives none (PNG/TIFF): not checked.
         scale: The model's scale per axis (i, j, k); the spacing is checked along the axes it upsamples (radiographs
             excepted: their pixel size is not a property of the anatomy).
-        intensities: The scan's (0.5th, 99.9th) percentiles in physical units (:func:`intensity_range`).
+        intensities: The scan's (0.5th, 99.9th) percentiles in physical units (``intensity.intensity_range``).
 
     Absolute units (CT, US): the scan's percentiles must not reach beyond the training scans' (by more than
     ``INTENSITY_TOLERANCE`` of the narrowest training window); a narrower range (a CT slice with little bone) lies
@@ -74,12 +62,12 @@ def input_warnings(
     ``INTENSITY_TOLERANCE``. Radiographs: none.
     """
     warnings = []
-    lowest, highest = inputs["spacing_mm"]["min"], inputs["spacing_mm"]["max"]
-    for axis, (s, a, b, factor) in enumerate(zip(spacing or scale, lowest, highest, scale, strict=True)):
-        checked = spacing is not None and factor > 1 and modality not in PROJECTION
-        if checked and not a / SPACING_TOLERANCE <= s <= b * SPACING_TOLERANCE:
-            trained = f"{a:.3g} mm" if a == b else f"{a:.3g}..{b:.3g} mm"
-            warnings.append(f"spacing along {'ijk'[axis]} is {s:.3g} mm; the model was trained on {trained}")
+    if spacing is not None and modality not in PROJECTION:
+        lowest, highest = inputs["spacing_mm"]["min"], inputs["spacing_mm"]["max"]
+        for axis, (s, a, b, factor) in enumerate(zip(spacing, lowest, highest, scale, strict=True)):
+            if factor > 1 and not a / SPACING_TOLERANCE <= s <= b * SPACING_TOLERANCE:
+                trained = f"{a:.3g} mm" if a == b else f"{a:.3g}..{b:.3g} mm"
+                warnings.append(f"spacing along {'ijk'[axis]} is {s:.3g} mm; the model was trained on {trained}")
     scans = np.array(inputs["scans"], dtype=np.float64)  # (scans, 2): each training scan's (low, high)
     low, high = intensities
     if modality == "CT":  # below air is padding, which the model sees as air (``intensity.Window.floor``)

@@ -45,6 +45,9 @@ class Window:
         return values * (self.hi - self.lo) + self.lo
 
 
+CT_WINDOW = Window(*CT_WINDOW_HU, floor=CT_WINDOW_HU[0])
+
+
 def default_window(volume: Volume) -> Window:
     """The window a model for this modality was trained with.
 
@@ -62,11 +65,29 @@ def window_from_slices(modality: Modality | str, slices: Callable[[], Iterable[n
     :func:`percentiles`), never for CT. The window equals ``default_window`` of the whole scan exactly.
     """
     if Modality(modality) == Modality.CT:
-        return Window(*CT_WINDOW_HU, floor=CT_WINDOW_HU[0])
-    lo, hi = percentiles(slices, (LOWER_PERCENTILE, UPPER_PERCENTILE))
+        return CT_WINDOW  # fixed: no pass over the slices
+    return window_from_range(modality, intensity_range(slices))
+
+
+def window_from_range(modality: Modality | str, value_range: tuple[float, float]) -> Window:
+    """:func:`default_window` given the scan's :func:`intensity_range` (for callers that need the range anyway)."""
+    if Modality(modality) == Modality.CT:
+        return CT_WINDOW
+    lo, hi = value_range
     if hi <= lo:
         raise ValueError(f"volume is constant ({lo}): nothing to super-resolve")
     return Window(lo, hi)
+
+
+def intensity_range(slices: Callable[[], Iterable[np.ndarray]]) -> tuple[float, float]:
+    """The (0.5th, 99.9th) percentiles of a scan given as slices in physical units (see :func:`percentiles`)."""
+    low, high = percentiles(slices, (LOWER_PERCENTILE, UPPER_PERCENTILE))
+    return low, high
+
+
+def volume_range(volume: Volume) -> tuple[float, float]:
+    """:func:`intensity_range` of a volume in memory."""
+    return intensity_range(lambda: [volume.array.detach().cpu().numpy()])
 
 
 _DIGIT_BITS = 16  # each pass of the selection resolves 16 bits of each sought value

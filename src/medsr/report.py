@@ -24,9 +24,10 @@ import torch
 
 from medsr.config import config_from_dict
 from medsr.degrade import explain
+from medsr.evaluation import Slab
 from medsr.inputs import PROJECTION
 from medsr.metrics import paired_difference
-from medsr.zoo import is_through_plane
+from medsr.zoo import is_through_plane, upscaled_axes
 
 # The score columns medsr reports, in display order: name -> (heading, number format). HFEN is the only one for
 # which lower is better.
@@ -159,7 +160,7 @@ def _upright(affine: np.ndarray, vertical_axis: int) -> bool:
     return bool(direction[np.argmax(np.abs(direction))] > 0)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes) -> None:
     """Write a file through a temporary file beside it and a rename, so a reader never sees half of it."""
     tmp = path.with_name(f".tmp.{path.name}")
     tmp.write_bytes(data)
@@ -176,7 +177,7 @@ def _save(figure, path: Path, title: str) -> None:
     buffer = io.BytesIO()
     figure.savefig(buffer, dpi=115, format="png")
     plt.close(figure)
-    _write_atomically(path, buffer.getvalue())
+    write_atomically(path, buffer.getvalue())
 
 
 def _pyplot():
@@ -357,11 +358,9 @@ def profile_figure(
     _save(figure, path, title)
 
 
-def held_out_text(scan: str, slices: tuple[int, int] | None, axis: int) -> str:
-    """How a held-out set is named in cards and tables: a scan's region, or a whole scan never seen."""
-    if slices is None:
-        return f"{scan} (whole scan, never seen)"
-    return f"{scan}, {'ijk'[axis]} {slices[0]}..{slices[1] - 1}"
+def held_out_text(scan: str, slab: Slab | None) -> str:
+    """How a held-out set is named in cards and tables: a scan's region, or (None) a whole scan never seen."""
+    return f"{scan} (whole scan, never seen)" if slab is None else f"{scan}, {slab}"
 
 
 def model_card(name: str, description: Mapping, held_out: Sequence[Mapping], *, precision: str) -> str:
@@ -389,10 +388,10 @@ def model_card(name: str, description: Mapping, held_out: Sequence[Mapping], *, 
         split = f"split by scan ({', '.join(f'{f:g}' for f in data.fractions)} train/validation/test)"
     inputs = description.get("inputs")
     if inputs:
-        spacing_axes = (2,) if is_through_plane(scale) else (0, 1)
         low, high = inputs["spacing_mm"]["min"], inputs["spacing_mm"]["max"]
         spacing = ", ".join(
-            f"{'ijk'[a]} {low[a]:.3g}" + (f"..{high[a]:.3g}" if high[a] != low[a] else "") + " mm" for a in spacing_axes
+            f"{'ijk'[a]} {low[a]:.3g}" + (f"..{high[a]:.3g}" if high[a] != low[a] else "") + " mm"
+            for a in upscaled_axes(scale)
         )
         if description["modality"] in PROJECTION:
             spacing = "not checked (radiographs: the pixel size depends on magnification; these files give none)"
@@ -649,4 +648,4 @@ def write_html_report(
         f"<footer>Written by medsr {escape(version)} on {written}.</footer>",
         "</body>\n</html>\n",
     ]
-    _write_atomically(Path(path), "\n".join(parts).encode("utf-8"))
+    write_atomically(Path(path), "\n".join(parts).encode("utf-8"))

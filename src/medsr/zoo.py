@@ -22,6 +22,16 @@ def shipped_descriptions() -> dict[str, dict[str, Any]]:
     return {name: json.loads((SHIPPED_DIR / name / DESCRIPTION).read_text()) for name in shipped_models()}
 
 
+def model_family(modality: str) -> str:
+    """The modality whose models serve ``modality`` (DX scans use the CR model)."""
+    return SAME_MODELS.get(modality, modality)
+
+
+def upscaled_axes(scale: Sequence[int]) -> tuple[int, ...]:
+    """The voxel axes (0 = i, 1 = j, 2 = k) a model of (i, j, k) ``scale`` upsamples."""
+    return tuple(axis for axis, factor in enumerate(scale) if factor > 1)
+
+
 def is_through_plane(scale: Sequence[int]) -> bool:
     """Whether a model of (i, j, k) ``scale`` makes thin slices from thick ones (and nothing in-plane)."""
     return scale[2] > 1 and tuple(scale[:2]) == (1, 1)
@@ -38,12 +48,12 @@ def choose_model(modality: str, factors: Sequence[float] | None) -> str:
         ValueError: No shipped model of that modality and kind.
     """
     factors = tuple(factors or DEFAULT_FACTORS)
-    wanted = SAME_MODELS.get(modality, modality)
+    wanted = model_family(modality)
     through = factors[2] > 1 + 1e-6
     fitting = {
         name: description["scale"]
         for name, description in shipped_descriptions().items()
-        if SAME_MODELS.get(description["modality"], description["modality"]) == wanted
+        if model_family(description["modality"]) == wanted
         and (is_through_plane(description["scale"]) if through else description["scale"][2] == 1)
     }
     if not fitting or (through and max(factors[:2]) > 1 + 1e-6):
@@ -66,11 +76,10 @@ def summary_rows(name: str, description: dict[str, Any]) -> list[dict[str, Any]]
     on each held-out set of ``scores['held_out']`` (as ``medsr models --evaluate`` writes it), one line each."""
     spacing = description.get("inputs", {}).get("spacing_mm")
     scale = description["scale"]
-    axes = (2,) if is_through_plane(scale) else (0, 1)
     if spacing is None or description["modality"] in PROJECTION:
         spacing_text = "-"
     else:
-        spacing_text = "x".join(f"{spacing['min'][a]:.3g}" for a in axes) + " mm"
+        spacing_text = "x".join(f"{spacing['min'][a]:.3g}" for a in upscaled_axes(scale)) + " mm"
     row = {
         "model": name,
         "modality": description["modality"],
