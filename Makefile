@@ -42,8 +42,11 @@ lint: install
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/ruff check src tests benchmarks
 
+# The tests marked `kernels` (exact resume, streamed = in-memory, bf16) run again as on an AVX2-only CPU (oneDNN
+# and ATen limited to AVX2, so no bf16 instructions): a machine with AVX-512 or AMX cannot hide a difference.
 test: samples lint
 	$(BIN)/python -m pytest -q
+	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 $(BIN)/python -m pytest -q -m kernels
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache

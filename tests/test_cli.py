@@ -154,6 +154,7 @@ def test_upscale_a_digital_radiograph_uses_the_x_ray_model_without_warnings(tmp_
     assert "model edsr_xray_x2" in err and "warning" not in err
 
 
+@pytest.mark.kernels
 def test_streamed_upscale_equals_the_in_memory_result(colin_crop, tmp_path):
     """The CLI streams NIfTI to NIfTI with the window of its input checks: the voxels of ``super_resolve``."""
     from medsr.checkpoint import load_checkpoint

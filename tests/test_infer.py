@@ -2,7 +2,16 @@ import numpy as np
 import pytest
 import torch
 
-from medsr.infer import model_plan, model_predictor, predict_tiled, predict_volume, super_resolve, tile_starts
+from medsr.infer import (
+    model_plan,
+    model_predictor,
+    native_bf16,
+    predict_tiled,
+    predict_volume,
+    resolve_precision,
+    super_resolve,
+    tile_starts,
+)
 from medsr.models import create_model
 from medsr.models.blocks import interpolate
 from medsr.volume import Modality, Volume, scale_affine, world_coordinates
@@ -23,6 +32,7 @@ def test_tiling_is_invisible_for_a_pointwise_model(shape, tile, overlap):
     torch.testing.assert_close(out, pointwise_model(image[None])[0], atol=1e-6, rtol=0)
 
 
+@pytest.mark.kernels
 def test_tiled_equals_whole_when_the_receptive_field_fits_in_a_quarter_overlap():
     torch.manual_seed(0)
     # edsr_tiny: 7 LR convolutions + the bicubic skip (2) + 1 HR convolution -> receptive radius <= 8 LR voxels.
@@ -103,6 +113,7 @@ def test_super_resolve_to_non_integer_factors(phantom):
     np.testing.assert_allclose(sr.array[0, 2:-2, 5, 3].numpy(), position[2:-2] + 1, atol=1e-4)
 
 
+@pytest.mark.kernels
 def test_bf16_precision_is_close_to_fp32():
     torch.manual_seed(0)
     model = create_model("edsr_tiny", spatial_dims=2, scale=(2, 2))
@@ -112,3 +123,20 @@ def test_bf16_precision_is_close_to_fp32():
     assert 0 < float((fp32 - bf16).abs().max()) < 0.02  # bf16 keeps 8 bits of mantissa
     with pytest.raises(ValueError, match="precision"):
         model_predictor(model, precision="fp16")
+
+
+@pytest.mark.kernels
+def test_bf16_inference_leaves_the_callers_model_as_it_was():
+    """Converted in place, a model validated during training trained on in channels-last weights (other kernels,
+    other roundings than the contiguous weights a resumed run loads): resume was not exact on AVX2 CPUs."""
+    model = create_model("edsr_tiny", spatial_dims=2, scale=(2, 2))
+    strides = {name: p.stride() for name, p in model.named_parameters()}
+    model_predictor(model, precision="bf16")(torch.rand(1, 1, 8, 8))
+    assert {name: p.stride() for name, p in model.named_parameters()} == strides
+
+
+@pytest.mark.parametrize(("isa", "native"), [("AVX2", False), ("AVX512_CORE", False), ("avx2_vnni", False)])
+def test_a_onednn_isa_limit_below_bf16_means_no_native_bf16(monkeypatch, isa, native):
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
+    assert native_bf16() is native
+    assert resolve_precision("auto") == "fp32"

@@ -68,6 +68,7 @@ def mr_nifti(tmp_path, phantom) -> Path:
     return path
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("source_name", ["mr.nii", "mr.nii.gz"])
 def test_2d_nifti_to_nii_is_byte_for_byte_the_in_memory_file(tmp_path, mr_nifti, source_name):
     source = tmp_path / source_name
@@ -80,6 +81,7 @@ def test_2d_nifti_to_nii_is_byte_for_byte_the_in_memory_file(tmp_path, mr_nifti,
     assert names(tmp_path / "streamed") == ["sr.nii"]
 
 
+@pytest.mark.kernels
 def test_nii_gz_target_decompresses_to_the_in_memory_file(tmp_path, mr_nifti):
     expected, streamed = both(
         tmp_path, mr_nifti, "sr.nii.gz", repeat((2, 2)), scale=(2, 2, 1), spatial_dims=2, modality="MR", tile=16
@@ -92,6 +94,7 @@ def test_nii_gz_target_decompresses_to_the_in_memory_file(tmp_path, mr_nifti):
     [((2, 2, 2), 8, 4), ((1, 1, 3), 6, 2), ((2, 1, 1), 48, 8)],
     ids=["x2-isotropic", "through-plane", "one-slab"],
 )
+@pytest.mark.kernels
 def test_3d_slabs_blend_as_whole_volume_tiling(tmp_path, mr_nifti, scale, tile, overlap):
     """Slabs overlap along k (16 slices, tiles of 6 or 8): blended as predict_tiled blends its tiles."""
     expected, streamed = both(

@@ -36,6 +36,7 @@ def test_train_step_updates_every_parameter():
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
+@pytest.mark.kernels
 def test_gradient_clipping_and_bf16_autocast():
     torch.manual_seed(0)
     model = create_model("edsr_tiny", spatial_dims=2, scale=(2, 2))
@@ -56,6 +57,7 @@ def test_a_resumed_stream_replays_the_same_batches(rng):
     assert not torch.equal(from_start[0].hr, from_start[3].hr)  # epoch 1 (items 5..) differs from epoch 0
 
 
+@pytest.mark.kernels
 def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     model = create_model("edsr_tiny", spatial_dims=2, scale=(2, 2))
     save_checkpoint(
@@ -216,6 +218,7 @@ def test_split_by_scan_trains_on_a_folder_and_evaluate_refuses_its_training_scan
     assert "trained or was validated on" in capsys.readouterr().err
 
 
+@pytest.mark.kernels
 def test_a_run_killed_mid_way_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
     """kill -9 a real `medsr train` process after its third checkpoint, resume it, compare with a clean run."""
     import os

@@ -8,7 +8,9 @@ weights never reach zero, so its tiled output is never exactly the whole-image o
 
 from __future__ import annotations
 
+import copy
 import itertools
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -20,6 +22,10 @@ from medsr.volume import Volume, integer_scale, scale_affine
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 DEFAULT_TILE = {2: 128, 3: 48}  # tile edge in input voxels per spatial_dims; a 48^3 tile's 64-channel map is 28 MB
+
+# oneDNN ISA names (ONEDNN_MAX_CPU_ISA) that include bf16 arithmetic: AVX512_CORE_BF16, AVX512_CORE_FP16,
+# AVX512_CORE_AMX(_FP16), AVX10_1_512(_AMX(_FP16)), AVX10_2_512(_AMX_2).
+BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX10")
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -114,8 +120,13 @@ def predict_tiled(
 
 
 def native_bf16() -> bool:
-    """Whether this CPU has bfloat16 instructions (AVX512-BF16 or AMX). Without them oneDNN emulates bf16, and
-    autocast is 4x slower than float32 (measured with ONEDNN_MAX_CPU_ISA=AVX2); with them it is about 2x faster."""
+    """Whether this CPU has bfloat16 instructions (AVX512-BF16 or AMX) and oneDNN may use them. Without them oneDNN
+    emulates bf16, and autocast is 4x slower than float32 (measured with ONEDNN_MAX_CPU_ISA=AVX2); with them it is
+    about 2x faster. ``ONEDNN_MAX_CPU_ISA`` below AVX512_CORE_BF16 (e.g. AVX2, AVX512_CORE) counts as no bf16.
+    """
+    limit = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    if limit != "ALL" and not limit.startswith(BF16_ISAS):
+        return False
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:  # not Linux: no way to ask without private torch APIs; float32 is the safe choice
@@ -140,20 +151,30 @@ def model_predictor(model: torch.nn.Module, *, precision: str = "auto") -> Predi
         precision: 'fp32'; 'bf16' (bfloat16 autocast with channels-last memory, about 2x faster on CPUs with bf16
             instructions, within 0.01 dB PSNR of float32 on the shipped MR model); 'auto' picks bf16 where the CPU
             (or CUDA GPU) supports it natively, fp32 elsewhere.
+
+    bf16 runs a channels-last copy made at the first batch: ``model`` itself is never changed (but for eval mode),
+    so build a new predictor after changing its weights.
     """
     model.eval()
     device = next(model.parameters(), torch.empty(0)).device  # parameterless models (interpolation) run on CPU
     bf16 = resolve_precision(precision, device) == "bf16"
+    layouts = {}  # batch ndim -> a channels-last copy of the model (bf16 only)
 
     @torch.no_grad()
     def predict(batch: torch.Tensor) -> torch.Tensor:
         batch = batch.to(device, torch.float32)
+        net = model
         if bf16:  # channels-last alone can be slower (pixel shuffle reshapes); with bf16 it pays
             layout = torch.channels_last if batch.ndim == 4 else torch.channels_last_3d
             batch = batch.contiguous(memory_format=layout)
-            model.to(memory_format=layout)  # a no-op after the first batch
+            # A copy: the caller's model keeps its layout. Converted in place, a model validated during training
+            # would train on in channels-last weights, which take other kernels (other roundings) than the
+            # contiguous weights a resumed run loads.
+            if batch.ndim not in layouts:
+                layouts[batch.ndim] = copy.deepcopy(model).to(memory_format=layout)
+            net = layouts[batch.ndim]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            return model(batch).float().contiguous().cpu()
+            return net(batch).float().contiguous().cpu()
 
     return predict
 
