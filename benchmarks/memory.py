@@ -1,4 +1,4 @@
-"""Peak memory of ``streaming.upscale_file`` against the in-memory path, on synthetic 512 x 512 x K NIfTI volumes.
+"""Peak memory of ``streaming.stream_upscale`` against the in-memory path, on synthetic 512 x 512 x K NIfTI volumes.
 
 Each run is a child process that reports its own peak resident memory (``ru_maxrss``) and time, so runs do not
 share a peak. The sources are float32 .nii files (.nii.gz with --suffix) written slice by slice (so the benchmark
@@ -52,7 +52,7 @@ def child(mode: str, model_name: str, tile: int, source: Path, target: Path) -> 
     from medsr.infer import model_predictor, super_resolve
     from medsr.io import read_volume, write_volume
     from medsr.models import create_model
-    from medsr.streaming import upscale_file
+    from medsr.streaming import stream_upscale
 
     torch.manual_seed(0)
     model = create_model(model_name, spatial_dims=2, scale=SCALE[:2])
@@ -60,7 +60,7 @@ def child(mode: str, model_name: str, tile: int, source: Path, target: Path) -> 
     start = time.perf_counter()
     if mode == "streaming":
         predictor = model_predictor(model, precision="fp32")
-        upscale_file(source, target, predictor, scale=SCALE, spatial_dims=2, modality="MR", tile=tile, progress=False)
+        stream_upscale(source, target, predictor, scale=SCALE, spatial_dims=2, modality="MR", tile=tile, progress=False)
     else:
         volume = read_volume(source, modality="MR")
         sr = super_resolve(volume, model, model_scale=SCALE[:2], tile=tile, precision="fp32", progress=False)

@@ -140,7 +140,7 @@ def main() -> None:
             rows.append((thickness, "bspline", score(bspline, hr), seconds, ""))
 
             out = folder / f"selfsr_{thickness:g}mm.nii.gz"
-            command = [sys.executable, "-m", "medsr.cli", "selfsr", str(thick), str(out)]
+            command = [sys.executable, "-m", "medsr", "selfsr", str(thick), str(out)]
             seconds, why = timed([*command, "--time-budget", str(args.time_budget)], timeout=args.time_budget + 900)
             scores, why = scored(out, hr) if seconds else ({}, why)
             rows.append((thickness, "medsr selfsr", scores, seconds, why or f"{args.time_budget:g} s training"))

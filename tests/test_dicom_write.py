@@ -12,6 +12,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, MRImageStorage, SecondaryCaptureImageStorage
 
+from medsr.deidentify import Deidentifier
 from medsr.dicom import write_series
 from medsr.io import file_format, read_volume, write_volume
 from medsr.samples import sample_path
@@ -175,8 +176,9 @@ def test_anonymize_removes_identifiers(tmp_path):
     header.ReferencedImageSequence[0].ReferencedSOPInstanceUID = "1.2.3.4.5.6.7"
     source = source.replace(meta={**source.meta, "dicom": header})
 
-    write_volume(source, tmp_path / "a", description="SR x2 test", anonymize=True)
-    write_volume(source, tmp_path / "b", description="SR x2 test", anonymize=True)
+    run = Deidentifier()  # one run: its series share one new study
+    write_volume(source, tmp_path / "a", description="SR x2 test", anonymize=run)
+    write_volume(source, tmp_path / "b", description="SR x2 test", anonymize=run)
 
     (a,), (b,) = headers(tmp_path / "a"), headers(tmp_path / "b")
     data = next((tmp_path / "a").iterdir()).read_bytes()
@@ -197,8 +199,8 @@ def test_anonymize_removes_identifiers(tmp_path):
     assert [text for text in identifiers if text.encode() in data] == []
     assert a.PatientName == "" and a.PatientID == "" and "PatientWeight" not in a
     assert a.PatientIdentityRemoved == "YES" and a.DeidentificationMethod
-    assert a.ReferencedImageSequence[0].ReferencedSOPClassUID == MRImageStorage  # a standard UID is kept
-    # Separately de-identified series of one study stay in one (new) study and frame of reference.
+    assert "ReferencedImageSequence" not in a and a.SOPClassUID == MRImageStorage  # X/Z/U*: removed
+    # Series of one study de-identified in one run stay in one (new) study and frame of reference.
     assert (a.StudyInstanceUID, a.FrameOfReferenceUID) == (b.StudyInstanceUID, b.FrameOfReferenceUID)
     assert a.SeriesInstanceUID != b.SeriesInstanceUID
     np.testing.assert_allclose(read_volume(tmp_path / "a").affine, source.affine, atol=1e-4)

@@ -226,7 +226,7 @@ def test_cli_bad_input_is_a_clear_error_and_writes_nothing(make, message, tmp_pa
         (["--target-spacing", "6"], "at most the slice spacing"),
         (["--steps", "0"], "steps, batch_size and tile must be >= 1"),
         (["--time-budget", "-1"], "time_budget > 0"),
-        (["--save-model", "SOURCE"], "exists or is the input/output"),
+        (["--save-model", "SOURCE"], "is an input"),
         (["--save-model", "net", "--model", "net"], "pass one"),
     ],
 )

@@ -19,7 +19,7 @@ from medsr.io import open_volume, read_volume, volume_writer, write_volume
 from medsr.models import create_model
 from medsr.models.blocks import interpolate
 from medsr.samples import sample_path
-from medsr.streaming import upscale_file
+from medsr.streaming import stream_upscale
 from medsr.volume import Modality, Volume, crop
 
 from .conftest import oblique_affine
@@ -50,7 +50,7 @@ def both(tmp_path, source, name, predictor, **options) -> tuple[Path, Path]:
     (tmp_path / "streamed").mkdir()
     expected, streamed = tmp_path / "memory" / name, tmp_path / "streamed" / name
     in_memory(source, expected, predictor, **options)
-    upscale_file(source, streamed, predictor, description="sr", progress=False, **options)
+    stream_upscale(source, streamed, predictor, description="sr", progress=False, **options)
     return expected, streamed
 
 
@@ -179,7 +179,7 @@ def test_real_ct_slice_to_dicom_and_nifti(tmp_path):
     options = {"scale": (2, 2, 1), "spatial_dims": 2, "tile": 512}
     expected, streamed = both(tmp_path, source, "sr", repeat((2, 2)), **options)
     assert dicom_headers(streamed) == dicom_headers(expected)
-    upscale_file(source, tmp_path / "sr.nii", repeat((2, 2)), progress=False, **options)
+    stream_upscale(source, tmp_path / "sr.nii", repeat((2, 2)), progress=False, **options)
     write_volume(read_volume(expected), tmp_path / "expected.nii")
     np.testing.assert_array_equal(nib.load(tmp_path / "sr.nii").dataobj, nib.load(tmp_path / "expected.nii").dataobj)
 
@@ -201,7 +201,7 @@ def test_truncated_source_is_refused_and_nothing_is_written(tmp_path, mr_nifti, 
     source.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
     (tmp_path / "out").mkdir()
     with pytest.raises(ValueError, match=rf"^{re.escape(str(source))}: (truncated|cannot read slices)"):
-        upscale_file(source, tmp_path / "out" / "sr.nii", repeat((2, 2)), scale=(2, 2, 1), spatial_dims=2)
+        stream_upscale(source, tmp_path / "out" / "sr.nii", repeat((2, 2)), scale=(2, 2, 1), spatial_dims=2)
     assert names(tmp_path / "out") == []
 
 
@@ -213,7 +213,7 @@ def test_nan_slice_is_refused_naming_file_and_slice(tmp_path, phantom, modality)
     nib.save(nib.Nifti1Image(array, phantom.affine), source)
     (tmp_path / "out").mkdir()
     with pytest.raises(ValueError, match=rf"^{re.escape(str(source))}, slice 11: 1 voxels are NaN or infinite"):
-        upscale_file(
+        stream_upscale(
             source, tmp_path / "out" / "sr.nii.gz", repeat((2, 2)), scale=(2, 2, 1), spatial_dims=2, modality=modality
         )
     assert names(tmp_path / "out") == []
@@ -221,24 +221,24 @@ def test_nan_slice_is_refused_naming_file_and_slice(tmp_path, phantom, modality)
 
 def test_existing_targets_follow_write_volume(tmp_path, mr_nifti):
     options = {"scale": (2, 2, 1), "spatial_dims": 2, "progress": False}
-    with pytest.raises(ValueError, match="is the source"):
-        upscale_file(mr_nifti, mr_nifti, repeat((2, 2)), **options)
+    with pytest.raises(ValueError, match="is an input"):
+        stream_upscale(mr_nifti, mr_nifti, repeat((2, 2)), **options)
     old = tmp_path / "old.nii"
     old.write_bytes(b"replaced")
-    upscale_file(mr_nifti, old, repeat((2, 2)), **options)
+    stream_upscale(mr_nifti, old, repeat((2, 2)), **options)
     assert nib.load(old).shape == (48, 40, 16)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep")
     with pytest.raises(FileExistsError, match="medsr did not write"):
-        upscale_file(mr_nifti, foreign, repeat((2, 2)), **options)
+        stream_upscale(mr_nifti, foreign, repeat((2, 2)), **options)
     assert names(foreign) == ["notes.txt"]
 
 
 def test_dicom_target_inside_the_source_series_is_refused(tmp_path, phantom):
     write_volume(phantom, tmp_path / "series")
-    with pytest.raises(ValueError, match="never writes into its input"):
-        upscale_file(tmp_path / "series", tmp_path / "series" / "sr", repeat((2, 2)), scale=(2, 2, 1), spatial_dims=2)
+    with pytest.raises(ValueError, match="never overwrites its input"):
+        stream_upscale(tmp_path / "series", tmp_path / "series" / "sr", repeat((2, 2)), scale=(2, 2, 1), spatial_dims=2)
 
 
 def test_writer_needs_every_slice(tmp_path, phantom):
@@ -254,7 +254,7 @@ def test_multichannel_model_output_is_refused(tmp_path, mr_nifti):
         return torch.cat([x, x], dim=1)
 
     with pytest.raises(ValueError, match="single-channel"):
-        upscale_file(mr_nifti, tmp_path / "sr.nii", two_channels, scale=(1, 1, 1), spatial_dims=2, progress=False)
+        stream_upscale(mr_nifti, tmp_path / "sr.nii", two_channels, scale=(1, 1, 1), spatial_dims=2, progress=False)
     assert names(tmp_path) == ["mr.nii.gz"]
 
 
@@ -262,6 +262,6 @@ def test_modality_override_sets_the_window_rule(tmp_path, phantom):
     """A NIfTI read as CT gets the fixed HU window: values map through (-1024, 3071), not percentiles."""
     source = tmp_path / "ct.nii"
     write_volume(phantom.replace(array=phantom.array * 1000), source)
-    upscale_file(source, tmp_path / "sr.nii", lambda x: x, scale=(1, 1, 1), spatial_dims=2, modality=Modality.CT)
+    stream_upscale(source, tmp_path / "sr.nii", lambda x: x, scale=(1, 1, 1), spatial_dims=2, modality=Modality.CT)
     np.testing.assert_allclose(nib.load(tmp_path / "sr.nii").get_fdata(), nib.load(source).get_fdata(), atol=1e-3)
     assert isinstance(read_volume(source), Volume)

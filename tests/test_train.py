@@ -250,7 +250,7 @@ def test_a_run_killed_mid_way_resumes_to_the_weights_of_an_uninterrupted_run(tmp
     config_file.write_text(yaml.safe_dump(to_dict(load_config(overrides=overrides))))
     killed = tmp_path / "killed"
     process = subprocess.Popen(
-        [sys.executable, "-m", "medsr.cli", "train", str(config_file), "--out", str(killed)],
+        [sys.executable, "-m", "medsr", "train", str(config_file), "--out", str(killed)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -289,7 +289,7 @@ def test_ddp_with_two_processes_follows_the_single_process_loss_curve(tmp_path):
     config_file = tmp_path / "tiny.yaml"
     config_file.write_text(yaml.safe_dump(to_dict(config)))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command = [*torchrun, "-m", "medsr.cli", "train", str(config_file), "--out", str(tmp_path / "ddp")]
+    command = [*torchrun, "-m", "medsr", "train", str(config_file), "--out", str(tmp_path / "ddp")]
     subprocess.run(command, check=True, capture_output=True, timeout=300)
     fit(config, tmp_path / "one", progress=False)
 

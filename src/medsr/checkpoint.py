@@ -9,20 +9,28 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
+from medsr.config import config_from_dict, problem, read_limited, short
+from medsr.degrade import Degradation
 from medsr.models import create_model
 
 WEIGHTS = "model.safetensors"
 DESCRIPTION = "model.json"
 TRAINING_STATE = "training_state.pt"
 SHIPPED_DIR = Path(__file__).parent / "weights"
+# The types of the description's fields that medsr reads; model_name and model_kwargs are required.
+_FIELDS = {"model_name": str, "model_kwargs": dict, "modality": str, "scale": list, "step": int, "config": dict}
+_FIELDS |= {"degradation": dict, "inputs": dict, "scores": dict}
+_JSON_TYPES = {str: "string", dict: "object", list: "array", int: "integer"}
 
 
 def save_checkpoint(
@@ -54,20 +62,103 @@ def save_checkpoint(
 def load_training_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Weights and training state of a ``last/`` checkpoint, for resuming; the state must match the weights' step.
 
-    The state is plain tensors and numbers, loaded with ``weights_only=True`` (no pickled code).
+    The state must be a torch zip archive of plain tensors and numbers, loaded with ``weights_only=True``: a plain
+    pickle is refused unread, and one that needs any other class is refused by the loader (nothing of it is run).
+    Every tensor must be finite.
     """
-    if not (directory / TRAINING_STATE).is_file():
+    path = directory / TRAINING_STATE
+    if not path.is_file():
         raise FileNotFoundError(f"{directory}: no {TRAINING_STATE}; nothing to resume (was the run ever validated?)")
-    state = torch.load(directory / TRAINING_STATE, weights_only=True)
-    step = json.loads((directory / DESCRIPTION).read_text())["step"]
-    if state["step"] != step:
-        raise ValueError(f"{directory}: training state is at step {state['step']} but the weights at {step}")
-    return load_file(str(directory / WEIGHTS)), state
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: not a medsr checkpoint (not a torch zip archive); refused, nothing was unpickled")
+    try:
+        state = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path}: not a medsr checkpoint (it pickles objects other than tensors and numbers); refused, nothing "
+            "of it was unpickled or run"
+        ) from error
+    except (RuntimeError, ValueError, EOFError) as error:
+        raise ValueError(f"{path}: not a medsr checkpoint ({problem(error)})") from error
+    if not isinstance(state, dict) or not all(
+        isinstance(state.get(k), dict) for k in ("optimizer", "schedule", "best")
+    ):
+        raise ValueError(f"{path}: not a medsr training state (a dict with optimizer, schedule, best and step)")
+    step = read_description(directory).get("step")
+    if type(state.get("step")) is not int or state["step"] != step:
+        raise ValueError(
+            f"{directory}: training state is at step {short(repr(state.get('step')), 40)} but the weights at {step}"
+        )
+    weights = _load_weights(directory / WEIGHTS)
+    check_finite(state, path)
+    return weights, state
+
+
+def read_description(directory: Path) -> dict[str, Any]:
+    """``directory/model.json``, checked: a JSON object (at most 1 MB) with the model's name and kwargs, and the
+    types of the other fields medsr writes; a one-line ValueError naming the file otherwise."""
+    path = directory / DESCRIPTION
+    try:
+        description = json.loads(read_limited(path))
+    except (OSError, ValueError, RecursionError) as error:
+        raise ValueError(f"{path}: broken checkpoint (cannot read it: {problem(error)})") from error
+    if not isinstance(description, dict):
+        raise ValueError(f"{path}: broken checkpoint (expected a JSON object, got a {type(description).__name__})")
+    for key, kind in _FIELDS.items():
+        if (key in description or key in ("model_name", "model_kwargs")) and not isinstance(description.get(key), kind):
+            raise ValueError(f"{path}: broken checkpoint ({key} must be a JSON {_JSON_TYPES[kind]})")
+    if not all(type(s) is int and s >= 1 for s in description.get("scale", [])):
+        raise ValueError(f"{path}: broken checkpoint (scale must be integers >= 1)")
+    checks = {"config": config_from_dict, "degradation": lambda fields: Degradation(**fields)}
+    for key, check in checks.items():
+        try:
+            if key in description:
+                check(description[key])
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path}: broken checkpoint ({key}: {problem(error)})") from error
+    return description
+
+
+def check_finite(tensors: Any, file: Path, name: str = "") -> None:
+    """Refuse NaN or Inf in any tensor of ``tensors`` (nested dicts and lists), naming the file and the tensor."""
+    if isinstance(tensors, dict | list | tuple):
+        items = tensors.items() if isinstance(tensors, dict) else enumerate(tensors)
+        for key, value in items:
+            check_finite(value, file, f"{name}.{key}" if name else str(key))
+    elif isinstance(tensors, torch.Tensor) and tensors.is_floating_point() and not torch.isfinite(tensors).all():
+        raise ValueError(f"{file}: tensor {name} holds NaN or Inf; refused")
+
+
+def _load_weights(path: Path, expected: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, finite, and (given ``expected``) with its names and shapes, checked
+    before any is read."""
+    try:
+        with safe_open(str(path), "pt") as file:
+            if expected is not None:
+                shapes = {name: file.get_slice(name).get_shape() for name in file.keys()}
+                wanted = {name: list(tensor.shape) for name, tensor in expected.items()}
+                if shapes != wanted:
+                    raise ValueError(f"{path}: broken checkpoint ({_difference(shapes, wanted)})")
+            tensors = {name: file.get_tensor(name) for name in file.keys()}
+    except (OSError, SafetensorError) as error:
+        raise ValueError(f"{path}: broken checkpoint ({problem(error)})") from error
+    check_finite(tensors, path)
+    return tensors
+
+
+def _difference(shapes: dict[str, list[int]], wanted: dict[str, list[int]]) -> str:
+    """How the tensors of a file differ from what the network needs, briefly."""
+    missing, unexpected = sorted(wanted.keys() - shapes.keys()), sorted(shapes.keys() - wanted.keys())
+    if missing or unexpected:
+        missing_text, unexpected_text = short(", ".join(missing)) or "none", short(", ".join(unexpected)) or "none"
+        return f"tensors missing: {missing_text}; unexpected: {unexpected_text}"
+    name = next(name for name in wanted if shapes[name] != wanted[name])
+    return f"tensor {name} has shape {shapes[name]}, the network needs {wanted[name]}"
 
 
 def update_description(directory: Path, **fields: Any) -> None:
     """Add or replace top-level fields of ``directory/model.json`` (e.g. held-out scores), atomically."""
-    description = json.loads((directory / DESCRIPTION).read_text())
+    description = read_description(directory)
     tmp = directory / f".tmp.{DESCRIPTION}"
     tmp.write_text(json.dumps(description | fields, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, directory / DESCRIPTION)
@@ -114,14 +205,18 @@ def resolve_checkpoint(name_or_path: Path | str) -> Path:
 
 
 def load_checkpoint(name_or_path: Path | str) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a model in eval mode and return it with its description."""
+    """Rebuild a model in eval mode and return it with its description.
+
+    Everything is checked before use, with a one-line ValueError naming the file: the description
+    (:func:`read_description`), the kwargs and size of the network (``create_model``), and the weights' names, shapes
+    and values (finite) before they are loaded."""
     directory = resolve_checkpoint(name_or_path)
+    description = read_description(directory)
     try:
-        description = json.loads((directory / DESCRIPTION).read_text())
         model = create_model(description["model_name"], **description["model_kwargs"])
-        model.load_state_dict(load_file(str(directory / WEIGHTS)))
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
-        raise ValueError(f"{directory}: broken checkpoint ({type(error).__name__}: {error})") from error
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{directory / DESCRIPTION}: broken checkpoint ({problem(error)})") from error
+    model.load_state_dict(_load_weights(directory / WEIGHTS, model.state_dict()))
     return model.eval(), description
 
 

@@ -6,6 +6,7 @@ Unknown keys are errors; values are cast to the field's type, so ``train.lr=5e-5
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +15,8 @@ from typing import Any
 import yaml
 
 from medsr.degrade import Degradation
+
+MAX_FILE_BYTES = 1_000_000  # a config or model description; real ones are a few kB
 
 
 @dataclasses.dataclass
@@ -105,23 +108,67 @@ def load_config(path: Path | str | None = None, overrides: Sequence[str] = ()) -
     if path is not None:
         path = Path(path)
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as error:
-            raise ValueError(f"{path}: cannot read config ({error})") from error
+            raw = _parse_yaml(read_limited(path)) or {}
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{path}: cannot read config ({problem(error)})") from error
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: a config is a mapping of sections, got {type(raw).__name__}")
     for override in overrides:
         key, sep, value = override.partition("=")
         section, dot, name = key.partition(".")
         if not sep or not dot:
-            raise ValueError(f"override {override!r} is not of the form section.key=value")
+            raise ValueError(f"override {short(repr(override))} is not of the form section.key=value")
         if not isinstance(raw.setdefault(section, {}), dict):
-            raise ValueError(f"override {override!r}: section {section!r} is not a mapping in the config file")
+            raise ValueError(
+                f"override {short(repr(override))}: section {section!r} is not a mapping in the config file"
+            )
         try:
-            raw[section][name] = yaml.safe_load(value)
-        except yaml.YAMLError as error:
-            raise ValueError(f"override {override!r}: value is not valid YAML ({error})") from error
+            raw[section][name] = _parse_yaml(value)
+        except ValueError as error:
+            raise ValueError(f"override {short(repr(override))}: value is not valid YAML ({error})") from error
     return _build(Config, raw, "config")
+
+
+def read_limited(path: Path) -> bytes:
+    """The bytes of a config or model description; a ValueError over :data:`MAX_FILE_BYTES` (never read whole)."""
+    with path.open("rb") as file:
+        data = file.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise ValueError(f"larger than {MAX_FILE_BYTES:,} bytes")
+    return data
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases (``*name``): a few lines of them expand to billions of values."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed", mark)
+        return super().compose_node(parent, index)
+
+
+def _parse_yaml(text: str | bytes) -> Any:
+    """Safe YAML without aliases; a one-line ValueError (problem, line, column) for text that is not."""
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ValueError(short(f"{error.problem or error.context}{where}")) from error
+    except (yaml.YAMLError, ValueError, RecursionError) as error:  # bad bytes, a 5000-digit int, deep nesting
+        raise ValueError(short(str(error))) from error
+
+
+def problem(error: Exception) -> str:
+    """An exception in a few words for a message that already names the file (an OSError's without the path)."""
+    return short(error.strerror if isinstance(error, OSError) and error.strerror else str(error), 200)
+
+
+def short(text: str, limit: int = 100) -> str:
+    """``text`` on one line and at most ``limit`` characters: user data and library errors in error messages."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
@@ -144,11 +191,11 @@ def _plain(value: Any) -> Any:
 
 def _build(cls: type, raw: Any, where: str) -> Any:
     if not isinstance(raw, dict):
-        raise ValueError(f"{where}: expected a mapping, got {raw!r}")
+        raise ValueError(f"{where}: expected a mapping, got {short(repr(raw))}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted(map(str, set(raw) - set(fields)))
     if unknown:
-        raise ValueError(f"unknown keys for {cls.__name__}: {unknown}; known: {sorted(fields)}")
+        raise ValueError(f"{where}: unknown keys for {cls.__name__}: {short(repr(unknown))}; known: {sorted(fields)}")
     hints = typing.get_type_hints(cls)
     values = {}
     for name, value in raw.items():
@@ -182,6 +229,9 @@ def _cast(value: Any, hint: Any, where: str) -> Any:
             raise ValueError(f"expected a {hint.__name__}")
         if hint is int and isinstance(value, float) and not value.is_integer():
             raise ValueError("expected an integer")
-        return hint(value)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{where}: cannot use {value!r} ({error})") from error
+        cast = hint(value)
+        if hint is float and not math.isfinite(cast):
+            raise ValueError("expected a finite number")
+        return cast
+    except (TypeError, ValueError, OverflowError) as error:  # OverflowError: an int beyond any float
+        raise ValueError(f"{where}: cannot use {short(repr(value))} ({short(str(error))})") from error

@@ -16,10 +16,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
-import os
-import shutil
-import uuid
+import math
 import warnings
+import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -32,11 +31,10 @@ import pydicom
 import torch
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_file_meta_info
+from pydicom.filereader import read_file_meta_info, read_partial
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, get_decoder
 from pydicom.uid import (
-    UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
     MRImageStorage,
@@ -45,12 +43,21 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import DSfloat
 
+from medsr.deidentify import Deidentifier, deidentify
 from medsr.intensity import percentiles
-from medsr.volume import Modality, Volume, crop
+from medsr.io import atomic_output
+from medsr.volume import MAX_VOLUME_BYTES, Modality, Volume, crop
 
 _CM_UNITS = 3  # PhysicalUnitsX/YDirection code for centimetres (PS3.3 C.8.5.5.1.15)
 _LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601 luminance weights of R, G, B
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # the same, as tags
+# Reading limits, checked on the header before any pixel is decoded or inflated: a 0.5 MB file can declare, or (in
+# Deflated Explicit VR Little Endian) inflate to, gigabytes. One file's stored pixels: 128 MiB, a 16-bit 8,192^2
+# frame, 3.5 times a 43 x 43 cm radiography detector at 0.1 mm. A whole series read into memory: MAX_VOLUME_BYTES.
+MAX_SLICE_BYTES = 2**27
+_MAX_HEADER_BYTES = 2**24  # what the attributes of a deflated file may add to its pixels, once inflated
+_INFLATE_CHUNK = 2**20
 
 # Writing. Storage class of a series written without a source header, by modality.
 _STORAGE_CLASS = {Modality.CT: CTImageStorage, Modality.MR: MRImageStorage, Modality.OT: SecondaryCaptureImageStorage}
@@ -107,65 +114,6 @@ _SOURCE_ONLY = (
     "ImagesInAcquisition",
     "DataSetTrailingPadding",
 )
-# De-identification, PS3.15 Table E.1-1 (Basic Profile) for the attributes CT/MR headers carry. Emptied (Z):
-_EMPTIED = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "ReferringPhysicianName",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDate",
-    "StudyTime",
-    "ContrastBolusAgent",
-)
-# ... and removed (X). Besides these, every other person name, date and time is removed (see _anonymize).
-_REMOVED = (
-    "OtherPatientIDs",
-    "OtherPatientIDsSequence",
-    "OtherPatientNames",
-    "IssuerOfPatientID",
-    "PatientAge",
-    "PatientSize",
-    "PatientWeight",
-    "PatientAddress",
-    "PatientTelephoneNumbers",
-    "CountryOfResidence",
-    "RegionOfResidence",
-    "MilitaryRank",
-    "BranchOfService",
-    "EthnicGroup",
-    "Occupation",
-    "PatientReligiousPreference",
-    "MedicalRecordLocator",
-    "AdditionalPatientHistory",
-    "PatientComments",
-    "InstitutionName",
-    "InstitutionAddress",
-    "InstitutionalDepartmentName",
-    "InstitutionCodeSequence",
-    "StationName",
-    "DeviceSerialNumber",
-    "StudyDescription",
-    "ProtocolName",
-    "ImageComments",
-    "AcquisitionComments",
-    "AdmittingDiagnosesDescription",
-    "RequestAttributesSequence",
-    "RequestedProcedureDescription",
-    "RequestedProcedureID",
-    "ScheduledProcedureStepID",
-    "PerformedProcedureStepID",
-    "PerformedProcedureStepDescription",
-    "ReferencedPatientSequence",
-    "ReferencedStudySequence",
-    "ReferencedPerformedProcedureStepSequence",
-    "IssuerOfAccessionNumberSequence",
-    "PatientInsurancePlanCodeSequence",
-    "ResponsibleOrganization",
-    "TimezoneOffsetFromUTC",
-)
 _MARK = "MEDSR"  # ImplementationVersionName prefix of the files medsr writes: only such a folder is ever replaced
 
 
@@ -199,12 +147,23 @@ def read_dicom(path: Path) -> Volume:
     Raises:
         FileNotFoundError: ``path`` does not exist.
         ValueError: No DICOM image, several series, inconsistent or irregular slices, a multi-frame, truncated or
-            undecodable file, or an image that cannot be placed in space. The message names the file or folder.
+            undecodable file, or an image that cannot be placed in space (NaN, infinite or zero sizes, orientation
+            vectors that are not perpendicular unit vectors). Checked on the headers, before any pixel is decoded:
+            pixel data that is missing, of another length than Rows, Columns, ... declare, or over
+            ``MAX_SLICE_BYTES`` per file (a deflated file: inflated in chunks, not kept), and a series over
+            ``MAX_VOLUME_BYTES`` as float32. The message names the file or folder.
     """
     series = open_series(path)
-    slices = [read_slice(file) for file in series.files]  # one file at a time: only the volume stays in memory
-    array = torch.from_numpy(np.stack(slices, axis=-1).astype(np.float32))[np.newaxis]  # (1, I, J, K)
-    volume = Volume(array, series.affine, series.modality, series.meta)
+    columns, rows, depth = series.spatial_shape
+    if columns * rows * depth * 4 > MAX_VOLUME_BYTES:
+        raise ValueError(
+            f"{path}: {columns} x {rows} x {depth} voxels need {columns * rows * depth * 4 / 2**30:.3g} GiB as "
+            f"float32, over the {MAX_VOLUME_BYTES / 2**30:g} GiB limit of a whole-scan read; read it slice by slice"
+        )
+    values = np.empty(series.spatial_shape, dtype=np.float32)
+    for k, file in enumerate(series.files):  # one file at a time: only the volume stays in memory
+        values[:, :, k] = read_slice(file)
+    volume = Volume(torch.from_numpy(values)[np.newaxis], series.affine, series.modality, series.meta)  # (1, I, J, K)
     if series.modality is Modality.US and len(series.files) == 1:
         volume = _crop_to_ultrasound_region(volume, series.header, series.files[0])
     return volume
@@ -247,21 +206,31 @@ def open_series(path: Path) -> Series:
     """
     path = Path(path)
     if not path.exists():
+        if path.is_symlink():
+            raise ValueError(f"{path}: a symbolic link that leads nowhere (a missing target, or a loop of links)")
         raise FileNotFoundError(f"{path}: no such DICOM file or folder")
-    headers = _read_series_headers(path)
-    for file, ds in headers:
-        if int(ds.get("NumberOfFrames") or 1) > 1:
-            raise ValueError(f"{file}: multi-frame DICOM is not supported yet; expected one frame per file")
+    if not path.is_dir() and not path.is_file():  # a FIFO or device would hang or never end
+        raise ValueError(f"{path}: not a regular file or folder")
+    with _quiet_value_warnings():
+        headers = _read_series_headers(path)
+        for file, ds in headers:
+            if int(ds.get("NumberOfFrames") or 1) > 1:
+                raise ValueError(f"{file}: multi-frame DICOM is not supported yet; expected one frame per file")
 
-    if all("ImagePositionPatient" in ds and "ImageOrientationPatient" in ds for _, ds in headers):
-        headers, step = _sort_slices(headers, path)
-        affine = lps_to_ras(_patient_affine(headers[0][1], headers[0][0], step))
-    elif len(headers) == 1:
-        affine = _planar_affine(headers[0][1], headers[0][0])
-    else:
+        if all("ImagePositionPatient" in ds and "ImageOrientationPatient" in ds for _, ds in headers):
+            headers, step = _sort_slices(headers, path)
+            affine = lps_to_ras(_patient_affine(headers[0][1], headers[0][0], step))
+        elif len(headers) == 1:
+            affine = _planar_affine(headers[0][1], headers[0][0])
+        else:
+            raise ValueError(
+                f"{path}: a series of {len(headers)} slices needs ImagePositionPatient and ImageOrientationPatient "
+                "in every file to order them in space"
+            )
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:  # Volume's own rule
         raise ValueError(
-            f"{path}: a series of {len(headers)} slices needs ImagePositionPatient and ImageOrientationPatient "
-            "in every file to order them in space"
+            f"{headers[0][0]}: the geometry attributes (ImageOrientationPatient, PixelSpacing, SliceThickness) give "
+            f"voxel axes {np.round(affine[:3, :3], 6).tolist()}, not finite or not spanning 3D space"
         )
     first = headers[0][1]
     if first.get("SamplesPerPixel", 1) > 1 or first.get("PhotometricInterpretation") == "PALETTE COLOR":
@@ -309,11 +278,18 @@ def _read_series_headers(path: Path) -> list[tuple[Path, Dataset]]:
     series: dict[str, list[tuple[Path, Dataset]]] = defaultdict(list)
     for file in files:
         try:
-            ds = pydicom.dcmread(file, stop_before_pixels=True)
+            meta = read_file_meta_info(file)
         except InvalidDicomError:
             if path.is_dir():
                 continue  # README, .DS_Store, ...: no 128-byte preamble + "DICM", so not a DICOM file
             raise ValueError(f"{file}: not a DICOM file (no 'DICM' marker after the 128-byte preamble)") from None
+        except Exception as err:
+            raise ValueError(f"{file}: cannot read DICOM header ({err}); the file may be truncated or corrupt") from err
+        deflated = meta.get("TransferSyntaxUID") == pydicom.uid.DeflatedExplicitVRLittleEndian
+        if deflated:
+            _check_inflated_size(file, meta)
+        try:
+            ds, pixel_data = _read_header(file, deflated=deflated)
         except Exception as err:
             raise ValueError(f"{file}: cannot read DICOM header ({err}); the file may be truncated or corrupt") from err
         sop_class = ds.file_meta.get("MediaStorageSOPClassUID") or ds.get("SOPClassUID")
@@ -321,6 +297,7 @@ def _read_series_headers(path: Path) -> list[tuple[Path, Dataset]]:
             if sop_class is not None and "Image Storage" in sop_class.name:
                 raise ValueError(f"{file}: image header ends before Rows; the file is truncated or corrupt")
             continue  # DICOMDIR, structured reports, presentation states: not images
+        _check_pixel_data(file, ds, pixel_data)
         series[str(ds.get("SeriesInstanceUID", ""))].append((file, ds))
 
     if not series:
@@ -336,14 +313,131 @@ def _read_series_headers(path: Path) -> list[tuple[Path, Dataset]]:
     return next(iter(series.values()))
 
 
+def _read_header(file: Path, *, deflated: bool) -> tuple[Dataset, tuple[int, int | None] | None]:
+    """The header of a DICOM file without its pixels, and its pixel data element's (length, end in the file), None
+    if it has none. The end is None where the file does not say it: a deflated data set, or an undefined length."""
+    found = []
+    with file.open("rb") as stream:
+
+        def at_pixel_data(tag: int, vr: str | None, length: int) -> bool:
+            if tag not in _PIXEL_TAGS:
+                return False
+            undefined = length == 0xFFFFFFFF
+            found.append((length, None if deflated or undefined else stream.tell() + length))  # at the value now
+            return True
+
+        ds = read_partial(stream, at_pixel_data)  # as dcmread(stop_before_pixels=True), which hides the element
+    return ds, found[0] if found else None
+
+
+def _check_inflated_size(file: Path, meta: Dataset) -> None:
+    """Refuse a deflated data set that is corrupt, truncated or inflates past the limit, checked in chunks that are
+    not kept: pydicom inflates a deflated file whole at once, even to read its header."""
+    limit = MAX_SLICE_BYTES + _MAX_HEADER_BYTES
+    group_length = meta.get("FileMetaInformationGroupLength")
+    if group_length is None:
+        raise ValueError(f"{file}: a deflated DICOM file without FileMetaInformationGroupLength; the file is corrupt")
+    inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
+    try:
+        with file.open("rb") as stream:
+            stream.seek(128 + 4 + 12 + int(group_length))  # preamble, "DICM", group length element, file meta
+            while not inflater.eof and (data := stream.read(_INFLATE_CHUNK)):
+                while True:
+                    out = len(inflater.decompress(data, _INFLATE_CHUNK))
+                    total, data = total + out, inflater.unconsumed_tail
+                    if total > limit:
+                        raise ValueError(
+                            f"{file}: the deflated data set inflates to more than {limit:,} bytes, over the limit of "
+                            f"{MAX_SLICE_BYTES:,} bytes of pixels per file"
+                        )
+                    if inflater.eof or (not data and out < _INFLATE_CHUNK):
+                        break
+    except zlib.error as error:
+        raise ValueError(f"{file}: corrupt deflated data set ({error})") from None
+    if not inflater.eof:
+        raise ValueError(f"{file}: the deflated data set is truncated")
+
+
+def _check_pixel_data(file: Path, ds: Dataset, pixel_data: tuple[int, int | None] | None) -> None:
+    """Refuse, from the header, pixel data that is absent, over MAX_SLICE_BYTES, cut short, or (uncompressed) of
+    another length than Rows x Columns x NumberOfFrames x SamplesPerPixel x BitsAllocated declare."""
+    sizes = {}
+    for keyword, default in (("Rows", 0), ("Columns", 0), ("NumberOfFrames", 1), ("SamplesPerPixel", 1)):
+        value = ds.get(keyword)
+        try:
+            sizes[keyword] = int(default if value in (None, "") else value) or default  # 0 frames: 1, as pydicom
+        except (TypeError, ValueError):
+            sizes[keyword] = 0
+    bits = ds.get("BitsAllocated")
+    sizes["BitsAllocated"] = bits if isinstance(bits, int) else 0
+    bad = [f"{keyword} {ds.get(keyword)}" for keyword, value in sizes.items() if value < 1]
+    if bad:
+        raise ValueError(f"{file}: the image header declares {', '.join(bad)}; the file is corrupt")
+    declared = (math.prod(sizes.values()) + 7) // 8
+    if declared > MAX_SLICE_BYTES:
+        shape = " x ".join(f"{value} {keyword}" for keyword, value in sizes.items())
+        raise ValueError(
+            f"{file}: declares {shape} = {declared:,} bytes of pixel data, over the limit of {MAX_SLICE_BYTES:,} "
+            "bytes per file"
+        )
+    if pixel_data is None:
+        raise ValueError(f"{file}: no pixel data; the file may be truncated or corrupt")
+    length, end = pixel_data
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if syntax is not None and syntax.is_encapsulated or length == 0xFFFFFFFF:
+        return  # compressed frames: their decoder checks them
+    if ds.get("PhotometricInterpretation") == "YBR_FULL_422":
+        declared = declared // 3 * 2  # two samples per pixel stored (PS3.5 8.2.1)
+    if length not in (declared, declared + declared % 2):  # an odd length is padded to even
+        raise ValueError(
+            f"{file}: the pixel data holds {length:,} bytes, but Rows, Columns, NumberOfFrames, SamplesPerPixel and "
+            f"BitsAllocated declare {declared:,}; the file is corrupt"
+        )
+    if end is not None and end > file.stat().st_size:
+        size = file.stat().st_size
+        raise ValueError(f"{file}: truncated: the pixel data ends at byte {end:,}, the file has {size:,} bytes")
+
+
+@contextmanager
+def _quiet_value_warnings() -> Iterator[None]:
+    """Silence pydicom's warnings on malformed values (a DS 'NaN'): the checks refuse a bad one in one clear error."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Invalid value for VR", category=UserWarning)
+        yield
+
+
+def _numbers(ds: Dataset, keyword: str, file: Path, count: int) -> np.ndarray:
+    """The ``count`` numbers of a geometry attribute, all finite, else a ValueError naming the file."""
+    value = "unreadable"
+    try:
+        value = ds.get(keyword)
+        numbers = np.asarray(list(value) if isinstance(value, MultiValue | list) else [value], dtype=np.float64)
+        value = numbers.tolist()
+    except (TypeError, ValueError, OverflowError):
+        numbers = np.empty(0)
+    if numbers.shape != (count,) or not np.isfinite(numbers).all():
+        raise ValueError(f"{file}: {keyword} {value} is not {count} finite numbers: cannot place the image in space")
+    return numbers
+
+
 def _sort_slices(headers: list[tuple[Path, Dataset]], path: Path) -> tuple[list[tuple[Path, Dataset]], np.ndarray]:
     """Slices sorted along the slice normal, after checking they form a regular grid, and the LPS step (mm) of k."""
     first = headers[0][1]
+    for file, ds in headers:
+        _numbers(ds, "ImagePositionPatient", file, 3)
+        orientation = _numbers(ds, "ImageOrientationPatient", file, 6)
+        row, column = orientation[:3], orientation[3:]
+        if max(abs(np.linalg.norm(row) - 1), abs(np.linalg.norm(column) - 1), abs(row @ column)) > 1e-2:
+            raise ValueError(
+                f"{file}: ImageOrientationPatient {orientation.tolist()} is not two perpendicular unit vectors; the "
+                "image cannot be placed in space"
+            )
     for keyword in ("Rows", "Columns", "PixelSpacing", "ImageOrientationPatient"):
-        reference = np.asarray(first.get(keyword) or [], dtype=np.float64)
+        reference = _values(first, keyword, headers[0][0])
         for file, ds in headers:
-            value = np.asarray(ds.get(keyword) or [], dtype=np.float64)
-            if value.shape != reference.shape or not np.allclose(value, reference, rtol=1e-4, atol=1e-4):
+            value = _values(ds, keyword, file)
+            # NaN counts as equal here: the geometry checks refuse it, naming the attribute
+            if value.shape != reference.shape or not np.allclose(value, reference, 1e-4, 1e-4, equal_nan=True):
                 raise ValueError(
                     f"{path}: {keyword} differs between slices ({file.name}: {value.tolist()} vs "
                     f"{headers[0][0].name}: {reference.tolist()}); expected one regular grid"
@@ -354,8 +448,9 @@ def _sort_slices(headers: list[tuple[Path, Dataset]], path: Path) -> tuple[list[
     order = np.argsort(positions, kind="stable")
     headers, positions = [headers[i] for i in order], positions[order]
     if len(headers) == 1:
-        thickness = first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0
-        return headers, normal * float(thickness)
+        thickness = [_values(first, keyword, headers[0][0]) for keyword in ("SpacingBetweenSlices", "SliceThickness")]
+        usable = [float(t[0]) for t in thickness if t.shape == (1,) and np.isfinite(t[0]) and t[0] != 0]
+        return headers, normal * (usable[0] if usable else 1.0)  # 0, absent or unreadable: unknown
 
     gaps = np.diff(positions)  # mm along the normal
     same = np.flatnonzero(gaps < 1e-3)
@@ -370,6 +465,15 @@ def _sort_slices(headers: list[tuple[Path, Dataset]], path: Path) -> tuple[list[
         np.asarray(ds.ImagePositionPatient, dtype=np.float64) for ds in (headers[0][1], headers[-1][1])
     )
     return headers, (last_ipp - first_ipp) / (len(headers) - 1)  # also follows a gantry tilt
+
+
+def _values(ds: Dataset, keyword: str, file: Path) -> np.ndarray:
+    """An attribute's numbers as a 1D float64 array (empty when absent), or a ValueError naming the file."""
+    try:
+        value = ds.get(keyword)
+        return np.atleast_1d(np.asarray(list(value) if isinstance(value, MultiValue) else value or [], np.float64))
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{file}: {keyword} is not a list of numbers; the file is corrupt") from None
 
 
 def _patient_affine(ds: Dataset, file: Path, step: np.ndarray) -> np.ndarray:
@@ -400,34 +504,58 @@ def _planar_affine(ds: Dataset, file: Path) -> np.ndarray:
 
 
 def _in_plane_spacing(ds: Dataset, file: Path) -> tuple[float, float]:
-    """(row spacing, column spacing) in mm: the distance between rows (along j) and between columns (along i)."""
-    if ds.get("PixelSpacing") and min(float(s) for s in ds.PixelSpacing) > 0:  # some files store 0: unknown
-        return float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])
+    """(row spacing, column spacing) in mm: the distance between rows (along j) and between columns (along i).
+
+    A size that is not positive and finite (some files store 0: unknown) is passed over for the next source."""
+    spacing = _positive_pair(ds, "PixelSpacing", file)
+    if spacing:
+        return spacing
     if ds.get("Modality") == "US":
         for region in ds.get("SequenceOfUltrasoundRegions", []):
             # M-mode and Doppler regions have time or velocity axes; the first region in cm is the image plane
             if region.get("PhysicalUnitsXDirection") == _CM_UNITS == region.get("PhysicalUnitsYDirection"):
-                return float(region.PhysicalDeltaY) * 10.0, float(region.PhysicalDeltaX) * 10.0
-    if ds.get("ImagerPixelSpacing"):
-        return float(ds.ImagerPixelSpacing[0]), float(ds.ImagerPixelSpacing[1])
+                deltas = _values(region, "PhysicalDeltaY", file), _values(region, "PhysicalDeltaX", file)
+                if all(d.shape == (1,) and np.isfinite(d[0]) and d[0] > 0 for d in deltas):
+                    return float(deltas[0][0]) * 10.0, float(deltas[1][0]) * 10.0
+    spacing = _positive_pair(ds, "ImagerPixelSpacing", file)
+    if spacing:
+        return spacing
     if ds.get("Modality") in ("CR", "DX", "MG", "RF", "XA"):
         # A radiograph is a projection, not a place in patient space: without a pixel size, work in pixels.
         warnings.warn(f"{file}: radiograph without a pixel size; using 1 mm pixels (sizes are in pixels)", stacklevel=4)
         return 1.0, 1.0
+    if "PixelSpacing" in ds:
+        raise ValueError(
+            f"{file}: PixelSpacing {_values(ds, 'PixelSpacing', file).tolist()} is not two positive finite sizes "
+            "(mm): cannot place the image in space"
+        )
     raise ValueError(
         f"{file} has no ImagePositionPatient/ImageOrientationPatient and no PixelSpacing: cannot place it in space"
     )
 
 
+def _positive_pair(ds: Dataset, keyword: str, file: Path) -> tuple[float, float] | None:
+    """A pixel size attribute's (rows, columns) in mm if both are positive and finite, else None."""
+    pair = _values(ds, keyword, file)
+    if pair.shape != (2,) or not (np.isfinite(pair).all() and (pair > 0).all()):
+        return None
+    return float(pair[0]), float(pair[1])
+
+
 def _read(file: Path) -> Dataset:
     try:
-        return pydicom.dcmread(file)
+        return pydicom.dcmread(file)  # a deflated file's inflated size was checked with its header
     except Exception as err:
         raise ValueError(f"{file}: cannot read DICOM file ({err}); the file may be truncated or corrupt") from err
 
 
 def _pixels(ds: Dataset, file: Path) -> np.ndarray:
     """One slice in physical units, shape (Rows, Columns), float64; colour is reduced to luminance."""
+    with _quiet_value_warnings():
+        return _decoded(ds, file)
+
+
+def _decoded(ds: Dataset, file: Path) -> np.ndarray:
     syntax = ds.file_meta.get("TransferSyntaxUID")
     if syntax is not None and syntax.is_compressed:
         try:
@@ -455,7 +583,9 @@ def _pixels(ds: Dataset, file: Path) -> np.ndarray:
     return pixels.astype(np.float64) * slope + intercept
 
 
-def write_series(volume: Volume, folder: Path, *, description: str, anonymize: bool = False) -> list[Path]:
+def write_series(
+    volume: Volume, folder: Path, *, description: str, anonymize: bool | Deidentifier = False
+) -> list[Path]:
     """Write ``volume`` as a new derived DICOM series, one file per slice k, into the folder ``folder``.
 
     The inverse of :func:`read_dicom`: reading ``folder`` back gives the same affine (to DS precision, about 1e-10
@@ -478,13 +608,12 @@ def write_series(volume: Volume, folder: Path, *, description: str, anonymize: b
     Intensities: stored as 16-bit integers, uncompressed (Explicit VR Little Endian), with
     ``value = stored * RescaleSlope + RescaleIntercept``; see :func:`_rescale` for the rule.
 
-    De-identification (``anonymize=True``), after PS3.15's Basic Profile for the attributes CT/MR headers carry:
-    patient, physician, institution and request identifiers are emptied or removed (``_EMPTIED``, ``_REMOVED``),
-    so are every other person name, date and time, and private tags (always removed). Every non-standard UID
-    (Study, Frame of Reference, referenced instances) is replaced by a UID hashed from it, so series of one study
-    de-identified separately still share a study and a frame of reference, without the original UIDs.
-    PatientIdentityRemoved is YES. Text burned into the pixels is not looked for; ``description`` is written as
-    given, so it must not identify the patient.
+    De-identification (``anonymize``): the shared header goes through :func:`medsr.deidentify.deidentify`, PS3.15
+    Annex E's Basic Profile (Table E.1-1) or its pixels-only mode, before the new series' attributes above are set.
+    Study and Frame of Reference UIDs get new UIDs from the Deidentifier's secret map: series written with one
+    Deidentifier share a new study and frame of reference; ``True`` makes a new Deidentifier (basic mode) per call,
+    so nothing links two calls or the originals. Text burned into the pixels is not looked for; ``description`` is
+    written as given, so it must not identify the patient.
 
     Most callers want :func:`medsr.io.read_volume`'s counterpart ``write_volume``, which dispatches here.
 
@@ -494,7 +623,7 @@ def write_series(volume: Volume, folder: Path, *, description: str, anonymize: b
             to ``folder`` when complete. An existing ``folder`` is replaced only if it is empty or holds only files
             medsr wrote (a previous output), never the source series, nor a folder inside it or holding it.
         description: SeriesDescription, e.g. "SR x2 edsr_baseline" (at most 64 characters).
-        anonymize: De-identify the header (see above).
+        anonymize: ``True`` or a :class:`medsr.deidentify.Deidentifier` to de-identify the header (see above).
 
     Returns:
         The written files, by k.
@@ -536,7 +665,7 @@ def write_series_slices(
     modality: Modality,
     meta: Mapping[str, Any],
     description: str,
-    anonymize: bool,
+    anonymize: bool | Deidentifier,
 ) -> list[Path]:
     """:func:`write_series` for a volume given slice by slice, in memory bounded by a slice, to a target that
     :func:`check_series_target` accepted.
@@ -545,7 +674,8 @@ def write_series_slices(
     call. It is called three times: two passes for the value range and the window (exact percentiles, see
     :func:`medsr.intensity.percentiles`), then one to write the files.
     """
-    header = _series_header(modality, meta, description=description, anonymize=anonymize)
+    deidentifier = Deidentifier() if anonymize is True else anonymize or None  # one per series: one UID map
+    header = _series_header(modality, meta, description=description, deidentifier=deidentifier)
     iop, pixel_spacing, positions, normal = _slice_geometry(affine, depth, folder)
     header.ImageOrientationPatient = [DSfloat(c, auto_format=True) for c in iop]
     header.PixelSpacing = [DSfloat(s, auto_format=True) for s in pixel_spacing]
@@ -569,7 +699,7 @@ def write_series_slices(
     header.file_meta.ImplementationVersionName = f"{_MARK}_{version('medsr')}"[:16]  # SH: 16 characters
     width = max(4, len(str(depth)))
     names = [f"{k + 1:0{width}d}.dcm" for k in range(depth)]
-    with _atomic_folder(folder) as tmp:
+    with atomic_output(folder, folder=True) as tmp:  # an existing folder: checked replaceable by the caller
         for k, (name, position, values) in enumerate(zip(names, positions, slices(), strict=True)):
             header.SOPInstanceUID = header.file_meta.MediaStorageSOPInstanceUID = generate_uid()
             header.InstanceNumber = k + 1
@@ -628,7 +758,9 @@ def _written_by_medsr(folder: Path) -> bool:
     return True
 
 
-def _series_header(modality: Modality, meta: Mapping[str, Any], *, description: str, anonymize: bool) -> Dataset:
+def _series_header(
+    modality: Modality, meta: Mapping[str, Any], *, description: str, deidentifier: Deidentifier | None
+) -> Dataset:
     """The attributes all slices of the new series share (geometry, pixels and instance attributes come later)."""
     source = meta.get("dicom")
     if source is None:
@@ -651,8 +783,8 @@ def _series_header(modality: Modality, meta: Mapping[str, Any], *, description: 
         image_type = source.get("ImageType")
         extra = list(image_type)[2:] if isinstance(image_type, MultiValue) else []
         ds.ImageType = ["DERIVED", "SECONDARY", *extra]  # value 3 on, e.g. AXIAL, still describes the image
-    if anonymize:
-        _anonymize(ds)
+    if deidentifier is not None:
+        deidentify(ds, deidentifier)
     else:
         now = datetime.datetime.now()
         ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
@@ -663,28 +795,6 @@ def _series_header(modality: Modality, meta: Mapping[str, Any], *, description: 
     ds.SeriesDescription = description
     ds.DerivationDescription = f"{description} (medsr {version('medsr')})"
     return ds
-
-
-def _anonymize(ds: Dataset) -> None:
-    """De-identify ``ds`` in place (see :func:`write_series`)."""
-    for keyword in _EMPTIED:
-        if keyword in ds:
-            ds[keyword].value = ""
-    for keyword in _REMOVED:
-        ds.pop(keyword, None)
-
-    def scrub(dataset: Dataset, element: pydicom.DataElement) -> None:
-        if element.VR in ("PN", "DA", "DT", "TM") and not element.is_empty:
-            del dataset[element.tag]
-        elif element.VR == "UI" and not element.is_empty:
-            uids = [element.value] if element.VM == 1 else list(element.value)
-            # generate_uid hashes its entropy sources (SHA-512): the same UID always maps to the same new one
-            new = [generate_uid(entropy_srcs=[u]) if UID(u).is_private else u for u in uids]
-            element.value = new[0] if element.VM == 1 else new
-
-    ds.walk(scrub)
-    ds.PatientIdentityRemoved = "YES"
-    ds.DeidentificationMethod = "medsr: PS3.15 basic profile (subset)"
 
 
 def _slice_geometry(
@@ -739,29 +849,3 @@ def _stored(values: np.ndarray, slope: float, intercept: float, dtype: type) -> 
     slope and intercept (16 characters) at the ends of the range :func:`_rescale` chose."""
     info = np.iinfo(dtype)
     return np.clip(np.rint((values.astype(np.float64) - intercept) / slope), info.min, info.max).astype(dtype)
-
-
-@contextmanager
-def _atomic_folder(folder: Path) -> Iterator[Path]:
-    """Yield a new temporary folder beside ``folder``; when the block completes, it becomes ``folder``.
-
-    An existing ``folder`` (checked replaceable by the caller) is moved aside first and deleted after the rename, so
-    ``folder`` is at every moment the old series or the complete new one (or, for an instant, absent).
-    """
-    tmp = folder.with_name(f".{uuid.uuid4().hex[:8]}.tmp.{folder.name}")
-    tmp.mkdir()
-    try:
-        yield tmp
-        if not folder.exists():
-            os.replace(tmp, folder)
-            return
-        old = folder.with_name(f".{uuid.uuid4().hex[:8]}.old.{folder.name}")
-        os.replace(folder, old)
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            os.replace(old, folder)
-            raise
-        shutil.rmtree(old)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

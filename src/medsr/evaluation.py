@@ -9,7 +9,8 @@ air inflates both scores.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import NamedTuple
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -21,6 +22,9 @@ from medsr.infer import Predictor, predict_volume
 from medsr.metrics import hf_energy_ratio, hfen, psnr, ssim
 from medsr.models.blocks import interpolate
 from medsr.volume import Volume, integer_scale
+
+if TYPE_CHECKING:
+    from medsr.zoo import SRModel
 
 BASELINES = ("nearest", "linear", "cubic")
 
@@ -134,3 +138,80 @@ def compare_methods(
             first, last = where.k_index(0), where.k_index(slab.spatial_shape[2] - 1)
             per_slice.append({"method": name, "slice": f"{first}..{last}", "ssim3d": float(scores["ssim3d"])})
     return Comparison(rows, per_slice, images)
+
+
+class Evaluation(NamedTuple):
+    """What :func:`evaluate` measured: the model's name, the scan (sample name or path), the degradation that made
+    the LR slab, the slab, and the :class:`Comparison` (baselines and model)."""
+
+    model: str
+    scan: str
+    degradation: Degradation
+    slab: Slab
+    comparison: Comparison
+
+
+def evaluate(
+    model: SRModel | str | Path,
+    scan: str | Path = "colin27",
+    slices: tuple[int, int] | None = None,
+    *,
+    precision: str = "auto",
+) -> Evaluation:
+    """Score a trained model next to the interpolation baselines on held-out data of an HR scan: the scan is
+    degraded as the model was trained (its ``degradation``), every method upsamples the same LR slab, and each is
+    scored against HR (HFEN, 3D SSIM, ``hf_ratio`` and ``lr_rmse`` included).
+
+    Args:
+        model: A loaded model, a shipped name or a checkpoint folder.
+        scan: A sample name (``medsr samples``) or the path of an HR scan.
+        slices: ``[start, stop)`` along the model's split axis; default: its test slab on a training scan, all of a
+            scan it never saw. Slabs overlapping its training or validation region, and scans it trained or was
+            validated on whole, are refused.
+        precision: Inference precision (``infer.model_predictor``).
+
+    >>> result = evaluate("edsr_mr_x2", "colin27", (120, 124), precision="fp32")
+    >>> [row["method"] for row in result.comparison.rows], str(result.slab)
+    (['nearest', 'linear', 'cubic', 'edsr_mr_x2'], 'k 120..123')
+    """
+    from medsr.data import prepare_scan
+    from medsr.infer import model_predictor
+    from medsr.io import read_volume
+    from medsr.samples import resolve_scan
+    from medsr.train import training_scans
+    from medsr.zoo import SRModel, load_model
+
+    model = model if isinstance(model, SRModel) else load_model(model)
+    config = model.config
+    path = resolve_scan(str(scan))
+    # The split fit() saved holds the training machine's paths; the config's split, rebuilt, this machine's.
+    saved = model.description.get("scans", {})
+    here = training_scans(config)
+    train, val = ([Path(p) for p in saved.get(k, [])] + paths for k, paths in (("train", here[0]), ("val", here[1])))
+    if config.data.split == "scan" and path in train + val:  # validation picked the checkpoint: not held out
+        raise ValueError(f"{path} is a scan {model.name} trained or was validated on; evaluate on a test scan")
+    if config.data.split == "region" and path in train:
+        slices = slices or config.data.test_slices
+        for region, (start, stop) in (("train", config.data.train_slices), ("val", config.data.val_slices)):
+            if slices[0] < stop and start < slices[1]:
+                raise ValueError(
+                    f"slices {slices} overlap the {region} slices ({start}, {stop}) of {model.name} "
+                    f"on {path}; choose a held-out slab with --slices"
+                )
+    hr = prepare_scan(read_volume(path, modality=model.modality), config.degradation)
+    axis = config.data.split_axis
+    slices = slices or (0, hr.spatial_shape[axis])  # a scan the model never saw: all of it
+    if not 0 <= slices[0] < slices[1] <= hr.spatial_shape[axis]:
+        raise ValueError(
+            f"{path}: has {hr.spatial_shape[axis]} voxels along {'ijk'[axis]}; choose a slab inside it with --slices"
+        )
+    comparison = compare_methods(
+        hr,
+        config.degradation,
+        {model.name: model_predictor(model.network, precision=precision)},
+        slices=slices,
+        spatial_dims=config.model.spatial_dims,
+        extras=True,
+        axis=axis,
+    )
+    return Evaluation(model.name, str(scan), config.degradation, Slab(*slices, axis), comparison)

@@ -14,7 +14,6 @@ version conversion runs; onnxruntime runs it since 1.14.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import torch
 
 from medsr.checkpoint import load_checkpoint
 from medsr.infer import Predictor
+from medsr.io import atomic_output, check_output
 
 try:
     import onnx
@@ -49,8 +49,7 @@ def export_onnx(checkpoint: Path | str, path: Path, *, force: bool = False) -> N
         force: Replace ``path`` if it exists.
     """
     path = Path(path)
-    if path.exists() and not force:
-        raise FileExistsError(f"{path}: exists; pass force=True to replace it")
+    check_output(path, force=force)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"{path}: folder {path.parent} does not exist")
     model, description = load_checkpoint(checkpoint)
@@ -80,12 +79,8 @@ def export_onnx(checkpoint: Path | str, path: Path, *, force: bool = False) -> N
     if not error <= TOLERANCE:  # NaN fails too
         raise RuntimeError(f"{checkpoint}: the ONNX export differs from torch by {error:.2e} > {TOLERANCE:g}")
 
-    tmp = path.with_name(f".tmp.{path.name}")
-    try:
+    with atomic_output(path) as tmp:
         onnx.save_model(proto, tmp)  # weights inside the file: well under protobuf's 2 GB limit
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def onnx_description(path: Path) -> dict[str, Any]:

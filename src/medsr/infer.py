@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from medsr.intensity import default_window, denormalize, normalize
+from medsr.intensity import Window, default_window, denormalize, normalize
 from medsr.progress import progress_bar
 from medsr.volume import Volume, integer_scale, scale_affine
 
@@ -25,6 +25,7 @@ DEFAULT_TILE = {2: 128, 3: 48}  # tile edge in input voxels per spatial_dims; a 
 
 # oneDNN ISA names (ONEDNN_MAX_CPU_ISA) that include bf16 arithmetic: AVX512_CORE_BF16, AVX512_CORE_FP16,
 # AVX512_CORE_AMX(_FP16), AVX10_1_512(_AMX(_FP16)), AVX10_2_512(_AMX_2).
+PRECISIONS = ("auto", "fp32", "bf16")  # inference precision: see resolve_precision
 BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX10")
 
 
@@ -136,7 +137,7 @@ def native_bf16() -> bool:
 
 def resolve_precision(precision: str, device: str | torch.device = "cpu") -> str:
     """'fp32' or 'bf16' for a requested 'auto', 'fp32' or 'bf16': 'auto' is bf16 where ``device`` runs it natively."""
-    if precision not in ("auto", "fp32", "bf16"):
+    if precision not in PRECISIONS:
         raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
     if precision != "auto":
         return precision
@@ -312,6 +313,7 @@ def super_resolve(
     overlap: int = 8,
     precision: str = "auto",
     progress: bool = True,
+    window: Window | None = None,
 ) -> Volume:
     """Super-resolve a volume in physical units: normalise with its default window, predict, resample to the
     requested factors, map back.
@@ -323,10 +325,11 @@ def super_resolve(
         factors: Output voxels per input voxel along (i, j, k), possibly non-integer (e.g. from a target spacing);
             default: the model's own scale (see :func:`model_plan`). The output has round(n * factor) voxels.
         precision: See :func:`model_predictor`.
+        window: The volume's ``intensity.default_window`` when the caller has it already; computed otherwise.
     """
     scale = model_plan(factors or (1, 1, 1), model_scale)
     factors = factors or scale
-    window = default_window(volume)
+    window = window or default_window(volume)
     sr = predict_volume(
         model_predictor(model, precision=precision),
         normalize(volume, window),

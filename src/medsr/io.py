@@ -11,13 +11,20 @@ Scans too large for memory are read and written slab by slab along k: :func:`ope
 from __future__ import annotations
 
 import dataclasses
+import glob
+import gzip
+import logging
+import math
 import os
-import uuid
+import shutil
+import signal
+import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
@@ -25,8 +32,12 @@ import torch
 from nibabel.affines import voxel_sizes
 from nibabel.arrayproxy import ArrayProxy
 from nibabel.openers import Opener
+from nibabel.volumeutils import apply_read_scaling
 
-from medsr.volume import Modality, Volume
+from medsr.volume import MAX_VOLUME_BYTES, Modality, Volume
+
+if TYPE_CHECKING:
+    from medsr.deidentify import Deidentifier
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff")
@@ -58,8 +69,13 @@ def is_dicom_file(path: Path) -> bool:
     name = path.name.lower()
     if name.endswith(NIFTI_SUFFIXES + IMAGE_SUFFIXES + DICOM_SUFFIXES):
         return name.endswith(DICOM_SUFFIXES)
-    with path.open("rb") as stream:
-        return stream.read(132)[128:] == b"DICM"
+    if not path.is_file():  # a FIFO would block the read; a broken symlink or a folder is no DICOM file
+        return False
+    try:
+        with path.open("rb") as stream:
+            return stream.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
 
 
 def read_volume(path: Path | str, *, modality: Modality | str | None = None) -> Volume:
@@ -71,7 +87,11 @@ def read_volume(path: Path | str, *, modality: Modality | str | None = None) -> 
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: the file is corrupt or truncated, is not 2D/3D, or holds NaN/inf voxels.
+        ValueError: the file is corrupt or truncated (a .nii.gz: its gzip CRC and length are checked), empty, not a
+            regular file, not 2D/3D, holds complex or colour NIfTI voxels or NaN/inf voxels, has a geometry that
+            cannot place the voxels (NaN, infinite or zero voxel sizes, a singular affine), or declares more than
+            ``MAX_VOLUME_BYTES`` of float32 (``MAX_IMAGE_PIXELS`` for PNG/TIFF, ``dicom.MAX_SLICE_BYTES`` per DICOM
+            file). Checked on the headers before any voxel is read; the message names the file and the problem.
     """
     path = Path(path)
     kind = _existing_format(path)
@@ -88,9 +108,19 @@ def read_volume(path: Path | str, *, modality: Modality | str | None = None) -> 
 
 
 def _existing_format(path: Path) -> str:
+    """The format of an existing ``path``; a NIfTI or PNG/TIFF path must be a non-empty regular file."""
     if not path.exists():
+        if path.is_symlink():
+            raise ValueError(f"{path}: a symbolic link that leads nowhere (a missing target, or a loop of links)")
         raise FileNotFoundError(f"{path}: no such file or folder")
-    return file_format(path)
+    kind = file_format(path)
+    if kind != "dicom":
+        if not path.is_file():  # a folder; a FIFO or device would hang or never end
+            what = "a folder" if path.is_dir() else "not a regular file"
+            raise ValueError(f"{path}: is {what}; expected a {'NIfTI' if kind == 'nifti' else 'PNG/TIFF'} file")
+        if path.stat().st_size == 0:
+            raise ValueError(f"{path}: empty file (0 bytes)")
+    return kind
 
 
 def _check_finite(values: np.ndarray, where: str) -> None:
@@ -132,6 +162,13 @@ class VolumeFile:
         for k in range(self.spatial_shape[2]):
             yield self.read_slab(k, k + 1)[:, :, 0]
 
+    def read(self) -> Volume:
+        """The whole scan in memory: what :func:`read_volume` gives, without reading the headers again."""
+        if 4 * math.prod(self.spatial_shape) > MAX_VOLUME_BYTES:
+            raise ValueError(f"{self.path}: {self.spatial_shape} voxels do not fit in memory; stream it instead")
+        array = torch.from_numpy(self.read_slab(0, self.spatial_shape[2]))[None]
+        return Volume(array, self.affine, self.modality, dict(self.meta))
+
 
 def open_volume(path: Path | str, *, modality: Modality | str | None = None) -> VolumeFile:
     """Open a NIfTI file or a DICOM series for reading slab by slab; only headers are read now.
@@ -145,9 +182,10 @@ def open_volume(path: Path | str, *, modality: Modality | str | None = None) -> 
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: As :func:`read_volume`, for what the headers show (a truncated .nii is caught here, a
-            truncated .nii.gz only when its slices are read); PNG/TIFF and ultrasound DICOM, 2D frames that
-            :func:`read_volume` reads whole.
+        ValueError: As :func:`read_volume` (there is no whole-scan limit), for what the headers show and, for a
+            .nii.gz, for its whole gzip stream, decompressed once now without keeping it (a corrupt or truncated
+            file fails before any slab is used); NaN/inf voxels when their slab is read. PNG/TIFF and ultrasound
+            DICOM, 2D frames that :func:`read_volume` reads whole.
     """
     path = Path(path)
     kind = _existing_format(path)
@@ -157,8 +195,32 @@ def open_volume(path: Path | str, *, modality: Modality | str | None = None) -> 
     return source if modality is None else dataclasses.replace(source, modality=Modality(modality))
 
 
+def open_scan(path: Path | str, *, modality: Modality | str | None = None) -> Volume | VolumeFile:
+    """A scan opened lazily where its format can be read slab by slab (NIfTI, DICOM series), else read whole
+    (PNG/TIFF; ultrasound DICOM, a 2D frame :func:`read_volume` crops to its image region). Headers are read once.
+    """
+    path = Path(path)
+    kind = _existing_format(path)
+    if kind == "image":
+        return read_volume(path, modality=modality)
+    if kind == "nifti":
+        source = _open_nifti(path)
+    else:
+        from medsr.dicom import open_series
+
+        series = open_series(path)
+        if series.modality is Modality.US:
+            return read_volume(path, modality=modality)
+        source = _series_file(series)
+    return source if modality is None else dataclasses.replace(source, modality=Modality(modality))
+
+
 def write_volume(
-    volume: Volume, path: Path | str, *, description: str = "derived by medsr", anonymize: bool = False
+    volume: Volume,
+    path: Path | str,
+    *,
+    description: str = "derived by medsr",
+    anonymize: bool | Deidentifier = False,
 ) -> None:
     """Write ``volume`` to ``path`` atomically, in the format its suffix names; an existing file is replaced.
 
@@ -172,7 +234,9 @@ def write_volume(
 
     Args:
         description: DICOM only: the SeriesDescription, saying what made the series (e.g. "SR x2 edsr_baseline").
-        anonymize: DICOM only: de-identify the header. NIfTI and PNG/TIFF carry no patient identifiers.
+        anonymize: DICOM only: de-identify the header, ``True`` (PS3.15 Basic Profile) or with a
+            :class:`medsr.deidentify.Deidentifier` (see :func:`medsr.dicom.write_series`). NIfTI and PNG/TIFF carry
+            no patient identifiers.
     """
     path = Path(path)
     if volume.array.shape[0] != 1:
@@ -186,7 +250,7 @@ def write_volume(
         return
     if kind == "image":
         _check_image(volume, path)
-    with _atomic_target(path) as tmp:
+    with atomic_output(path) as tmp:
         if kind == "nifti":
             _write_nifti(volume, tmp)
         else:
@@ -202,7 +266,7 @@ def volume_writer(
     modality: Modality | str = Modality.OT,
     meta: Mapping[str, Any] | None = None,
     description: str = "derived by medsr",
-    anonymize: bool = False,
+    anonymize: bool | Deidentifier = False,
 ) -> Iterator[Callable[[np.ndarray], None]]:
     """:func:`write_volume` for a single-channel volume that arrives slab by slab along k, in bounded memory.
 
@@ -226,14 +290,14 @@ def volume_writer(
     if kind == "image":
         raise ValueError(f"{path}: PNG/TIFF hold one 2D frame; write it whole with write_volume")
     if kind == "nifti":
-        with _atomic_target(path) as tmp, _nifti_writer(tmp, affine, spatial_shape) as write:
+        with atomic_output(path) as tmp, _nifti_writer(tmp, affine, spatial_shape) as write:
             yield write
         return
     _check_series_name(path)
     from medsr.dicom import check_series_target, write_series_slices
 
     check_series_target(path, modality, meta, description)
-    with _temporary(path.with_name(f"{path.name}.nii")) as staged:
+    with temporary_path(path.with_name(f"{path.name}.nii")) as staged:
         # Plain reads and writes, not a memory map: mapped pages would count as the process's memory.
         with _nifti_writer(staged, affine, spatial_shape) as write:
 
@@ -259,34 +323,245 @@ def _check_series_name(path: Path) -> None:
         raise ValueError(f"{path}: a DICOM series is written as a folder; name one without a suffix")
 
 
+TEMP_MARK = ".medsr-tmp."  # in every temporary name: ".<pid>.<random>.medsr-tmp.<target name>"
+
+
 @contextmanager
-def _temporary(path: Path) -> Iterator[Path]:
-    """Yield a new temporary path beside ``path`` (ending as it does, so writers pick the format); delete it after."""
+def temporary_path(path: Path | str, *, folder: bool = False) -> Iterator[Path]:
+    """Yield a new temporary file (or folder) beside ``path``, ending as ``path`` does (so writers pick the format);
+    it is removed when the block ends, however it ends (an exception, KeyboardInterrupt, or SIGTERM once
+    :func:`exit_on_sigterm` is installed).
+
+    The name is unpredictable and the file is created exclusively (``tempfile.mkstemp``: ``O_CREAT | O_EXCL``), so
+    a file or symlink planted beside the target is never written through. Temporaries that a killed process
+    (``kill -9``) left beside the same target are removed first: their names carry the dead process's id.
+    """
+    path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"{path}: folder {path.parent} does not exist")
-    tmp = path.with_name(f".{uuid.uuid4().hex[:8]}.tmp.{path.name}")
+    _remove_stale_temporaries(path)
+    make = tempfile.mkdtemp if folder else tempfile.mkstemp
+    made = make(prefix=f".{os.getpid()}.", suffix=f"{TEMP_MARK}{path.name}", dir=path.parent)
+    if not folder:
+        os.close(made[0])
+    tmp = Path(made if folder else made[1])
     try:
         yield tmp
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
 
 
 @contextmanager
-def _atomic_target(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; it replaces ``path`` when the block completes."""
-    with _temporary(path) as tmp:
+def atomic_output(path: Path | str, *, folder: bool = False) -> Iterator[Path]:
+    """The one atomic writer: yield a temporary path (see :func:`temporary_path`) that replaces ``path`` when the
+    block completes, so ``path`` is at every moment the old content or the complete new one.
+
+    An existing folder is moved aside first and deleted after the rename (callers check that it may be replaced).
+    ``os.replace`` renames the temporary onto ``path`` itself: a symlink at ``path`` is replaced, not followed.
+
+    >>> import tempfile; target = Path(tempfile.mkdtemp()) / "scores.txt"
+    >>> with atomic_output(target) as tmp:
+    ...     _ = tmp.write_text("done")
+    >>> target.read_text(), sorted(p.name for p in target.parent.iterdir())
+    ('done', ['scores.txt'])
+    """
+    path = Path(path)
+    with temporary_path(path, folder=folder) as tmp:
         yield tmp
-        os.replace(tmp, path)
+        if not (folder and path.is_dir() and not path.is_symlink()):
+            os.replace(tmp, path)
+            return
+        with temporary_path(path, folder=True) as old:
+            os.replace(path, old)  # onto the empty folder just made
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                os.replace(old, path)
+                raise
+
+
+def write_bytes(path: Path | str, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_output`)."""
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def check_output(output: Path | str, inputs: Sequence[Path | str] = (), *, force: bool = False) -> None:
+    """The one guard before a write: never an input (nor inside an input folder, nor a folder holding an input),
+    never an existing path without ``force``, and only a parent folder that exists.
+
+    >>> check_output("scan.nii.gz", ["scan.nii.gz"])
+    Traceback (most recent call last):
+    ValueError: scan.nii.gz: is an input; medsr never overwrites its input
+    """
+    output = Path(output)
+    target = output.resolve()
+    for source in map(Path, inputs):
+        source = source.resolve()
+        if target == source or source in target.parents or target in source.parents:
+            raise ValueError(f"{output}: is an input; medsr never overwrites its input")
+    if (output.exists() or output.is_symlink()) and not force:
+        raise ValueError(f"{output}: exists; pass --force to replace it")
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM raise ``SystemExit(143)`` in the main thread, so that ``finally`` blocks (the temporary files of
+    :func:`atomic_output`) run when a process is terminated, as they do on Ctrl-C. For command-line programs."""
+    signal.signal(signal.SIGTERM, _terminate)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove temporaries beside ``path`` left by processes that no longer run (``kill -9``, power loss)."""
+    for stale in path.parent.glob(f".*{TEMP_MARK}{glob.escape(path.name)}"):
+        pid = stale.name[1:].split(".", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+_GZIP_CHUNK = 2**20  # bytes decompressed at a time when a .nii.gz is checked or read
+_DEFLATE_MAX_RATIO = 1032  # the most bytes one compressed byte can give (zlib's limit): a bound free to check
+# PNG/TIFF: 67 M pixels (an 8,192^2 frame), checked on the header before decoding; below Pillow's own warning (89 M)
+MAX_IMAGE_PIXELS = 2**26
 
 
 def _read_nifti(path: Path) -> Volume:
+    image, shape, end = _load_nifti(path)
+    size = math.prod(shape) * 4
+    if size > MAX_VOLUME_BYTES:
+        raise ValueError(
+            f"{path}: {shape[0]} x {shape[1]} x {shape[2]} voxels need {size / 2**30:.3g} GiB as float32, over the "
+            f"{MAX_VOLUME_BYTES / 2**30:g} GiB limit of a whole-scan read; read it slab by slab (open_volume)"
+        )
+    proxy = image.dataobj
+    if _gzipped(path):  # decompressed whole, once, so gzip checks the CRC and length at the end
+        data = _gunzip(path, end, keep=True)
+        raw = np.frombuffer(data, proxy.dtype, math.prod(shape), proxy.offset).reshape(shape, order="F")
+        return Volume(torch.from_numpy(_scaled(raw, proxy.slope, proxy.inter))[np.newaxis], image.affine, Modality.OT)
     try:
-        image = nib.load(path)
-        array = np.asarray(image.dataobj, dtype=np.float32)  # applies scl_slope/scl_inter
-    except Exception as error:  # nibabel raises many types for corrupt/truncated files
+        raw = np.asarray(proxy.get_unscaled()).reshape(shape, order="F")
+    except Exception as error:  # nibabel raises many types for corrupt files
         raise ValueError(f"{path}: cannot read as NIfTI ({type(error).__name__}: {error})") from error
-    array = array.reshape(_nifti_spatial_shape(path, array.shape))
-    return Volume(torch.from_numpy(array)[np.newaxis], image.affine, Modality.OT)
+    return Volume(torch.from_numpy(_scaled(raw, proxy.slope, proxy.inter))[np.newaxis], image.affine, Modality.OT)
+
+
+def _load_nifti(path: Path) -> tuple[Any, tuple[int, int, int], int]:
+    """The nibabel image of a NIfTI file (header only), its (I, J, K), and the byte where its voxels end.
+
+    Refuses, before any voxel is read: a voxel type that is not real numbers (complex, RGB), a shape that is not
+    2D/3D or has no voxels, a geometry that does not place the voxels (:func:`_check_nifti_affine`), and a file
+    shorter than its header says (a .nii.gz: as far as its size shows; :func:`_gunzip` checks the rest).
+    """
+    logger = logging.getLogger("nibabel.global")  # where nibabel logs the header problems it fixes
+    quiet, logger.disabled = logger.disabled, True  # a zero pixdim becomes 1 mm: refused below instead
+    try:
+        with np.errstate(all="ignore"):
+            image = nib.load(path)
+            with Opener(path) as stream:
+                stored = type(image.header).from_fileobj(stream, check=False)  # the header as the file holds it
+    except Exception as error:  # nibabel raises many types for corrupt files
+        if _gzipped(path):
+            _gunzip(path, 0, keep=False)  # a gzip error, if that is what nibabel met, in its own words
+        raise ValueError(f"{path}: cannot read as NIfTI ({type(error).__name__}: {error})") from error
+    finally:
+        logger.disabled = quiet
+    dtype = image.get_data_dtype()
+    if dtype.kind not in "biuf" or dtype.fields:
+        raise ValueError(
+            f"{path}: voxel type {image.header.get_value_label('datatype')} is not supported: medsr reads real "
+            "numbers (convert complex data to magnitude, colour to grey first)"
+        )
+    shape = _nifti_spatial_shape(path, image.shape)
+    _check_nifti_affine(path, stored, image.affine, len(image.shape))
+    end = int(image.dataobj.offset) + math.prod(shape) * dtype.itemsize
+    size = path.stat().st_size
+    if _gzipped(path) and end > size * _DEFLATE_MAX_RATIO:
+        raise ValueError(f"{path}: truncated: the header says {end:,} bytes, more than {size:,} gzip bytes can hold")
+    if not _gzipped(path) and size < end:
+        raise ValueError(f"{path}: truncated: {size} bytes, the header says {end}")
+    return image, shape, end
+
+
+def _check_nifti_affine(path: Path, stored: Any, affine: np.ndarray, ndim: int) -> None:
+    """Refuse a voxel-to-world affine that cannot place the voxels: NaN or infinite, or singular (a zero voxel size).
+
+    nibabel's affine is the sform if sform_code > 0, else the qform (a rotation and pixdim) if qform_code > 0, else
+    pixdim alone. It sets a zero pixdim to 1 mm, a made-up size, so pixdim is checked as ``stored`` in the file.
+    """
+    sform_code, qform_code = int(stored["sform_code"]), int(stored["qform_code"])
+    if sform_code:
+        source = f"sform (sform_code {sform_code})"
+    else:
+        source = f"qform (qform_code {qform_code})" if qform_code else "pixdim (qform_code and sform_code are 0)"
+        sizes = [float(v) for v in stored["pixdim"][1 : 1 + min(ndim, 3)]]
+        bad = {axis: v for axis, v in zip("ijk", sizes, strict=False) if not math.isfinite(v) or v == 0}
+        if bad:
+            problem = ", ".join(f"{'zero' if v == 0 else v} along {axis}" for axis, v in bad.items())
+            raise ValueError(
+                f"{path}: voxel size (pixdim) {sizes} mm is {problem}, in the {source}; the voxels cannot be "
+                "placed in space"
+            )
+    if not np.isfinite(affine).all():
+        raise ValueError(f"{path}: the {source} holds NaN or infinite values; the voxels cannot be placed in space")
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    if (spacing == 0).any() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:  # Volume's own rule
+        zero = [axis for axis, s in zip("ijk", spacing, strict=True) if s == 0]
+        detail = f"zero voxel size along {', '.join(zero)}" if zero else "its voxel axes do not span 3D space"
+        raise ValueError(f"{path}: the {source} is singular ({detail}); the voxels cannot be placed in space")
+
+
+def _gzipped(path: Path) -> bool:
+    return path.name.lower().endswith(".gz")
+
+
+def _gunzip(path: Path, size: int, *, keep: bool) -> bytearray | None:
+    """Decompress all of a .nii.gz in chunks, so that gzip checks its CRC and length (nibabel stops where the voxels
+    end and never sees a corrupt end); return its first ``size`` bytes (header and voxels) if ``keep``.
+
+    Memory holds at most what the file holds, so a header declaring more than that costs nothing.
+    """
+    kept = bytearray() if keep else None
+    total = 0
+    try:
+        with gzip.open(path, "rb") as stream:
+            while chunk := stream.read(_GZIP_CHUNK):
+                if kept is not None and total < size:
+                    kept += chunk[: size - total]
+                total += len(chunk)
+    except (OSError, EOFError, zlib.error) as error:  # BadGzipFile (a CRC or length mismatch) is an OSError
+        raise ValueError(f"{path}: cannot read as NIfTI: corrupt or truncated gzip data ({error})") from None
+    if total < size:
+        raise ValueError(f"{path}: truncated: {total} bytes decompressed, the header says {size}")
+    return kept
+
+
+def _scaled(raw: np.ndarray, slope: Any, inter: Any) -> np.ndarray:
+    """Stored voxels in physical units (scl_slope, scl_inter), float32, as ``np.asarray(proxy, np.float32)``."""
+    slope, inter = np.asanyarray(slope), np.asanyarray(inter)
+    slope = slope.astype(np.float32) if np.can_cast(slope, np.float32) else slope
+    inter = inter.astype(np.float32) if np.can_cast(inter, np.float32) else inter
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow gives inf, refused as such by _check_finite
+        scaled = apply_read_scaling(raw, slope, inter)
+        return np.asarray(scaled.astype(np.promote_types(scaled.dtype, np.float32), copy=False), dtype=np.float32)
 
 
 def _nifti_spatial_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -296,7 +571,11 @@ def _nifti_spatial_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, int, 
     if len(shape) == 2:
         shape = (*shape, 1)
     if len(shape) != 3:
-        raise ValueError(f"{path}: expected a 2D or 3D image, got shape {shape}; split 4D series first")
+        raise ValueError(
+            f"{path}: expected a 2D or 3D image, got {len(shape)}D shape {shape}; split it into 3D volumes first"
+        )
+    if min(shape) < 1:
+        raise ValueError(f"{path}: no voxels: shape {shape}")
     return tuple(int(n) for n in shape)
 
 
@@ -349,20 +628,15 @@ def _nifti_writer(
 
 
 def _open_nifti(path: Path) -> VolumeFile:
-    try:
-        image = nib.load(path)
-        proxy = image.dataobj
-    except Exception as error:  # nibabel raises many types for corrupt files
-        raise ValueError(f"{path}: cannot read as NIfTI ({type(error).__name__}: {error})") from error
-    shape = _nifti_spatial_shape(path, image.shape)
+    image, shape, end = _load_nifti(path)
+    if _gzipped(path):  # up front, once: a corrupt or truncated file fails before anything is computed or written
+        _gunzip(path, end, keep=False)
+    proxy = image.dataobj
     # A proxy of the (I, J, K) shape that keeps its file (for .nii.gz: its gzip stream) open between slices; read in
     # k order, a .nii.gz is then decompressed once, where a new stream per slice costs O(K^2).
     proxy = ArrayProxy(
         path, (shape, proxy.dtype, proxy.offset, proxy.slope, proxy.inter), mmap=False, keep_file_open=True
     )
-    size = proxy.offset + np.prod(shape) * proxy.dtype.itemsize
-    if not path.name.lower().endswith(".gz") and path.stat().st_size < size:
-        raise ValueError(f"{path}: truncated: {path.stat().st_size} bytes, the header says {size}")
 
     def read_slab(start: int, stop: int) -> np.ndarray:
         try:
@@ -380,11 +654,17 @@ def _open_nifti(path: Path) -> VolumeFile:
 
 
 def _open_dicom(path: Path) -> VolumeFile:
-    from medsr.dicom import open_series, read_slice
+    from medsr.dicom import open_series
 
     series = open_series(path)
     if series.modality is Modality.US:
         raise ValueError(f"{path}: ultrasound DICOM is a 2D frame cropped to its image region; use read_volume")
+    return _series_file(series)
+
+
+def _series_file(series) -> VolumeFile:
+    """The :class:`VolumeFile` of a DICOM series whose headers ``dicom.open_series`` read."""
+    from medsr.dicom import read_slice
 
     def read_slab(start: int, stop: int) -> np.ndarray:
         slices = [read_slice(file).astype(np.float32) for file in series.files[start:stop]]
@@ -392,7 +672,7 @@ def _open_dicom(path: Path) -> VolumeFile:
             _check_finite(values, f"{series.files[k]} (slice {k})")
         return np.stack(slices, axis=-1)
 
-    return VolumeFile(path, series.spatial_shape, series.affine, series.modality, series.meta, read_slab)
+    return VolumeFile(series.path, series.spatial_shape, series.affine, series.modality, series.meta, read_slab)
 
 
 def _read_image(path: Path) -> Volume:
@@ -400,19 +680,25 @@ def _read_image(path: Path) -> Volume:
 
     These formats carry no patient geometry: 1 mm pixels, placed like an unrotated DICOM image (LPS identity).
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    try:
-        with Image.open(path) as image:
+    with _pillow_errors(path):
+        image = Image.open(path)  # reads the header only
+    with image:
+        if image.width * image.height > MAX_IMAGE_PIXELS:
+            raise ValueError(
+                f"{path}: {image.width} x {image.height} = {image.width * image.height:,} pixels, over the limit of "
+                f"{MAX_IMAGE_PIXELS:,} (a decompression bomb?)"
+            )
+        with _pillow_errors(path):
+            frames = getattr(image, "n_frames", 1)
+        if frames > 1:
+            raise ValueError(f"{path}: holds {frames} frames; medsr reads single-frame images only")
+        if image.mode not in ("L", "I;16", "I;16B", "I", "F"):
+            warnings.warn(f"{path}: {image.mode} image converted to grey (luminance)", stacklevel=3)
+        with _pillow_errors(path):
             image.load()
-            if getattr(image, "n_frames", 1) > 1:
-                raise ValueError(f"{path}: holds {image.n_frames} frames; medsr reads single-frame images only")
-            if image.mode not in ("L", "I;16", "I;16B", "I", "F"):
-                warnings.warn(f"{path}: {image.mode} image converted to grey (luminance)", stacklevel=3)
-                image = image.convert("L")
-            pixels = np.asarray(image)
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ValueError(f"{path}: cannot read as an image ({error})") from error
+            pixels = np.asarray(image if image.mode in ("L", "I;16", "I;16B", "I", "F") else image.convert("L"))
     if pixels.ndim != 2:
         raise ValueError(f"{path}: expected a 2D grey image, got shape {pixels.shape}")
     array = torch.from_numpy(pixels.T.astype(np.float32).copy())[None, :, :, None]
@@ -420,6 +706,21 @@ def _read_image(path: Path) -> Volume:
 
     # No patient frame: placed like an unrotated DICOM image (i towards L, j towards P; row 0 shows on top).
     return Volume(array, lps_to_ras(np.eye(4)), Modality.OT, meta={"pixel_dtype": str(pixels.dtype)})
+
+
+@contextmanager
+def _pillow_errors(path: Path) -> Iterator[None]:
+    """Pillow's errors for a corrupt, truncated or too large file (many types) as one ValueError naming ``path``."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ValueError(f"{path}: too many pixels to read safely ({error})") from None
+    except Exception as error:
+        raise ValueError(f"{path}: cannot read as an image ({type(error).__name__}: {error})") from error
 
 
 def _check_image(volume: Volume, path: Path) -> None:

@@ -11,10 +11,11 @@
 from __future__ import annotations
 
 import base64
+import csv
 import datetime
 import importlib.metadata
 import io
-import os
+import json
 from collections.abc import Mapping, Sequence
 from html import escape
 from pathlib import Path
@@ -23,9 +24,10 @@ import numpy as np
 import torch
 
 from medsr.config import config_from_dict
-from medsr.degrade import explain
-from medsr.evaluation import Slab
+from medsr.degrade import explain, summary
+from medsr.evaluation import BASELINES, Evaluation, Slab, body_mask
 from medsr.inputs import PROJECTION
+from medsr.io import write_bytes
 from medsr.metrics import paired_difference
 from medsr.zoo import is_through_plane, upscaled_axes
 
@@ -160,13 +162,6 @@ def _upright(affine: np.ndarray, vertical_axis: int) -> bool:
     return bool(direction[np.argmax(np.abs(direction))] > 0)
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write a file through a temporary file beside it and a rename, so a reader never sees half of it."""
-    tmp = path.with_name(f".tmp.{path.name}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _save(figure, path: Path, title: str) -> None:
     """Title, lay out and write a matplotlib figure as PNG atomically; close it."""
     plt = _pyplot()
@@ -177,7 +172,7 @@ def _save(figure, path: Path, title: str) -> None:
     buffer = io.BytesIO()
     figure.savefig(buffer, dpi=115, format="png")
     plt.close(figure)
-    write_atomically(path, buffer.getvalue())
+    write_bytes(path, buffer.getvalue())
 
 
 def _pyplot():
@@ -648,4 +643,67 @@ def write_html_report(
         f"<footer>Written by medsr {escape(version)} on {written}.</footer>",
         "</body>\n</html>\n",
     ]
-    write_atomically(Path(path), "\n".join(parts).encode("utf-8"))
+    write_bytes(Path(path), "\n".join(parts).encode("utf-8"))
+
+
+SCORE_COLUMNS = ("method", "psnr", "ssim", "psnr_body", "ssim_body", "ssim3d", "hfen", "hf_ratio", "lr_rmse")
+
+
+def scores_text(evaluation: Evaluation) -> str:
+    """The printed table of an :func:`~medsr.evaluation.evaluate` result, under a caption naming the scan, slab,
+    degradation, data range and mask."""
+    caption = (
+        f"{evaluation.scan}, held-out slab {evaluation.slab}, {summary(evaluation.degradation)}; PSNR/SSIM/HFEN "
+        "per 2D slice, SSIM 3D over the slab, data_range 1 on intensities normalised by the LR scan's 0.5..99.9th "
+        "percentiles; *_body: within the dilated foreground mask"
+    )
+    return f"\n{caption}\n\n{format_table(evaluation.comparison.rows, SCORE_COLUMNS)}"
+
+
+def write_evaluation(evaluation: Evaluation, directory: Path) -> None:
+    """scores.csv/json (means per method), per_slice.csv/json, three figures and report.html into ``directory``
+    (created if needed), each file atomically."""
+    model, scan, degradation, slab, comparison = evaluation
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, rows, columns in (
+        ("scores", comparison.rows, SCORE_COLUMNS),
+        ("per_slice", comparison.slices, ("method", "slice", *SCORE_COLUMNS[1:-2])),  # hf_ratio, lr_rmse: slab-wide
+    ):
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_bytes(directory / f"{name}.csv", text.getvalue().encode())
+        write_bytes(directory / f"{name}.json", (json.dumps(rows, indent=2) + "\n").encode())
+    images = comparison.images
+    middle = images["hr"].shape[0] // 2
+    hr = images["hr"][middle, 0]
+    methods = {name: images[name][middle, 0] for name in ("cubic", model)}
+    title = f"slice {slab.k_index(middle)}, {summary(degradation)}"
+    figures = {
+        "Side by side, with a zoomed detail": directory / "comparison.png",
+        "Absolute error against HR": directory / "error_map.png",
+        "Intensity profile across the strongest edge": directory / "profile.png",
+    }
+    lr_middle = middle * images["lr"].shape[0] // images["hr"].shape[0]  # the thick slice holding it
+    panels = {"LR": images["lr"][lr_middle, 0]} | {
+        name: images[key][middle, 0] for name, key in (("bicubic", "cubic"), (model, model), ("HR", "hr"))
+    }
+    comparison_figure(figures["Side by side, with a zoomed detail"], panels, title=title)
+    error_map_figure(figures["Absolute error against HR"], hr, methods, title=title)
+    mask = body_mask(images["hr"][middle : middle + 1])[0, 0]
+    profile_figure(figures["Intensity profile across the strongest edge"], hr, methods, mask=mask, title=title)
+    write_html_report(
+        directory / "report.html",
+        comparison.slices,
+        model=model,
+        baselines=BASELINES,
+        unit="slice",
+        degradation=summary(degradation),
+        data_range=1.0,
+        intensities="normalised by the LR scan's 0.5..99.9th percentiles (CT: -1024..3071 HU) to [0, 1]",
+        mask="foreground (> 5 % of the window), dilated by 2 voxels in-plane",
+        split=f"{scan}, {slab}, held out from training and validation",
+        figures=figures,
+        title=f"medsr evaluation: {model} on {scan}",
+    )

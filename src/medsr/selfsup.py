@@ -15,10 +15,13 @@ Spacings are in mm; arrays are (C, I, J, K) with intensities normalised to [0, 1
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
+import warnings
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -35,9 +38,15 @@ from medsr.progress import progress_bar
 from medsr.train import train_step
 from medsr.volume import Volume, permute_axes, scale_affine
 
+if TYPE_CHECKING:
+    from medsr.deidentify import Deidentifier
+
 MIN_ANISOTROPY = 1.2  # slice spacing / finest in-plane spacing below which there is nothing to learn
 MIN_SLICES = 4  # a cubic B-spline needs a few samples to interpolate between
 PHASES = 8  # sampling offsets of the simulated slices per in-plane axis (for non-integer factors and variety)
+
+
+LOG = logging.getLogger("medsr")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,8 +218,9 @@ class SelfSRSettings:
             raise ValueError(
                 f"steps, batch_size and tile must be >= 1, patch >= 8 voxels and time_budget > 0 s; got {self}"
             )
-        if not self.lr > 0 or self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"lr must be > 0 and precision auto, fp32 or bf16; got {self.lr}, {self.precision!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0; got {self.lr}")
+        resolve_precision(self.precision)  # raises on an unknown precision
 
 
 def train_model(
@@ -297,3 +307,72 @@ def fit_and_apply(
         sr = resample(sr, (*sr.spatial_shape[:2], max(1, round(slices * moved.spacing[2] / target_spacing))))
     log |= {"window": dataclasses.asdict(window)}
     return permute_axes(denormalize(sr, window), np.argsort(order).tolist()), model, log
+
+
+def selfsr_file(
+    source: Path | str,
+    target: Path | str,
+    *,
+    slice_thickness: float | None = None,
+    slice_profile: str = "gaussian",
+    target_spacing: float | None = None,
+    settings: SelfSRSettings = SelfSRSettings(),
+    modality: str | None = None,
+    model: Path | str | None = None,
+    save_model: Path | str | None = None,
+    anonymize: bool | Deidentifier = False,
+    force: bool = False,
+    progress: bool = True,
+) -> tuple[Volume, SliceAcquisition, dict[str, Any]]:
+    """``medsr selfsr``: read a thick-slice scan, super-resolve its slice axis (:func:`fit_and_apply`), write it
+    in the source's format (DICOM: a new derived series), and optionally save the trained network.
+
+    Args:
+        slice_thickness: Slice profile FWHM in mm; default: DICOM SliceThickness along k, else the slice spacing.
+        model: A folder saved before with ``save_model``: applied without training (a warning when it learnt
+            another slice acquisition: quality drops).
+        save_model: A new folder for the trained network (safetensors + JSON).
+        target_spacing, settings, modality, anonymize, force, progress: See :func:`fit_and_apply` and
+            :func:`medsr.upscale_file`.
+
+    Returns the SR volume, the slice acquisition and the training log.
+    """
+    from medsr.checkpoint import load_checkpoint, save_checkpoint
+    from medsr.io import check_output, read_volume, write_volume
+
+    source, target = Path(source), Path(target)
+    check_output(target, [source], force=force)
+    if save_model and model:
+        raise ValueError("model applies a saved network; save_model saves a newly trained one: pass one")
+    if save_model:
+        check_output(save_model, [source, target], force=force)
+    volume = read_volume(source, modality=modality)
+    try:
+        acquisition = slice_acquisition(volume, thickness=slice_thickness, profile=slice_profile)
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}") from error
+    LOG.info(
+        "%s: %r\nslice axis %s: %.3g mm apart, %.3g mm thick (%s profile)",
+        *(source, volume, "ijk"[acquisition.axis], acquisition.spacing, acquisition.thickness, acquisition.profile),
+    )
+    network = None
+    if model:
+        network, description = load_checkpoint(model)
+        if "selfsr" not in description:
+            raise ValueError(f"{model}: not a network saved by medsr selfsr --save-model")
+        if description["selfsr"]["acquisition"] != dataclasses.asdict(acquisition):
+            warnings.warn(
+                f"{model} learnt slices {description['selfsr']['acquisition']}, this scan has "
+                f"{dataclasses.asdict(acquisition)}; expect poorer results",
+                stacklevel=2,
+            )
+    sr, network, log = fit_and_apply(
+        volume, acquisition, target_spacing=target_spacing, settings=settings, model=network, progress=progress
+    )
+    text = f"medsr selfsr {acquisition.spacing:.3g}mm to {sr.spacing[acquisition.axis]:.3g}mm"
+    write_volume(sr, target, description=text, anonymize=anonymize)
+    if save_model:
+        selfsr = {"source": str(source), "acquisition": dataclasses.asdict(acquisition)}
+        selfsr |= {key: log[key] for key in ("steps", "seconds", "l1")}
+        save_checkpoint(Path(save_model), network, {**log, "selfsr": selfsr})
+    return sr, acquisition, log

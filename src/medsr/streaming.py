@@ -14,20 +14,25 @@ with the k-weights ``predict_tiled`` gives those tile rows, divided by their sum
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from medsr.infer import DEFAULT_TILE, Predictor, blend_weights, predict_volume, tile_starts
 from medsr.intensity import Window, window_from_slices
-from medsr.io import VolumeFile, open_volume, volume_writer
+from medsr.io import VolumeFile, check_output, open_volume, volume_writer
 from medsr.progress import progress_bar
 from medsr.volume import Modality, Volume, integer_scale, scale_affine
 
+if TYPE_CHECKING:
+    from medsr.deidentify import Deidentifier
 
-def upscale_file(
-    source: Path | str,
+
+def stream_upscale(
+    source: Path | str | VolumeFile,
     target: Path | str,
     predictor: Predictor,
     *,
@@ -38,7 +43,7 @@ def upscale_file(
     overlap: int = 8,
     batch_size: int = 4,
     description: str = "super-resolved by medsr",
-    anonymize: bool = False,
+    anonymize: bool | Deidentifier = False,
     progress: bool = True,
     window: Window | None = None,
 ) -> None:
@@ -51,8 +56,8 @@ def upscale_file(
     :func:`medsr.io.volume_writer`).
 
     Args:
-        source: A .nii/.nii.gz file or a DICOM series folder. Prefer .nii for huge scans: .nii.gz is decompressed
-            once per pass (fast, in k order), but cannot be read out of order.
+        source: A .nii/.nii.gz file or a DICOM series folder, or one opened by ``io.open_volume``. Prefer .nii for
+            huge scans: .nii.gz is decompressed once per pass (fast, in k order), but cannot be read out of order.
         target: A .nii/.nii.gz file or a DICOM series folder (a name without suffix), as for ``write_volume``:
             written atomically; an existing NIfTI file is replaced, a DICOM folder only if medsr wrote it.
         predictor: Maps (N, C, *tile) float32 in [0, 1] window units to (N, C, *(tile * scale)), e.g.
@@ -72,11 +77,12 @@ def upscale_file(
             message names the file and slice); the scale is not integer; the model output has several channels.
             Nothing is left at ``target``: the temporary file is removed.
     """
-    source, target = Path(source), Path(target)
-    if target.resolve() == source.resolve():
-        raise ValueError(f"{target}: is the source; medsr never overwrites its input")
+    volume = source if isinstance(source, VolumeFile) else open_volume(source)
+    if modality is not None:
+        volume = dataclasses.replace(volume, modality=Modality(modality))
+    target = Path(target)
+    check_output(target, [volume.path], force=True)
     scale = integer_scale(scale)
-    volume = open_volume(source, modality=modality)
     shape = tuple(n * s for n, s in zip(volume.spatial_shape, scale, strict=True))
     with volume_writer(
         target,

@@ -7,6 +7,7 @@ folders ``last/`` and ``best/`` (safetensors + JSON, see ``checkpoint.py``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import math
@@ -14,7 +15,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
 import torch
 import torch.distributed as dist
@@ -24,7 +25,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import default_collate
 
 from medsr.checkpoint import load_training_state, save_checkpoint
-from medsr.config import Config, load_config, to_dict
+from medsr.config import Config, load_config, problem, short, to_dict
 from medsr.data import Pair, PairDataset, find_scans, prepare_scan, split_scans
 from medsr.degrade import Degradation
 from medsr.evaluation import compare_methods
@@ -32,8 +33,9 @@ from medsr.infer import model_predictor
 from medsr.inputs import training_inputs
 from medsr.io import read_volume
 from medsr.losses import ADVERSARIAL, LOSSES, combined, discriminator_loss, generator_loss
-from medsr.models import create_model
+from medsr.models import create_model, list_models
 from medsr.models.discriminators import DISCRIMINATORS, create_discriminator
+from medsr.models.registry import check_kwargs, check_signature
 from medsr.perceptual import PerceptualLoss
 from medsr.progress import progress_bar
 from medsr.samples import resolve_scan
@@ -171,10 +173,11 @@ def load_scans(paths: list[Path], config: Config) -> list[Volume]:
 
 
 def check_config(config: Config) -> None:
-    """Refuse configs that would fail late or leak: disjoint slice regions, a model scale matching the data."""
+    """Refuse configs that would fail late, leak or train nothing, naming the field: numbers out of range, an
+    unknown model or model kwargs, disjoint slice regions, a model scale matching the data."""
     if config.train.loss not in LOSSES:
         raise ValueError(f"unknown loss {config.train.loss!r}; choose one of {sorted(LOSSES)}")
-    train = config.train
+    train, data = config.train, config.data
     if train.optimizer not in ("adam", "adamw") or train.schedule not in ("cosine", "step", "constant"):
         raise ValueError(
             f"train.optimizer must be adam or adamw, train.schedule cosine, step or constant; got "
@@ -182,10 +185,38 @@ def check_config(config: Config) -> None:
         )
     if train.schedule == "step" and train.step_every < 1:
         raise ValueError("train.schedule 'step' needs train.step_every >= 1")
-    if not 0 <= train.ema_decay < 1 or train.clip_grad_norm < 0:
-        raise ValueError(
-            f"train.ema_decay must be in [0, 1) and clip_grad_norm >= 0, got {train.ema_decay}, {train.clip_grad_norm}"
-        )
+    ranges = [  # (field, value, whether it is in range, the range); floats are finite already (config._cast)
+        ("train.steps", train.steps, train.steps >= 1, ">= 1"),
+        ("train.val_every", train.val_every, train.val_every >= 1, ">= 1"),
+        ("train.lr", train.lr, train.lr > 0, "> 0"),
+        ("train.weight_decay", train.weight_decay, train.weight_decay >= 0, ">= 0"),
+        ("train.ema_decay", train.ema_decay, 0 <= train.ema_decay < 1, "in [0, 1) (0: off)"),
+        ("train.clip_grad_norm", train.clip_grad_norm, train.clip_grad_norm >= 0, ">= 0 (0: off)"),
+        ("train.step_every", train.step_every, train.step_every >= 0, ">= 0"),
+        ("train.step_gamma", train.step_gamma, train.step_gamma > 0, "> 0"),
+        ("train.threads", train.threads, 0 <= train.threads <= 1024, "in [0, 1024] (0: torch's default)"),
+        ("train.seed", train.seed, 0 <= train.seed < 2**63, "in [0, 2**63)"),
+        ("data.scans", data.scans, len(data.scans) >= 1, "at least one scan"),
+        ("data.batch_size", data.batch_size, data.batch_size >= 1, ">= 1"),
+        ("data.patch", data.patch, min(data.patch, default=0) >= 1, "sizes >= 1"),
+        ("data.min_foreground", data.min_foreground, 0 <= data.min_foreground <= 1, "in [0, 1]"),
+        ("model.spatial_dims", config.model.spatial_dims, config.model.spatial_dims in (2, 3), "2 or 3"),
+    ]
+    ranges += [
+        (f"data.{name}_slices", (start, stop), 0 <= start < stop, "[start, stop) with 0 <= start < stop")
+        for name, (start, stop) in (("train", data.train_slices), ("val", data.val_slices), ("test", data.test_slices))
+    ]
+    for field, value, ok, expected in ranges:
+        if not ok:
+            raise ValueError(f"{field} must be {expected}, got {short(repr(value))}")
+    reserved = sorted({"spatial_dims", "scale"} & set(config.model.kwargs))
+    if reserved:
+        raise ValueError(f"model.kwargs: set {', '.join(reserved)} as model.spatial_dims and model.scale, not here")
+    field = "model.kwargs" if config.model.name in list_models() else "model.name"
+    try:  # names, types and bounds, before anything is built (create_model also bounds the network's size)
+        check_kwargs(config.model.name, config.model.kwargs)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{field}: {problem(error)}") from error
     if config.train.loss_terms:
         combined(config.train.loss_terms)  # raises on unknown names or bad weights, before any data is loaded
     gan = config.gan
@@ -199,6 +230,13 @@ def check_config(config: Config) -> None:
             f"gan: discriminator one of {sorted(DISCRIMINATORS)}, adversarial one of {ADVERSARIAL}, "
             f"1 <= pretrain_steps < train.steps (psnr/ is saved there), weights and d_lr > 0; got {gan}"
         )
+    if gan.discriminator:
+        if "in_channels" in gan.discriminator_kwargs:
+            raise ValueError("gan.discriminator_kwargs: in_channels is the model's (model.kwargs.in_channels)")
+        try:
+            check_signature(DISCRIMINATORS[gan.discriminator], gan.discriminator_kwargs, gan.discriminator)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"gan.discriminator_kwargs: {problem(error)}") from error
     if gan.perceptual_weights and not (gan.discriminator and Path(gan.perceptual_weights).is_file()):
         raise ValueError(
             f"gan.perceptual_weights {gan.perceptual_weights!r}: needs gan.discriminator and an existing file"
@@ -314,17 +352,65 @@ def fit(config: Config | None, run_dir: Path, *, resume: bool = False, progress:
     elif (run_dir / "metrics.jsonl").exists():
         raise ValueError(f"{run_dir}: holds a previous run; choose another --out, or --resume it")
     check_config(config)
+    last = run_dir / "last" if (run_dir / "last").exists() else run_dir / "last.old"  # see _save_last
+    resumed = load_training_state(last) if resume else None  # a broken or hostile state: refused before any work
     rank, world_size = _distributed()
     if config.data.batch_size % world_size:
         raise ValueError(f"data.batch_size {config.data.batch_size} must divide among {world_size} processes")
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     torch.manual_seed(config.train.seed)
+    data = _training_data(config)
+    nets = _networks(config, world_size)
+    # The folder is made only now: a config, scan or model that fails above leaves nothing behind.
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume and rank == 0:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    start, best = _restore(last, *resumed, nets, rank=rank) if resume else (0, {"psnr": -math.inf})
+    # DDP averages gradients over processes: with equal shares of the global batch, the same update as one process.
+    trained = nn.parallel.DistributedDataParallel(nets.model) if world_size > 1 else nets.model
+    loss_fn = combined(config.train.loss_terms) if config.train.loss_terms else LOSSES[config.train.loss]
+    stream = batches(data.dataset, config.data.batch_size, start, rank=rank, world_size=world_size)
+    steps = range(start + 1, config.train.steps + 1)
+    bar = progress_bar(
+        steps, desc="train", unit="step", initial=start, total=config.train.steps, disable=not progress or rank > 0
+    )
+    with _log_file(run_dir, resume, rank) as log:
+        for step in bar:
+            adversarial_phase = nets.discriminator is not None and step > config.gan.pretrain_steps
+            logs = _step(trained, nets, next(stream), loss_fn, config, adversarial=adversarial_phase)
+            nets.schedule.step()
+            if nets.discriminator is not None and step == config.gan.pretrain_steps and rank == 0:  # PSNR-oriented
+                save_checkpoint(run_dir / "psnr", nets.final, describe(config, step, {}, data.split, data.inputs))
+            bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
+            if world_size > 1:  # log the global batch's loss, as one process would see it
+                loss = torch.tensor(logs["loss"])
+                dist.all_reduce(loss)
+                logs["loss"] = float(loss) / world_size
+            if step % config.train.val_every and step != config.train.steps:
+                continue
+            if rank == 0:
+                row, best = _validate_and_save(run_dir, nets, data, config, step, logs, best, log, adversarial_phase)
+                bar.write(f"step {step}: val PSNR {row['psnr']:.2f} dB (bicubic {row['psnr_cubic']:.2f})")
+            if world_size > 1:
+                dist.barrier()  # the other ranks wait while rank 0 validates and saves
+    if world_size > 1:
+        dist.destroy_process_group()
+    return best
 
-    degradation = config.degradation
+
+class _Data(NamedTuple):
+    """A run's data: training pairs, validation volumes and region, the split and the training-inputs record."""
+
+    dataset: PairDataset
+    val_volumes: list[Volume]
+    val_slices: tuple[int, int] | None
+    split: tuple[list[Path], list[Path], list[Path]]
+    inputs: dict[str, Any]
+
+
+def _training_data(config: Config) -> _Data:
+    """Load and check the training and validation scans (held-out scans must not be among them)."""
     split = training_scans(config)
     train_paths, val_paths, _ = split
     seen = sorted({resolve_scan(scan) for scan in config.data.held_out_scans} & {*train_paths, *val_paths})
@@ -334,10 +420,9 @@ def fit(config: Config | None, run_dir: Path, *, resume: bool = False, progress:
     by_region = config.data.split == "region"
     val_volumes = volumes if by_region else load_scans(val_paths, config)
     inputs = training_inputs([v.meta["lr_spacing"] for v in volumes], [v.meta["lr_range"] for v in volumes])
-    val_slices = config.data.val_slices if by_region else None
     dataset = PairDataset(
         volumes,
-        degradation,
+        config.degradation,
         slices=config.data.train_slices if by_region else None,
         patch=config.data.patch,
         length=EPOCH_LENGTH,
@@ -346,117 +431,111 @@ def fit(config: Config | None, run_dir: Path, *, resume: bool = False, progress:
         spatial_dims=config.model.spatial_dims,
         axis=config.data.split_axis,
     )
+    return _Data(dataset, val_volumes, config.data.val_slices if by_region else None, split, inputs)
+
+
+@dataclasses.dataclass
+class _Networks:
+    """What a run trains: the model, its optimiser, schedule and EMA, and for a GAN the discriminator, its optimiser
+    and the perceptual loss. ``final`` is what is validated and saved (the EMA average when there is one)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    ema: AveragedModel | None = None
+    discriminator: nn.Module | None = None
+    d_optimizer: torch.optim.Optimizer | None = None
+    perceptual: nn.Module | None = None
+
+    @property
+    def final(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+
+def _networks(config: Config, world_size: int) -> _Networks:
+    """Build the networks and optimisers of a run (in this order: the seeded initial weights depend on it)."""
     model = create_model(
         config.model.name, spatial_dims=config.model.spatial_dims, scale=config.model.scale, **config.model.kwargs
     )
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"model {config.model.name!r} has no trainable parameters (an interpolation baseline)")
     optimizer = _optimizer(model, config)
-    schedule = _schedule(optimizer, config)
-    ema = (
-        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.train.ema_decay))
-        if config.train.ema_decay
-        else None
-    )
+    nets = _Networks(model, optimizer, _schedule(optimizer, config))
+    if config.train.ema_decay:
+        nets.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.train.ema_decay))
     gan = config.gan
-    discriminator = d_optimizer = perceptual = None
     if gan.discriminator:
         if world_size > 1:
             raise ValueError("GAN training runs in one process: torchrun with gan.discriminator is not supported")
         channels = config.model.kwargs.get("in_channels", 1)
-        discriminator = create_discriminator(
+        nets.discriminator = create_discriminator(
             gan.discriminator, config.model.spatial_dims, in_channels=channels, **gan.discriminator_kwargs
         )
-        d_optimizer = torch.optim.Adam(discriminator.parameters(), lr=gan.d_lr, betas=(0.9, 0.99))  # ESRGAN's
+        nets.d_optimizer = torch.optim.Adam(nets.discriminator.parameters(), lr=gan.d_lr, betas=(0.9, 0.99))  # ESRGAN
         if gan.perceptual_weights:
-            perceptual = PerceptualLoss(gan.perceptual_weights, layer=gan.perceptual_layer)
-    start, best = (
-        _restore(run_dir, model, optimizer, schedule, ema, discriminator, d_optimizer, rank=rank)
-        if resume
-        else (0, {"psnr": -math.inf})
+            nets.perceptual = PerceptualLoss(gan.perceptual_weights, layer=gan.perceptual_layer)
+    return nets
+
+
+def _step(trained: nn.Module, nets: _Networks, batch: Pair, loss_fn: Callable, config: Config, *, adversarial: bool):
+    """One :func:`gan_step` (adversarial phase) or :func:`train_step` of ``trained`` (the model, or its DDP wrapper)."""
+    common = {"clip_grad_norm": config.train.clip_grad_norm, "bf16": config.train.bf16, "ema": nets.ema}
+    if not adversarial:
+        return train_step(trained, nets.optimizer, batch, loss_fn, **common)
+    gan = config.gan
+    return gan_step(
+        trained,
+        nets.discriminator,
+        nets.optimizer,
+        nets.d_optimizer,
+        batch,
+        loss_fn,
+        adversarial=gan.adversarial,
+        adversarial_weight=gan.adversarial_weight,
+        perceptual=nets.perceptual,
+        perceptual_weight=gan.perceptual_weight,
+        **common,
     )
-    final = ema.module if ema is not None else model  # what is validated and saved
-    # DDP averages gradients over processes: with equal shares of the global batch, the same update as one process.
-    trained = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
-    loss_fn = combined(config.train.loss_terms) if config.train.loss_terms else LOSSES[config.train.loss]
-    stream = batches(dataset, config.data.batch_size, start, rank=rank, world_size=world_size)
-    steps = range(start + 1, config.train.steps + 1)
-    bar = progress_bar(
-        steps, desc="train", unit="step", initial=start, total=config.train.steps, disable=not progress or rank > 0
+
+
+def _validate_and_save(
+    run_dir: Path,
+    nets: _Networks,
+    data: _Data,
+    config: Config,
+    step: int,
+    logs: dict[str, float],
+    best: dict,
+    log: TextIO,
+    adversarial_phase: bool,
+) -> tuple[dict, dict]:
+    """Validate, log the row, save ``best/`` when it improves (a GAN: always, its latest) and ``last/`` with the
+    training state; returns (this validation's row, the best row)."""
+    row = validate(
+        nets.final,
+        data.val_volumes,
+        config.degradation,
+        data.val_slices,
+        config.model.spatial_dims,
+        bf16=config.train.bf16,
+        axis=config.data.split_axis,
     )
-    with _log_file(run_dir, resume, rank) as log:
-        for step in bar:
-            adversarial_phase = discriminator is not None and step > gan.pretrain_steps
-            if adversarial_phase:
-                logs = gan_step(
-                    trained,
-                    discriminator,
-                    optimizer,
-                    d_optimizer,
-                    next(stream),
-                    loss_fn,
-                    adversarial=gan.adversarial,
-                    adversarial_weight=gan.adversarial_weight,
-                    perceptual=perceptual,
-                    perceptual_weight=gan.perceptual_weight,
-                    clip_grad_norm=config.train.clip_grad_norm,
-                    bf16=config.train.bf16,
-                    ema=ema,
-                )
-            else:
-                logs = train_step(
-                    trained,
-                    optimizer,
-                    next(stream),
-                    loss_fn,
-                    clip_grad_norm=config.train.clip_grad_norm,
-                    bf16=config.train.bf16,
-                    ema=ema,
-                )
-            schedule.step()
-            if discriminator is not None and step == gan.pretrain_steps and rank == 0:  # the PSNR-oriented model
-                save_checkpoint(run_dir / "psnr", final, describe(config, step, {}, split, inputs))
-            bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
-            if world_size > 1:  # log the global batch's loss, as one process would see it
-                loss = torch.tensor(logs["loss"])
-                dist.all_reduce(loss)
-                logs["loss"] = float(loss) / world_size
-            if (step % config.train.val_every == 0 or step == config.train.steps) and rank > 0:
-                dist.barrier()  # wait while rank 0 validates and saves
-            elif step % config.train.val_every == 0 or step == config.train.steps:
-                row = validate(
-                    final,
-                    val_volumes,
-                    degradation,
-                    val_slices,
-                    config.model.spatial_dims,
-                    bf16=config.train.bf16,
-                    axis=config.data.split_axis,
-                )
-                row.update(step=step, loss=logs["loss"], lr=schedule.get_last_lr()[0])
-                row.update({key: value for key, value in logs.items() if key.startswith("loss/")})
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-                if row["psnr"] > best["psnr"] or adversarial_phase:  # a GAN is not chosen by PSNR: its latest
-                    best = row
-                    save_checkpoint(run_dir / "best", final, describe(config, step, {"validation": row}, split, inputs))
-                state = {
-                    "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict(),
-                    "step": step,
-                    "best": best,
-                }
-                if ema is not None:  # the checkpoint holds the average: keep the raw weights to go on training
-                    state |= {"model": model.state_dict(), "ema": ema.state_dict()}
-                if discriminator is not None:
-                    state |= {"discriminator": discriminator.state_dict(), "d_optimizer": d_optimizer.state_dict()}
-                _save_last(run_dir, final, describe(config, step, {"validation": row}, split, inputs), state)
-                bar.write(f"step {step}: val PSNR {row['psnr']:.2f} dB (bicubic {row['psnr_cubic']:.2f})")
-                if world_size > 1:
-                    dist.barrier()
-    if world_size > 1:
-        dist.destroy_process_group()
-    return best
+    row.update(step=step, loss=logs["loss"], lr=nets.schedule.get_last_lr()[0])
+    row.update({key: value for key, value in logs.items() if key.startswith("loss/")})
+    log.write(json.dumps(row) + "\n")
+    log.flush()
+    description = describe(config, step, {"validation": row}, data.split, data.inputs)
+    if row["psnr"] > best["psnr"] or adversarial_phase:  # a GAN is not chosen by PSNR: its latest
+        best = row
+        save_checkpoint(run_dir / "best", nets.final, description)
+    state = {"optimizer": nets.optimizer.state_dict(), "schedule": nets.schedule.state_dict(), "step": step}
+    state["best"] = best
+    if nets.ema is not None:  # the checkpoint holds the average: keep the raw weights to go on training
+        state |= {"model": nets.model.state_dict(), "ema": nets.ema.state_dict()}
+    if nets.discriminator is not None:
+        state |= {"discriminator": nets.discriminator.state_dict(), "d_optimizer": nets.d_optimizer.state_dict()}
+    _save_last(run_dir, nets.final, description, state)
+    return row, best
 
 
 @contextlib.contextmanager
@@ -483,35 +562,34 @@ def _save_last(run_dir: Path, model: nn.Module, description: dict[str, Any], sta
 
 
 def _restore(
-    run_dir: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    schedule,
-    ema: AveragedModel | None,
-    discriminator: nn.Module | None = None,
-    d_optimizer: torch.optim.Optimizer | None = None,
-    *,
-    rank: int = 0,
+    last: Path, weights: dict[str, torch.Tensor], state: dict[str, Any], nets: _Networks, *, rank: int = 0
 ) -> tuple[int, dict]:
-    """Load ``last/`` into the model, optimiser, schedule, EMA and GAN discriminator; drop log rows written after it.
+    """Load ``last/`` (``checkpoint.load_training_state``'s weights and state) into the model, optimiser, schedule,
+    EMA and GAN discriminator; drop log rows written after it. Nothing is written unless all of it loads.
 
     Returns (step, best validation row).
     """
-    last = run_dir / "last" if (run_dir / "last").exists() else run_dir / "last.old"
-    weights, state = load_training_state(last)
-    model.load_state_dict(state["model"] if ema is not None else weights)
-    if ema is not None:
-        ema.load_state_dict(state["ema"])
-    optimizer.load_state_dict(state["optimizer"])
-    schedule.load_state_dict(state["schedule"])
-    if discriminator is not None:
-        discriminator.load_state_dict(state["discriminator"])
-        d_optimizer.load_state_dict(state["d_optimizer"])
-    step = int(state["step"])
+    step = state["step"]
+    log = last.parent / "metrics.jsonl"
+    try:
+        nets.model.load_state_dict(state["model"] if nets.ema is not None else weights)
+        if nets.ema is not None:
+            nets.ema.load_state_dict(state["ema"])
+        nets.optimizer.load_state_dict(state["optimizer"])
+        nets.schedule.load_state_dict(state["schedule"])
+        if nets.discriminator is not None:
+            nets.discriminator.load_state_dict(state["discriminator"])
+            nets.d_optimizer.load_state_dict(state["d_optimizer"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as error:
+        missing = f"no {error}" if isinstance(error, KeyError) else problem(error)
+        raise ValueError(f"{last}: cannot resume this run's network and optimiser from it ({missing})") from error
     # A kill between logging a validation and saving its checkpoint leaves a row the resumed run will write again.
     if rank == 0:  # the log is rank 0's
-        log = run_dir / "metrics.jsonl"
-        rows = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= step]
+        lines = log.read_text().splitlines()
+        try:
+            rows = [line for line in lines if json.loads(line)["step"] <= step]
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{log}: not a metrics log (each line a JSON object with a step)") from error
         log.write_text("".join(f"{row}\n" for row in rows))
     return step, state["best"]
 

@@ -15,6 +15,10 @@ import torch
 from nibabel.affines import voxel_sizes
 from nibabel.orientations import aff2axcodes
 
+# The largest scan read whole into memory (io.read_volume): 4 GiB of float32, 2^30 voxels (a 1024^3 scan). A header
+# declaring more is refused before anything is allocated or decompressed; larger scans stream (io.open_volume).
+MAX_VOLUME_BYTES = 2**32
+
 
 class Modality(enum.StrEnum):
     """Which scanner produced the intensities, spelled as the DICOM Modality tag (0008,0060)."""

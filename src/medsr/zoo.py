@@ -1,20 +1,132 @@
-"""The models shipped in ``medsr/weights``: which one fits a scan, and their one-line summaries.
+"""Trained models as the API hands them out (:class:`SRModel`, :func:`load_model`, :func:`list_models`), and the
+models shipped in ``medsr/weights``: which one fits a scan, their held-out sets, scores, cards and summaries.
 
-Each is a checkpoint (``checkpoint.py``) trained by a config in ``configs/`` of the same name, with a
-``MODEL_CARD.md`` and held-out scores written by ``medsr models --evaluate``.
+Each shipped model is a checkpoint (``checkpoint.py``) trained by a config in ``configs/`` of the same name, with a
+``MODEL_CARD.md`` and held-out scores written by :func:`score_shipped` (``medsr models --evaluate``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
-from medsr.checkpoint import DESCRIPTION, SHIPPED_DIR, shipped_models
+from torch import nn
+
+from medsr.checkpoint import DESCRIPTION, SHIPPED_DIR, load_checkpoint, resolve_checkpoint, shipped_models
+from medsr.config import Config, config_from_dict
+from medsr.degrade import Degradation
 from medsr.inputs import PROJECTION
 
 DEFAULT_FACTORS = (2.0, 2.0, 1.0)  # what `medsr upscale` does without --scale or --spacing
 SAME_MODELS = {"DX": "CR"}  # digital and computed radiographs look alike: one X-ray model serves both
+
+
+LOG = logging.getLogger("medsr")
+CARD = "MODEL_CARD.md"
+REQUIRED = ("scale", "modality", "degradation", "config")  # what medsr train records and the pipeline relies on
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SRModel:
+    """A trained super-resolution model and what it knows about itself.
+
+    Args:
+        name: The shipped model's name, or the checkpoint folder as given.
+        network: The network in eval mode: (N, C, *spatial) in [0, 1] window units -> (N, C, *(spatial * scale)).
+        description: Its ``model.json`` (``checkpoint.py``): config, degradation, inputs record, scores.
+        path: The checkpoint folder.
+    """
+
+    name: str
+    network: nn.Module
+    description: dict[str, Any]
+    path: Path
+
+    @property
+    def scale(self) -> tuple[int, int, int]:
+        """Output voxels per input voxel along (i, j, k), as applied to a volume."""
+        return tuple(self.description["scale"])
+
+    @property
+    def model_scale(self) -> tuple[int, ...]:
+        """The network's own scale per model axis: (a, b) for 2D networks, (a, b, c) for 3D."""
+        return tuple(self.description["model_kwargs"]["scale"])
+
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.model_scale)
+
+    @property
+    def modality(self) -> str:
+        return self.description["modality"]
+
+    @property
+    def config(self) -> Config:
+        """The training config."""
+        return config_from_dict(self.description["config"])
+
+    @property
+    def degradation(self) -> Degradation:
+        """What made the LR training inputs from HR (the acquisition the model inverts)."""
+        return self.config.degradation
+
+    @property
+    def card(self) -> str:
+        """The model card (Markdown): ``MODEL_CARD.md`` where it was written, else made from the description."""
+        if (self.path / CARD).is_file():
+            return (self.path / CARD).read_text()
+        from medsr.report import model_card
+
+        held_out = self.description.get("scores", {}).get("held_out", [])
+        return model_card(self.name, self.description, held_out, precision="fp32")
+
+
+def load_model(name_or_dir: str | Path) -> SRModel:
+    """A shipped model by name, or a checkpoint folder written by ``medsr train``.
+
+    >>> model = load_model("edsr_mr_x2")
+    >>> model.scale, model.modality, model.degradation.factors
+    ((2, 2, 1), 'MR', (2.0, 2.0, 1.0))
+    """
+    network, description = load_checkpoint(name_or_dir)
+    missing = sorted(set(REQUIRED) - set(description))
+    if missing:
+        raise ValueError(f"{name_or_dir}: checkpoint description lacks {missing}; was it made by medsr train?")
+    return SRModel(str(name_or_dir), network, description, resolve_checkpoint(name_or_dir))
+
+
+class ModelEntry(NamedTuple):
+    """One line of :func:`list_models`: ``kind`` is 'shipped' (trained weights, :func:`load_model` takes the name)
+    or 'architecture' (untrained, for ``medsr train``'s ``model.name``)."""
+
+    name: str
+    kind: str
+    summary: str
+
+
+def list_models() -> list[ModelEntry]:
+    """The shipped models, then the architectures, in one list.
+
+    >>> [m for m in list_models() if m.name == "edsr_mr_x2"]
+    [ModelEntry(name='edsr_mr_x2', kind='shipped', summary='MR x2x2x1 in-plane')]
+    >>> ("edsr_small", "architecture") in [m[:2] for m in list_models()]
+    True
+    """
+    from medsr.models import list_models as architectures
+
+    shipped = [
+        ModelEntry(name, "shipped", f"{d['modality']} x{'x'.join(map(str, d['scale']))} {_kind(d['scale'])}")
+        for name, d in shipped_descriptions().items()
+    ]
+    return shipped + [ModelEntry(name, "architecture", "untrained") for name in architectures()]
+
+
+def _kind(scale: Sequence[int]) -> str:
+    return "slices" if is_through_plane(scale) else "in-plane"
 
 
 def shipped_descriptions() -> dict[str, dict[str, Any]]:
@@ -84,7 +196,7 @@ def summary_rows(name: str, description: dict[str, Any]) -> list[dict[str, Any]]
         "model": name,
         "modality": description["modality"],
         "scale": "x".join(str(s) for s in scale),
-        "kind": "slices" if is_through_plane(scale) else "in-plane",
+        "kind": _kind(scale),
         "lr_spacing": spacing_text,
     }
     rows = []
@@ -94,3 +206,75 @@ def summary_rows(name: str, description: dict[str, Any]) -> list[dict[str, Any]]
         scores = {"psnr": f"{model:.2f}", "psnr_cubic": f"{cubic:.2f}", "gain_db": f"{model - cubic:+.2f}"}
         rows.append(row | {"held_out": entry["data"]} | scores)
     return rows or [row | {"held_out": "not scored: medsr models --evaluate"}]
+
+
+SUMMARY_COLUMNS = ("model", "modality", "scale", "kind", "lr_spacing", "held_out", "psnr", "psnr_cubic", "gain_db")
+
+
+def summary_table(names: Sequence[str] | None = None) -> str:
+    """The ``medsr models`` table: one line per shipped model and held-out set (all models when ``names`` is None).
+
+    >>> print(summary_table(["edsr_mr_x2"]).splitlines()[0].split())
+    ['model', 'modality', 'scale', 'kind', 'lr_spacing', 'held_out', 'psnr', 'psnr_cubic', 'gain_db']
+    """
+    from medsr.report import format_table
+
+    rows = [
+        row
+        for name, description in shipped_descriptions().items()
+        if names is None or name in names
+        for row in summary_rows(name, description)
+    ]
+    return format_table(rows, SUMMARY_COLUMNS)
+
+
+def held_out_sets(model: SRModel) -> list[tuple[str, tuple[int, int] | None]]:
+    """(scan, slab or None for the whole scan) a model is scored on: the test region of each training scan (region
+    split; sample names kept, folders expanded) or the test scans (scan split, as split on this machine), and the
+    config's ``held_out_scans``."""
+    from medsr.data import find_scans
+    from medsr.samples import resolve_scan
+    from medsr.train import training_scans
+
+    data = model.config.data
+    if data.split == "region":
+        sets = []
+        for scan in data.scans:
+            path = resolve_scan(scan)
+            found = find_scans(path) if path.is_dir() else [path]  # a folder of scans, or one scan or DICOM series
+            sets += [(name, tuple(data.test_slices)) for name in ([scan] if found == [path] else map(str, found))]
+    else:
+        sets = [(str(path), None) for path in training_scans(model.config)[2]]
+    return sets + [(scan, None) for scan in data.held_out_scans]
+
+
+def score_shipped(name: str, *, precision: str = "auto") -> list[str]:
+    """Score a shipped model on each of its held-out sets, store them in its model.json (``scores['held_out']``)
+    and write its MODEL_CARD.md. Returns the sets on which it does not beat bicubic's PSNR."""
+    from medsr.checkpoint import update_description
+    from medsr.evaluation import evaluate
+    from medsr.infer import resolve_precision
+    from medsr.io import write_bytes
+    from medsr.report import held_out_text, model_card
+
+    if name not in shipped_models():
+        raise ValueError(f"{name}: not a shipped model; shipped: {', '.join(shipped_models())}")
+    model = load_model(name)
+    held_out, losing = [], []
+    for scan, slices in held_out_sets(model):
+        result = evaluate(model, scan, slices, precision=precision)
+        data = held_out_text(Path(scan).name, result.slab if slices else None)
+        rows = result.comparison.rows
+        held_out.append(
+            {"data": data, "scan": str(scan), "slices": [*result.slab[:2]] if slices else None, "rows": rows}
+        )
+        psnr = {row["method"]: row["psnr"] for row in rows}
+        if psnr[name] <= psnr["cubic"]:
+            losing.append(f"{name} does not beat bicubic on {data}: {psnr[name]:.2f} <= {psnr['cubic']:.2f} dB")
+        LOG.info("%s on %s: %.2f dB, bicubic %.2f dB", name, data, psnr[name], psnr["cubic"])
+    scores = {k: v for k, v in model.description["scores"].items() if k != "test"} | {"held_out": held_out}
+    updates = {"parameters": sum(p.numel() for p in model.network.parameters()), "scores": scores}
+    update_description(model.path, **updates)
+    card = model_card(name, model.description | updates, held_out, precision=resolve_precision(precision))
+    write_bytes(model.path / CARD, card.encode())
+    return losing

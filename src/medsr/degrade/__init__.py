@@ -135,12 +135,53 @@ def explain(d: Degradation) -> str:
     return f"{d.modality}: " + "; ".join([*parts, noise])
 
 
+def summary(d: Degradation) -> str:
+    """The modality, the factors and the fields that differ from the defaults, for titles and table captions.
+
+    >>> summary(Degradation(factors=(2, 2, 1), modality="MR"))
+    'factors=(2.0, 2.0, 1.0), modality=MR'
+    """
+    defaults = Degradation()
+    changed = [
+        f"{f.name}={getattr(d, f.name)}"
+        for f in dataclasses.fields(d)
+        if getattr(d, f.name) != getattr(defaults, f.name) or f.name in ("modality", "factors")
+    ]
+    return ", ".join(changed)
+
+
 def factors_for_spacing(volume: Volume, spacing_mm: Sequence[float]) -> tuple[float, float, float]:
     """Per-axis factors that turn the volume's spacing into ``spacing_mm`` (i, j, k); each must be >= 1."""
     factors = tuple(t / s for t, s in zip(spacing_mm, volume.spacing, strict=True))
     if any(f < 1 - 1e-6 for f in factors):
         raise ValueError(f"target spacing {tuple(spacing_mm)} mm is finer than the scan's {volume.spacing} mm")
     return tuple(max(1.0, f) for f in factors)
+
+
+def acquisition(
+    volume: Volume,
+    *,
+    factors: Sequence[float] = (1.0, 1.0, 1.0),
+    spacing: Sequence[float] | None = None,
+    slice_thickness: float = 0.0,
+    **fields,
+) -> Degradation:
+    """The :class:`Degradation` of a scanner that would measure ``volume`` at ``factors`` (or a target ``spacing``
+    in mm); a ``slice_thickness`` alone means contiguous slices that thick. ``fields``: the other Degradation fields.
+
+    >>> import torch
+    >>> scan = Volume(torch.zeros(1, 8, 8, 8), np.eye(4), Modality.MR)
+    >>> acquisition(scan, slice_thickness=4.0).factors
+    (1.0, 1.0, 4.0)
+    """
+    if volume.modality is Modality.OT:
+        raise ValueError("the scan names no modality; pass one (--modality MR, CT, US, CR or DX)")
+    factors = factors_for_spacing(volume, spacing) if spacing else tuple(factors)
+    if slice_thickness and factors[2] == 1 and not spacing:
+        factors = (*factors[:2], max(1.0, slice_thickness / volume.spacing[2]))
+    return Degradation(
+        factors=factors, modality=volume.modality.value, slice_thickness=slice_thickness or 0.0, **fields
+    )
 
 
 def degrade(volume: Volume, degradation: Degradation, *, rng: np.random.Generator | None = None) -> Volume:

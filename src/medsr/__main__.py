@@ -1,0 +1,7 @@
+"""``python -m medsr ...``: the command line (``medsr.cli``)."""
+
+import sys
+
+from medsr.cli import main
+
+sys.exit(main())

@@ -1,0 +1,343 @@
+"""The upscale pipeline (``medsr.upscale``, ``medsr.upscale_file``): a scan in, a sharper scan out, same FOV.
+
+One path for the Python API and ``medsr upscale``: choose the model (``zoo.choose_model`` when none is given),
+compute the intensity window once (from the percentiles the input checks need anyway), check the scan against
+what the model was trained on (:class:`MedsrWarning` s), then either stream slab by slab (NIfTI/DICOM series in
+and out at the model's own integer scale: memory independent of the scan's size) or run in memory (PNG/TIFF,
+ultrasound frames, non-integer factors, k-space consistency), resample to the asked factors, and write.
+
+The decision to stream is made up front from the formats and the factors; the source is opened once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from medsr.infer import model_plan, model_predictor, super_resolve
+from medsr.inputs import input_warnings
+from medsr.intensity import Window, intensity_range, volume_range, window_from_range
+from medsr.io import VolumeFile, check_output, file_format, open_scan, write_volume
+from medsr.volume import Volume
+from medsr.zoo import SRModel, choose_model, is_through_plane, load_model, model_family
+
+LOG = logging.getLogger("medsr")
+MAX_FACTOR = 16.0  # per axis: beyond this no model or interpolation makes sense, and memory explodes
+MAX_OUTPUT_VOXELS = 2**31  # 8 GiB of float32: refuse before allocating
+
+
+class MedsrWarning(UserWarning):
+    """The scan lies outside what the model was trained on (modality, spacing, intensities): results may be poor."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What the pipeline will do with one scan.
+
+    Args:
+        model: The model that runs.
+        factors: Output voxels per input voxel along (i, j, k), as asked (possibly non-integer).
+        scale: The integer scale the model applies along (i, j, k) (``infer.model_plan``); the rest is resampling.
+        modality: The scan's modality (the model's when the file names none): it picks the window rule.
+        window: The intensity window, computed once from the scan.
+    """
+
+    model: SRModel
+    factors: tuple[float, float, float]
+    scale: tuple[int, int, int]
+    modality: str
+    window: Window
+
+    @property
+    def resamples(self) -> bool:
+        """Whether the output is resampled from the model's scale to other factors."""
+        return not np.allclose(self.factors, self.scale)
+
+
+def check_factors(factors: Sequence[float], *, what: str = "scale") -> tuple[float, float, float]:
+    """Three finite factors in (0, MAX_FACTOR], or a ValueError naming the option.
+
+    >>> check_factors((2, 2, 1))
+    (2.0, 2.0, 1.0)
+    >>> check_factors((0, 0, 1))
+    Traceback (most recent call last):
+    ValueError: scale (0, 0, 1): each factor must be a finite number in (0, 16]
+    """
+    values = tuple(float(f) for f in factors)
+    if len(values) != 3 or not all(math.isfinite(f) and 0 < f <= MAX_FACTOR for f in values):
+        raise ValueError(f"{what} {tuple(factors)}: each factor must be a finite number in (0, {MAX_FACTOR:g}]")
+    return values
+
+
+def plan_upscale(
+    scan: Volume | VolumeFile,
+    model: SRModel | str | Path | None = None,
+    *,
+    scale: Sequence[float] | None = None,
+    spacing: Sequence[float] | None = None,
+    label: str = "scan",
+    image_file: bool = False,
+) -> Plan:
+    """Choose the model and the factors for a scan, compute its window, and warn where it lies outside the model's
+    training inputs (``warnings.warn`` of a :class:`MedsrWarning`; the model choice is logged on ``medsr``).
+
+    Args:
+        scan: The scan, in memory or opened lazily (one pass reads its percentiles: the window and the checks).
+        model: A loaded model, a shipped name or a checkpoint folder; None: the shipped one for the modality and
+            factors (MR with a warning when the scan names no modality).
+        scale, spacing: Output voxels per input voxel (i, j, k), or a target spacing in mm; at most one. Default:
+            the model's scale.
+        label: How messages name the scan (its path).
+        image_file: The scan is a PNG/TIFF (1 mm by convention): its spacing is not checked.
+    """
+    if scale is not None and spacing is not None:
+        raise ValueError("give scale or spacing, not both")
+    intensities = intensity_range(scan.slices) if isinstance(scan, VolumeFile) else volume_range(scan)
+    if not intensities[1] > intensities[0]:
+        raise ValueError(f"{label}: constant intensities ({intensities[0]:g}): nothing to super-resolve")
+    factors = None
+    if scale is not None:
+        factors = check_factors(scale)
+    elif spacing is not None:
+        target = check_factors(spacing, what="spacing")
+        factors = check_factors([a / b for a, b in zip(scan.spacing, target, strict=True)], what="spacing factors")
+    modality = scan.modality.value
+    if model is None:
+        if modality == "OT":
+            _warn(f"{label} names no modality; using the MR model (pass modality or a model)")
+        name = choose_model("MR" if modality == "OT" else modality, factors)
+        LOG.info("%s: model %s", label, name)
+        model = name
+    if not isinstance(model, SRModel):
+        model = load_model(model)
+    if modality == "OT":  # NIfTI/PNG carry no modality: take the model's (it sets the window rule)
+        modality = model.modality
+    elif model_family(modality) != model_family(model.modality):
+        _warn(f"{label} is {modality}, but {model.name} was trained on {model.modality}; expect poor results")
+    if is_through_plane(model.scale) and factors is not None and factors[2] <= 1 + 1e-6:
+        raise ValueError(f"{model.name} makes thin slices {model.scale} (i, j, k): ask for a factor along k")
+    plan_scale = model_plan(factors or model.scale, model.model_scale)
+    factors = factors or tuple(float(s) for s in plan_scale)
+    shape = [max(1, round(n * f)) for n, f in zip(scan.spatial_shape, factors, strict=True)]
+    if math.prod(shape) > MAX_OUTPUT_VOXELS:
+        raise ValueError(f"{label}: the output would have {shape} voxels, more than {MAX_OUTPUT_VOXELS:.3g}")
+    window = window_from_range(modality, intensities)
+    if "inputs" in model.description:  # checkpoints from before medsr recorded what they were trained on have none
+        for problem in input_warnings(
+            model.description["inputs"],
+            modality=model.modality,
+            spacing=None if image_file else scan.spacing,
+            scale=plan_scale,
+            intensities=intensities,
+        ):
+            _warn(f"{label}: {problem}; results may be poor")
+    return Plan(model, factors, plan_scale, modality, window)
+
+
+def upscale(
+    volume: Volume,
+    model: SRModel | str | Path | None = None,
+    *,
+    scale: Sequence[float] | None = None,
+    spacing: Sequence[float] | None = None,
+    tile: int | None = None,
+    overlap: int = 8,
+    precision: str = "auto",
+    kspace_consistency: bool = False,
+    progress: bool = False,
+) -> Volume:
+    """Super-resolve a volume in physical units; the output covers the same field of view (rescaled affine).
+
+    Args:
+        volume: The scan, e.g. from :func:`medsr.read_volume`.
+        model: A loaded model (:func:`medsr.load_model`), a shipped name or a checkpoint folder; None: the shipped
+            model for the volume's modality and the factors (see :func:`plan_upscale`).
+        scale, spacing: Output voxels per input voxel along (i, j, k), or a target spacing in mm (non-integer
+            factors: the model, then linear resampling); default: the model's scale.
+        tile, overlap: Tiling of the input, in voxels (``infer.predict_volume``).
+        precision: 'auto', 'fp32' or 'bf16' (``infer.model_predictor``).
+        kspace_consistency: MRI: replace the output's k-space band that the input measured by the input's (needs
+            the model's own scale).
+        progress: Show progress bars.
+
+    >>> import medsr, torch
+    >>> scan = medsr.Volume(torch.rand(1, 24, 20, 3), np.diag([1.0, 1.0, 3.0, 1.0]), medsr.Modality.MR)
+    >>> medsr.upscale(scan, scale=(2, 2, 1)).spatial_shape
+    (48, 40, 3)
+    """
+    plan = plan_upscale(volume, model, scale=scale, spacing=spacing)
+    return _run_in_memory(volume, plan, tile, overlap, precision, kspace_consistency, progress)
+
+
+def upscale_file(
+    source: Path | str,
+    target: Path | str,
+    model: SRModel | str | Path | None = None,
+    *,
+    scale: Sequence[float] | None = None,
+    spacing: Sequence[float] | None = None,
+    modality: str | None = None,
+    tile: int | None = None,
+    overlap: int = 8,
+    precision: str = "auto",
+    kspace_consistency: bool = False,
+    anonymize: bool = False,
+    force: bool = False,
+    progress: bool = False,
+) -> Plan:
+    """Super-resolve the scan at ``source`` into ``target`` (same format family), atomically; returns the plan.
+
+    NIfTI/DICOM series in and out at the model's own integer scale stream slab by slab along k (memory independent
+    of the scan's size); PNG/TIFF, ultrasound frames, non-integer factors and k-space consistency run in memory.
+    The source is never overwritten; an existing target needs ``force``.
+
+    Args:
+        source: A NIfTI file, DICOM series folder or file, or PNG/TIFF.
+        target: A NIfTI file, PNG/TIFF, or a new DICOM series folder (a name without suffix).
+        modality: Overrides the source's (NIfTI and PNG/TIFF name none).
+        anonymize: DICOM target: de-identify the header.
+        model, scale, spacing, tile, overlap, precision, kspace_consistency, progress: As for :func:`upscale`.
+
+    >>> import medsr, tempfile, torch
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> scan = medsr.Volume(torch.rand(1, 24, 20, 3), np.diag([1.0, 1.0, 3.0, 1.0]), medsr.Modality.MR)
+    >>> medsr.write_volume(scan, folder / "lr.nii.gz")
+    >>> plan = medsr.upscale_file(folder / "lr.nii.gz", folder / "sr.nii.gz")
+    >>> plan.model.name, medsr.read_volume(folder / "sr.nii.gz").spatial_shape
+    ('edsr_mr_x2', (48, 40, 3))
+    """
+    return _upscale_file(
+        Path(source),
+        Path(target),
+        model,
+        {},
+        scale=scale,
+        spacing=spacing,
+        modality=modality,
+        tile=tile,
+        overlap=overlap,
+        precision=precision,
+        kspace_consistency=kspace_consistency,
+        anonymize=anonymize,
+        force=force,
+        progress=progress,
+    )
+
+
+def upscale_folder(
+    source: Path | str, target: Path | str, model: SRModel | str | Path | None = None, **options
+) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """:func:`upscale_file` for every scan under ``source`` (``data.find_scans``: files and DICOM series), into the
+    same relative paths under ``target``. A scan that fails is reported and skipped; each model is loaded once.
+
+    Returns (written targets, [(failed source, error message)]).
+    """
+    from medsr.data import find_scans
+    from medsr.progress import progress_bar
+
+    source, target = Path(source), Path(target)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{target}: upscaling a folder writes into a folder, and this is a file")
+    models: dict[str, SRModel] = {}
+    written, failed = [], []
+    for scan in progress_bar(find_scans(source), desc="scans", unit="scan", disable=not options.get("progress")):
+        output = target / scan.relative_to(source)
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            _upscale_file(scan, output, model, models, **options)
+        except (ValueError, OSError) as error:
+            failed.append((scan, str(error)))
+            LOG.warning("skipped %s: %s", scan, error)
+        else:
+            written.append(output)
+    return written, failed
+
+
+def _upscale_file(
+    source: Path,
+    target: Path,
+    model: SRModel | str | Path | None,
+    models: dict[str, SRModel],
+    *,
+    scale: Sequence[float] | None = None,
+    spacing: Sequence[float] | None = None,
+    modality: str | None = None,
+    tile: int | None = None,
+    overlap: int = 8,
+    precision: str = "auto",
+    kspace_consistency: bool = False,
+    anonymize: bool = False,
+    force: bool = False,
+    progress: bool = False,
+) -> Plan:
+    """:func:`upscale_file`, with ``models``: loaded models by name, shared over a folder's scans."""
+    from medsr.streaming import stream_upscale
+
+    check_output(target, [source], force=force)
+    target_format = file_format(target)
+    scan = open_scan(source, modality=modality)
+    if isinstance(model, str | Path) and str(model) in models:
+        model = models[str(model)]
+    plan = plan_upscale(
+        scan, model, scale=scale, spacing=spacing, label=str(source), image_file=file_format(source) == "image"
+    )
+    models[plan.model.name] = plan.model
+    if kspace_consistency and plan.resamples:
+        raise ValueError("k-space consistency needs the model's own scale (no scale/spacing resampling)")
+    factors = "x".join(f"{f:g}" for f in plan.factors)
+    description = f"medsr SR x{factors} {Path(plan.model.name).name}"[:64]
+    streams = isinstance(scan, VolumeFile) and target_format in ("nifti", "dicom") and not plan.resamples
+    if streams and not kspace_consistency:
+        stream_upscale(
+            scan,
+            target,
+            model_predictor(plan.model.network, precision=precision),
+            scale=plan.scale,
+            spatial_dims=plan.model.spatial_dims,
+            tile=tile,
+            overlap=overlap,
+            description=description,
+            anonymize=anonymize,
+            window=plan.window,
+            modality=plan.modality,
+            progress=progress,
+        )
+        return plan
+    volume = scan.read() if isinstance(scan, VolumeFile) else scan
+    sr = _run_in_memory(volume, plan, tile, overlap, precision, kspace_consistency, progress)
+    write_volume(sr, target, description=description, anonymize=anonymize)
+    return plan
+
+
+def _run_in_memory(
+    volume: Volume, plan: Plan, tile: int | None, overlap: int, precision: str, kspace: bool, progress: bool
+) -> Volume:
+    if kspace and plan.resamples:
+        raise ValueError("k-space consistency needs the model's own scale (no scale/spacing resampling)")
+    volume = volume.replace(modality=plan.modality)
+    sr = super_resolve(
+        volume,
+        plan.model.network,
+        model_scale=plan.model.model_scale,
+        factors=plan.factors,
+        tile=tile,
+        overlap=overlap,
+        precision=precision,
+        progress=progress,
+        window=plan.window,
+    )
+    if kspace:  # the scan is the measured k-space band: put it back into the output
+        from medsr.consistency import kspace_consistency
+
+        sr = kspace_consistency(sr, volume, plan.model.degradation)
+    return sr
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, MedsrWarning, stacklevel=3)
