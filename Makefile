@@ -33,8 +33,8 @@ figures: samples
 	$(BIN)/medsr simulate "$$($(BIN)/medsr samples --path xray_chest)" /tmp/medsr_xray.nii.gz -f \
 		--factors 2,2,1 --psf-fwhm 0.5,0.5,0 --noise poisson --photons 2000 --figure $(FIGURES)/degrade_xray.png
 
-# Score every shipped model on its held-out data next to bicubic: rewrites their cards, scores and docs/models.md;
-# fails if one does not beat bicubic.
+# Score every shipped model on its held-out data next to the interpolation baselines: rewrites their cards, scores
+# and docs/models.md; fails if one does not beat the best baseline (zero-fill, Lanczos-3, B-spline or cubic).
 models: samples
 	$(BIN)/medsr models --evaluate --table docs/models.md
 

@@ -13,7 +13,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, MRImageStorage, SecondaryCaptureImageStorage
 
 from medsr.deidentify import Deidentifier
-from medsr.dicom import write_series
+from medsr.dicom_write import write_series
 from medsr.io import file_format, read_volume, write_volume
 from medsr.samples import sample_path
 from medsr.volume import Modality, Volume, crop, scale_affine, world_coordinates

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from medsr.degrade import Degradation
-from medsr.evaluation import body_mask, compare_methods
+from medsr.evaluation import best_baseline, body_mask, compare_methods
 from medsr.models.blocks import interpolate
 from medsr.volume import Modality, Volume
 
@@ -22,7 +22,7 @@ def test_a_model_that_is_bicubic_scores_exactly_like_bicubic(head):
         head, Degradation((2, 2, 1)), {"bicubic_model": lambda b: interpolate(b, (2, 2), "cubic")}, slices=(4, 10)
     )
     by_method = {row["method"]: row for row in rows}
-    assert list(by_method) == ["nearest", "linear", "cubic", "bicubic_model"]
+    assert list(by_method) == ["nearest", "linear", "cubic", "zerofill", "bicubic_model"]
     for key in ("psnr", "ssim", "psnr_body", "ssim_body"):
         assert by_method["bicubic_model"][key] == pytest.approx(by_method["cubic"][key], abs=1e-5)
     assert by_method["nearest"]["psnr"] < by_method["linear"]["psnr"] < by_method["cubic"]["psnr"]
@@ -58,7 +58,47 @@ def test_lr_consistency_is_zero_for_the_truth_and_reported_for_every_method(phan
     assert lr_rmse(hr, lr, degradation) < 1e-6
     comparison = compare_methods(phantom, degradation, {}, slices=(4, 12), extras=True)
     rmse = {row["method"]: row["lr_rmse"] for row in comparison.rows}
-    assert set(rmse) == {"nearest", "linear", "cubic"} and all(value > 1e-3 for value in rmse.values())
+    assert set(rmse) == {"nearest", "linear", "cubic", "zerofill"}
+    assert all(rmse[method] > 1e-3 for method in ("nearest", "linear", "cubic"))
+    # zero-filled k-space keeps the measured band: it re-degrades to the LR but for the Nyquist line of an even
+    # matrix (its energy splits between +-m/2 in the real image, and truncation keeps one of them)
+    assert rmse["zerofill"] < rmse["cubic"] / 5
+
+
+@pytest.mark.parametrize(
+    ("degradation", "strongest"),
+    [
+        (Degradation(factors=(2, 2, 1), modality="MR"), "zerofill"),
+        (Degradation(factors=(2, 2, 1), modality="CT"), "lanczos"),
+        (Degradation(factors=(2, 2, 1), modality="CR"), "lanczos"),
+        (Degradation(factors=(1, 1, 4), modality="MR", slice_profile="gaussian"), "bspline"),
+        (Degradation(factors=(1, 1, 3), modality="CT"), "bspline"),
+    ],
+)
+def test_the_strongest_classical_baseline_is_scored_for_each_degradation(head, degradation, strongest):
+    """The baseline a physicist would name for the degradation is scored on the same LR; the best baseline is the
+    one with the highest PSNR, whichever it is."""
+    rows = compare_methods(head, degradation, {}, slices=(0, 12)).rows
+    assert [row["method"] for row in rows] == ["nearest", "linear", "cubic", strongest]
+    best = max(rows, key=lambda row: row["psnr"])
+    assert best_baseline(rows) == (best["method"], best["psnr"])
+
+
+def test_classical_upsample_keeps_the_grid_and_constants(phantom):
+    from medsr.evaluation import classical_upsample
+
+    lr = phantom.replace(array=torch.full((1, 6, 5, 4), 0.5))
+    for method, scale in (
+        ("zerofill", (2, 2, 1)),
+        ("lanczos", (2, 3, 1)),
+        ("bspline", (1, 1, 3)),
+        ("cubic", (2, 2, 2)),
+    ):
+        up = classical_upsample(lr, scale, method)
+        assert up.shape == (1, 6 * scale[0], 5 * scale[1], 4 * scale[2])
+        torch.testing.assert_close(up, torch.full_like(up, 0.5), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="unknown baseline"):
+        classical_upsample(lr, (2, 2, 1), "sinc")
 
 
 def test_kspace_consistency_puts_the_measured_band_back(phantom):

@@ -8,7 +8,6 @@ were normalised, the training config and step, and held-out scores. Shipped mode
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -21,6 +20,7 @@ from torch import nn
 
 from medsr.config import config_from_dict, problem, read_limited, short
 from medsr.degrade import Degradation
+from medsr.io import atomic_output, write_bytes
 from medsr.models import create_model
 
 WEIGHTS = "model.safetensors"
@@ -47,16 +47,12 @@ def save_checkpoint(
         raise ValueError(f"checkpoint description lacks {sorted(missing)}")
     directory.mkdir(parents=True, exist_ok=True)
     if state is not None:
-        tmp_state = directory / f".tmp.{TRAINING_STATE}"
-        torch.save(state, tmp_state)
-        os.replace(tmp_state, directory / TRAINING_STATE)
+        with atomic_output(directory / TRAINING_STATE) as tmp:
+            torch.save(state, tmp)
     weights = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
-    tmp_weights = directory / f".tmp.{WEIGHTS}"
-    save_file(weights, str(tmp_weights))
-    tmp_json = directory / f".tmp.{DESCRIPTION}"
-    tmp_json.write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp_weights, directory / WEIGHTS)
-    os.replace(tmp_json, directory / DESCRIPTION)
+    with atomic_output(directory / WEIGHTS) as tmp:
+        save_file(weights, str(tmp))
+    write_bytes(directory / DESCRIPTION, (json.dumps(description, indent=2, sort_keys=True) + "\n").encode())
 
 
 def load_training_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -159,9 +155,7 @@ def _difference(shapes: dict[str, list[int]], wanted: dict[str, list[int]]) -> s
 def update_description(directory: Path, **fields: Any) -> None:
     """Add or replace top-level fields of ``directory/model.json`` (e.g. held-out scores), atomically."""
     description = read_description(directory)
-    tmp = directory / f".tmp.{DESCRIPTION}"
-    tmp.write_text(json.dumps(description | fields, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, directory / DESCRIPTION)
+    write_bytes(directory / DESCRIPTION, (json.dumps(description | fields, indent=2, sort_keys=True) + "\n").encode())
 
 
 def interpolate(psnr: Path | str, gan: Path | str, alpha: float, out: Path) -> None:

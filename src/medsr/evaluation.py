@@ -8,7 +8,7 @@ air inflates both scores.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -18,6 +18,7 @@ import torch
 from medsr.consistency import lr_rmse
 from medsr.data import FOREGROUND_LEVEL, crop_to_multiple, degrade_normalised, slice_range
 from medsr.degrade import Degradation
+from medsr.degrade.sampling import kspace_upsample
 from medsr.infer import Predictor, predict_volume
 from medsr.metrics import hf_energy_ratio, hfen, psnr, ssim
 from medsr.models.blocks import interpolate
@@ -26,7 +27,65 @@ from medsr.volume import Volume, integer_scale
 if TYPE_CHECKING:
     from medsr.zoo import SRModel
 
-BASELINES = ("nearest", "linear", "cubic")
+BASELINES = ("nearest", "linear", "cubic")  # always scored; plus the strongest for the degradation:
+STRONGEST = {"kspace": "zerofill", "slices": "bspline", "image": "lanczos"}
+
+
+def strongest_baseline(degradation: Degradation) -> str:
+    """The strongest classical upsampler for a degradation: zero-filled k-space ('zerofill', sinc interpolation,
+    what MR scanners offer as ZIP) for MR k-space truncation in-plane; cubic B-spline ('bspline') for thick slices
+    only; Lanczos-3 ('lanczos') for image-domain losses (CT, US, X-ray in-plane).
+
+    >>> strongest_baseline(Degradation(factors=(2, 2, 1), modality="MR"))
+    'zerofill'
+    >>> strongest_baseline(Degradation(factors=(1, 1, 4), modality="CT"))
+    'bspline'
+    """
+    if max(degradation.factors[:2]) > 1:
+        return STRONGEST["kspace" if degradation.modality == "MR" else "image"]
+    return STRONGEST["slices"]
+
+
+def baselines(degradation: Degradation) -> tuple[str, ...]:
+    """Every baseline a comparison scores for ``degradation``: nearest, linear, cubic and the strongest."""
+    return (*BASELINES, strongest_baseline(degradation))
+
+
+def best_baseline(rows: Sequence[Mapping], key: str = "psnr") -> tuple[str, float]:
+    """(method, score) of the best interpolation baseline among a comparison's ``rows`` by ``key``: what a model's
+    gain is measured against.
+
+    >>> rows = [{"method": "cubic", "psnr": 30.0}, {"method": "zerofill", "psnr": 31.0}, {"method": "sr", "psnr": 32}]
+    >>> best_baseline(rows)
+    ('zerofill', 31.0)
+    """
+    known = (*BASELINES, *STRONGEST.values())
+    score, method = max((row[key], row["method"]) for row in rows if row["method"] in known)
+    return method, score
+
+
+def classical_upsample(lr: Volume, scale: Sequence[int], method: str) -> torch.Tensor:
+    """An interpolation baseline: (C, I, J, K) at ``scale`` times the LR grid, voxel-centre convention.
+
+    'nearest', 'linear', 'cubic', 'lanczos' (``models.blocks.interpolate``); 'zerofill': zero-filled k-space
+    in-plane (``degrade.sampling.kspace_upsample``), cubic B-spline along k; 'bspline': cubic B-spline along every
+    upsampled axis (``selfsup.interpolate_slices``).
+    """
+    from medsr.selfsup import interpolate_slices  # selfsup trains (train imports this module)
+
+    if method not in (*BASELINES, *STRONGEST.values()):
+        raise ValueError(f"unknown baseline {method!r}")
+    if method not in ("zerofill", "bspline"):
+        return interpolate(lr.array[None], scale, method)[0]
+    volume = lr
+    if method == "zerofill" and max(scale[:2]) > 1:
+        shape = (lr.spatial_shape[0] * scale[0], lr.spatial_shape[1] * scale[1])
+        upsampled = kspace_upsample(lr.array.permute(0, 3, 1, 2), shape).permute(0, 2, 3, 1)  # (C, I, J, K)
+        volume = lr.replace(array=upsampled.contiguous())
+    for axis in range(3) if method == "bspline" else (2,):
+        if scale[axis] > 1:
+            volume = interpolate_slices(volume, axis, lr.spatial_shape[axis] * scale[axis])
+    return volume.array
 
 
 class Slab(NamedTuple):
@@ -109,15 +168,16 @@ def compare_methods(
     slab = crop_to_multiple(slice_range(hr, slices=slices, axis=axis), scale=scale)
     lr = degrade_normalised(slab, degradation, rng=np.random.default_rng(seed))
     images = {"lr": lr.array.permute(3, 0, 1, 2), "hr": slab.array.permute(3, 0, 1, 2)}  # (K, C, I, J)
-    for method in BASELINES:
-        images[method] = interpolate(lr.array[None], scale, method)[0].permute(3, 0, 1, 2)
+    methods = baselines(degradation)
+    for method in methods:
+        images[method] = classical_upsample(lr, scale, method).permute(3, 0, 1, 2)
     for name, predictor in models.items():
         sr = predict_volume(predictor, lr, scale=scale, spatial_dims=spatial_dims, progress=False)
         images[name] = sr.array.permute(3, 0, 1, 2)
     mask = body_mask(images["hr"])
     where = Slab(*slices, axis)
     rows, per_slice = [], []
-    for name in (*BASELINES, *models):
+    for name in (*methods, *models):
         scores = score_slices(images[name], images["hr"], mask, extras=extras)
         output = slab.replace(array=images[name].permute(1, 2, 3, 0))  # (C, I, J, K)
         slab_scores = (
@@ -172,7 +232,7 @@ def evaluate(
 
     >>> result = evaluate("edsr_mr_x2", "colin27", (120, 124), precision="fp32")
     >>> [row["method"] for row in result.comparison.rows], str(result.slab)
-    (['nearest', 'linear', 'cubic', 'edsr_mr_x2'], 'k 120..123')
+    (['nearest', 'linear', 'cubic', 'zerofill', 'edsr_mr_x2'], 'k 120..123')
     """
     from medsr.data import prepare_scan
     from medsr.infer import model_predictor

@@ -229,22 +229,23 @@ def write_volume(
     other formats (e.g. DICOM in HU) have none and can only go to float TIFF, never silently clipped.
 
     A DICOM target is a folder (a name without a suffix, or an existing folder) that receives a new derived series,
-    one file per slice (see :func:`medsr.dicom.write_series`). It is never the input series, and an existing
+    one file per slice (see :func:`medsr.dicom_write.write_series`). It is never the input series, and an existing
     folder is replaced only if empty or written by medsr.
 
     Args:
         description: DICOM only: the SeriesDescription, saying what made the series (e.g. "SR x2 edsr_baseline").
         anonymize: DICOM only: de-identify the header, ``True`` (PS3.15 Basic Profile) or with a
-            :class:`medsr.deidentify.Deidentifier` (see :func:`medsr.dicom.write_series`). NIfTI and PNG/TIFF carry
-            no patient identifiers.
+            :class:`medsr.deidentify.Deidentifier` (see :func:`medsr.dicom_write.write_series`). NIfTI and PNG/TIFF
+            carry no patient identifiers.
     """
     path = Path(path)
     if volume.array.shape[0] != 1:
         raise ValueError(f"{path}: can only write single-channel volumes, got {volume.array.shape[0]} channels")
     kind = file_format(path)
+    _check_finite(volume.array.numpy(), f"{path} (output)")  # e.g. a model with NaN weights: refuse to write it
     if kind == "dicom":
         _check_series_name(path)
-        from medsr.dicom import write_series
+        from medsr.dicom_write import write_series
 
         write_series(volume, path, description=description, anonymize=anonymize)
         return
@@ -278,7 +279,7 @@ def volume_writer(
     NIfTI: the header, then each slab appended (see :func:`_nifti_writer`); .nii.gz is compressed on the way.
     DICOM series: the rescale and window need the whole value range before the first file, so the slabs are
     staged in an uncompressed temporary NIfTI file beside the folder (I * J * K * 4 bytes of disk, deleted after),
-    then written by :func:`medsr.dicom.write_series_slices`. The target is checked before the block runs.
+    then written by :func:`medsr.dicom_write.write_series_slices`. The target is checked before the block runs.
 
     Args:
         spatial_shape: (I, J, K) of the whole volume.
@@ -291,10 +292,15 @@ def volume_writer(
         raise ValueError(f"{path}: PNG/TIFF hold one 2D frame; write it whole with write_volume")
     if kind == "nifti":
         with atomic_output(path) as tmp, _nifti_writer(tmp, affine, spatial_shape) as write:
-            yield write
+
+            def write_checked(slab: np.ndarray) -> None:
+                _check_finite(slab, f"{path} (output)")
+                write(slab)
+
+            yield write_checked
         return
     _check_series_name(path)
-    from medsr.dicom import check_series_target, write_series_slices
+    from medsr.dicom_write import check_series_target, write_series_slices
 
     check_series_target(path, modality, meta, description)
     with temporary_path(path.with_name(f"{path.name}.nii")) as staged:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medsr.degrade import MAX_FACTOR
 from medsr.infer import model_plan, model_predictor, super_resolve
 from medsr.inputs import input_warnings
 from medsr.intensity import Window, intensity_range, volume_range, window_from_range
@@ -28,7 +29,6 @@ from medsr.volume import Volume
 from medsr.zoo import SRModel, choose_model, is_through_plane, load_model, model_family
 
 LOG = logging.getLogger("medsr")
-MAX_FACTOR = 16.0  # per axis: beyond this no model or interpolation makes sense, and memory explodes
 MAX_OUTPUT_VOXELS = 2**31  # 8 GiB of float32: refuse before allocating
 
 

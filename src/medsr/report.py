@@ -25,9 +25,9 @@ import torch
 
 from medsr.config import config_from_dict
 from medsr.degrade import explain, summary
-from medsr.evaluation import BASELINES, Evaluation, Slab, body_mask
+from medsr.evaluation import Evaluation, Slab, baselines, best_baseline, body_mask, strongest_baseline
 from medsr.inputs import PROJECTION
-from medsr.io import write_bytes
+from medsr.io import atomic_output, write_bytes
 from medsr.metrics import paired_difference
 from medsr.zoo import is_through_plane, upscaled_axes
 
@@ -398,7 +398,10 @@ def model_card(name: str, description: Mapping, held_out: Sequence[Mapping], *, 
     else:
         trained_on = ""
     columns = ["method", "psnr", "ssim", "psnr_body", "ssim_body", "ssim3d", "hfen"]
-    tables = "\n\n".join(f"{entry['data']}:\n\n```\n{format_table(entry['rows'], columns)}\n```" for entry in held_out)
+    tables = "\n\n".join(
+        f"{entry['data']}: {gain_text(name, entry['rows'])}\n\n```\n{format_table(entry['rows'], columns)}\n```"
+        for entry in held_out
+    )
     limits = "".join(f"\n- {limit}" for limit in config.card.limits)
     return f"""# Model card: {name}
 
@@ -430,6 +433,18 @@ Inference in {precision} (`--precision auto` picks bf16 on CPUs with bf16 instru
 Reproduce: `medsr train configs/{name}.yaml --out runs/{name}`, copy `runs/{name}/best` to
 `src/medsr/weights/{name}`, then `medsr models --evaluate {name}` (scores, this card).
 """
+
+
+def gain_text(name: str, rows: Sequence[Mapping]) -> str:
+    """The PSNR gain of model ``name`` over the best interpolation baseline among a comparison's ``rows``.
+
+    >>> rows = [{"method": "cubic", "psnr": 30.0}, {"method": "zerofill", "psnr": 31.0}, {"method": "sr", "psnr": 31.5}]
+    >>> gain_text("sr", rows)
+    '+0.50 dB PSNR over the best baseline (zerofill, 31.00 dB)'
+    """
+    baseline, best = best_baseline(rows)
+    model = next(row["psnr"] for row in rows if row["method"] == name)
+    return f"{model - best:+.2f} dB PSNR over the best baseline ({baseline}, {best:.2f} dB)"
 
 
 def degradation_figure(path: Path, hr, lr, *, title: str = "") -> None:
@@ -657,14 +672,23 @@ def scores_text(evaluation: Evaluation) -> str:
         "per 2D slice, SSIM 3D over the slab, data_range 1 on intensities normalised by the LR scan's 0.5..99.9th "
         "percentiles; *_body: within the dilated foreground mask"
     )
-    return f"\n{caption}\n\n{format_table(evaluation.comparison.rows, SCORE_COLUMNS)}"
+    rows = evaluation.comparison.rows
+    return (
+        f"\n{caption}\n\n{format_table(rows, SCORE_COLUMNS)}\n{evaluation.model}: {gain_text(evaluation.model, rows)}"
+    )
 
 
 def write_evaluation(evaluation: Evaluation, directory: Path) -> None:
-    """scores.csv/json (means per method), per_slice.csv/json, three figures and report.html into ``directory``
-    (created if needed), each file atomically."""
+    """scores.csv/json (means per method), per_slice.csv/json, three figures and report.html: a new ``directory``
+    that appears complete or not at all (an existing one is replaced as a whole)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(directory, folder=True) as tmp:
+        _write_evaluation(evaluation, tmp)
+
+
+def _write_evaluation(evaluation: Evaluation, directory: Path) -> None:
     model, scan, degradation, slab, comparison = evaluation
-    directory.mkdir(parents=True, exist_ok=True)
     for name, rows, columns in (
         ("scores", comparison.rows, SCORE_COLUMNS),
         ("per_slice", comparison.slices, ("method", "slice", *SCORE_COLUMNS[1:-2])),  # hf_ratio, lr_rmse: slab-wide
@@ -678,7 +702,8 @@ def write_evaluation(evaluation: Evaluation, directory: Path) -> None:
     images = comparison.images
     middle = images["hr"].shape[0] // 2
     hr = images["hr"][middle, 0]
-    methods = {name: images[name][middle, 0] for name in ("cubic", model)}
+    strongest = strongest_baseline(degradation)
+    methods = {name: images[name][middle, 0] for name in (strongest, model)}
     title = f"slice {slab.k_index(middle)}, {summary(degradation)}"
     figures = {
         "Side by side, with a zoomed detail": directory / "comparison.png",
@@ -687,7 +712,7 @@ def write_evaluation(evaluation: Evaluation, directory: Path) -> None:
     }
     lr_middle = middle * images["lr"].shape[0] // images["hr"].shape[0]  # the thick slice holding it
     panels = {"LR": images["lr"][lr_middle, 0]} | {
-        name: images[key][middle, 0] for name, key in (("bicubic", "cubic"), (model, model), ("HR", "hr"))
+        name: images[key][middle, 0] for name, key in ((strongest, strongest), (model, model), ("HR", "hr"))
     }
     comparison_figure(figures["Side by side, with a zoomed detail"], panels, title=title)
     error_map_figure(figures["Absolute error against HR"], hr, methods, title=title)
@@ -697,7 +722,7 @@ def write_evaluation(evaluation: Evaluation, directory: Path) -> None:
         directory / "report.html",
         comparison.slices,
         model=model,
-        baselines=BASELINES,
+        baselines=baselines(degradation),
         unit="slice",
         degradation=summary(degradation),
         data_range=1.0,

@@ -47,6 +47,7 @@ PHASES = 8  # sampling offsets of the simulated slices per in-plane axis (for no
 
 
 LOG = logging.getLogger("medsr")
+MAX_OVERLAP = 8  # slices at most this many spacings thick (overlapping reconstructions reach about 4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +71,11 @@ class SliceAcquisition:
             raise ValueError(f"axis must be 0, 1 or 2 and profile one of {PROFILES}, got {self.axis}, {self.profile}")
         if not (math.isfinite(self.thickness) and self.thickness > 0 and self.spacing > 0):
             raise ValueError(f"slice spacing and thickness must be > 0 mm, got {self.spacing}, {self.thickness}")
+        if self.thickness > MAX_OVERLAP * self.spacing:
+            raise ValueError(
+                f"slice thickness {self.thickness:g} mm is more than {MAX_OVERLAP}x the slice spacing "
+                f"{self.spacing:.3g} mm; check the value (FWHM in mm)"
+            )
 
 
 def slice_acquisition(volume: Volume, *, thickness: float | None = None, profile: str = "gaussian") -> SliceAcquisition:

@@ -31,7 +31,7 @@ from medsr.degrade import Degradation
 from medsr.evaluation import compare_methods
 from medsr.infer import model_predictor
 from medsr.inputs import training_inputs
-from medsr.io import read_volume
+from medsr.io import read_volume, write_bytes
 from medsr.losses import ADVERSARIAL, LOSSES, combined, discriminator_loss, generator_loss
 from medsr.models import create_model, list_models
 from medsr.models.discriminators import DISCRIMINATORS, create_discriminator
@@ -363,37 +363,37 @@ def fit(config: Config | None, run_dir: Path, *, resume: bool = False, progress:
     data = _training_data(config)
     nets = _networks(config, world_size)
     # The folder is made only now: a config, scan or model that fails above leaves nothing behind.
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume and rank == 0:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    start, best = _restore(last, *resumed, nets, rank=rank) if resume else (0, {"psnr": -math.inf})
-    # DDP averages gradients over processes: with equal shares of the global batch, the same update as one process.
-    trained = nn.parallel.DistributedDataParallel(nets.model) if world_size > 1 else nets.model
-    loss_fn = combined(config.train.loss_terms) if config.train.loss_terms else LOSSES[config.train.loss]
-    stream = batches(data.dataset, config.data.batch_size, start, rank=rank, world_size=world_size)
-    steps = range(start + 1, config.train.steps + 1)
-    bar = progress_bar(
-        steps, desc="train", unit="step", initial=start, total=config.train.steps, disable=not progress or rank > 0
-    )
-    with _log_file(run_dir, resume, rank) as log:
-        for step in bar:
-            adversarial_phase = nets.discriminator is not None and step > config.gan.pretrain_steps
-            logs = _step(trained, nets, next(stream), loss_fn, config, adversarial=adversarial_phase)
-            nets.schedule.step()
-            if nets.discriminator is not None and step == config.gan.pretrain_steps and rank == 0:  # PSNR-oriented
-                save_checkpoint(run_dir / "psnr", nets.final, describe(config, step, {}, data.split, data.inputs))
-            bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
-            if world_size > 1:  # log the global batch's loss, as one process would see it
-                loss = torch.tensor(logs["loss"])
-                dist.all_reduce(loss)
-                logs["loss"] = float(loss) / world_size
-            if step % config.train.val_every and step != config.train.steps:
-                continue
-            if rank == 0:
-                row, best = _validate_and_save(run_dir, nets, data, config, step, logs, best, log, adversarial_phase)
-                bar.write(f"step {step}: val PSNR {row['psnr']:.2f} dB (bicubic {row['psnr_cubic']:.2f})")
-            if world_size > 1:
-                dist.barrier()  # the other ranks wait while rank 0 validates and saves
+    with _run_folder(run_dir, config, resume=resume, rank=rank):
+        start, best = _restore(last, *resumed, nets, rank=rank) if resume else (0, {"psnr": -math.inf})
+        # DDP averages gradients over processes: with equal shares of the global batch, the same update as one process.
+        trained = nn.parallel.DistributedDataParallel(nets.model) if world_size > 1 else nets.model
+        loss_fn = combined(config.train.loss_terms) if config.train.loss_terms else LOSSES[config.train.loss]
+        stream = batches(data.dataset, config.data.batch_size, start, rank=rank, world_size=world_size)
+        steps = range(start + 1, config.train.steps + 1)
+        bar = progress_bar(
+            steps, desc="train", unit="step", initial=start, total=config.train.steps, disable=not progress or rank > 0
+        )
+        with _log_file(run_dir, resume, rank) as log:
+            for step in bar:
+                adversarial_phase = nets.discriminator is not None and step > config.gan.pretrain_steps
+                logs = _step(trained, nets, next(stream), loss_fn, config, adversarial=adversarial_phase)
+                nets.schedule.step()
+                if nets.discriminator is not None and step == config.gan.pretrain_steps and rank == 0:  # PSNR-oriented
+                    save_checkpoint(run_dir / "psnr", nets.final, describe(config, step, {}, data.split, data.inputs))
+                bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
+                if world_size > 1:  # log the global batch's loss, as one process would see it
+                    loss = torch.tensor(logs["loss"])
+                    dist.all_reduce(loss)
+                    logs["loss"] = float(loss) / world_size
+                if step % config.train.val_every and step != config.train.steps:
+                    continue
+                if rank == 0:
+                    row, best = _validate_and_save(
+                        run_dir, nets, data, config, step, logs, best, log, adversarial_phase
+                    )
+                    bar.write(f"step {step}: val PSNR {row['psnr']:.2f} dB (bicubic {row['psnr_cubic']:.2f})")
+                if world_size > 1:
+                    dist.barrier()  # the other ranks wait while rank 0 validates and saves
     if world_size > 1:
         dist.destroy_process_group()
     return best
@@ -536,6 +536,22 @@ def _validate_and_save(
         state |= {"discriminator": nets.discriminator.state_dict(), "d_optimizer": nets.d_optimizer.state_dict()}
     _save_last(run_dir, nets.final, description, state)
     return row, best
+
+
+@contextlib.contextmanager
+def _run_folder(run_dir: Path, config: Config, *, resume: bool, rank: int) -> Iterator[None]:
+    """Make the run folder and write its config.yaml (rank 0, new runs); a new run that fails before its first
+    checkpoint (disk full, Ctrl-C, SIGTERM) removes the folder again: nothing half-made is left."""
+    new = not resume and not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        if not resume and rank == 0:
+            write_bytes(run_dir / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False).encode())
+        yield
+    except BaseException:
+        if new and rank == 0 and not (run_dir / "last").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 @contextlib.contextmanager

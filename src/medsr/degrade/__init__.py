@@ -39,6 +39,9 @@ NOISE_OF = {"MR": "rician", "CT": "gaussian", "CR": "poisson", "DX": "poisson", 
 CT_NOISE_GRAIN = 1.5  # LR voxels: FWHM of the in-plane texture of CT noise
 
 
+MAX_FACTOR = 16.0  # per axis: beyond it a scanner model is meaningless and the LR scan a few voxels
+
+
 @dataclasses.dataclass(frozen=True)
 class Degradation:
     """What is applied to make LR from HR; saved with every model so users know what it learned to invert.
@@ -72,8 +75,8 @@ class Degradation:
 
     def __post_init__(self) -> None:
         factors = tuple(float(f) for f in self.factors)
-        if len(factors) != 3 or any(not math.isfinite(f) or f < 1 for f in factors):
-            raise ValueError(f"factors must be 3 numbers >= 1 (i, j, k), got {self.factors}")
+        if len(factors) != 3 or any(not math.isfinite(f) or not 1 <= f <= MAX_FACTOR for f in factors):
+            raise ValueError(f"factors must be 3 numbers in [1, {MAX_FACTOR:g}] (i, j, k), got {self.factors}")
         psf = tuple(float(f) for f in self.psf_fwhm)
         if len(psf) != 3 or any(not math.isfinite(f) or f < 0 for f in psf):
             raise ValueError(f"psf_fwhm must be 3 widths >= 0 mm (i, j, k), got {self.psf_fwhm}")
