@@ -82,7 +82,9 @@ def test_a_model_that_outputs_nan_writes_nothing(capsys, scan, monkeypatch):
         next(model.network.parameters()).fill_(float("nan"))  # in memory only: a broken network
     out = scan.parent.parent / "out" / "sr.nii.gz"
     with pytest.raises(ValueError, match="NaN or infinite"):
-        medsr.upscale_file(scan, out, model)
+        medsr.upscale_file(scan, out, model)  # streamed
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        medsr.upscale_file(scan, out, model, scale=(1.5, 1.5, 1))  # in memory
     assert list(out.parent.iterdir()) == []
 
 

@@ -242,7 +242,6 @@ def write_volume(
     if volume.array.shape[0] != 1:
         raise ValueError(f"{path}: can only write single-channel volumes, got {volume.array.shape[0]} channels")
     kind = file_format(path)
-    _check_finite(volume.array.numpy(), f"{path} (output)")  # e.g. a model with NaN weights: refuse to write it
     if kind == "dicom":
         _check_series_name(path)
         from medsr.dicom_write import write_series
@@ -292,12 +291,7 @@ def volume_writer(
         raise ValueError(f"{path}: PNG/TIFF hold one 2D frame; write it whole with write_volume")
     if kind == "nifti":
         with atomic_output(path) as tmp, _nifti_writer(tmp, affine, spatial_shape) as write:
-
-            def write_checked(slab: np.ndarray) -> None:
-                _check_finite(slab, f"{path} (output)")
-                write(slab)
-
-            yield write_checked
+            yield write
         return
     _check_series_name(path)
     from medsr.dicom_write import check_series_target, write_series_slices

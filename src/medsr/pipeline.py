@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from medsr.degrade import MAX_FACTOR
 from medsr.infer import model_plan, model_predictor, super_resolve
@@ -336,6 +337,8 @@ def _run_in_memory(
         from medsr.consistency import kspace_consistency
 
         sr = kspace_consistency(sr, volume, plan.model.degradation)
+    if not torch.isfinite(sr.array).all():
+        raise ValueError(f"{plan.model.name} gives NaN or infinite values (broken weights?); nothing written")
     return sr
 
 

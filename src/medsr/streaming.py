@@ -113,6 +113,8 @@ def stream_upscale(
         for sr in planes:
             if sr.shape[0] != 1:
                 raise ValueError(f"{target}: can only write single-channel volumes, the model gives {sr.shape[0]}")
+            if not torch.isfinite(sr).all():
+                raise ValueError(f"{target}: the model gives NaN or infinite values (broken weights?); nothing written")
             write(window.to_physical(sr)[0].numpy())
 
 
