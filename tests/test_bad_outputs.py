@@ -121,3 +121,25 @@ def test_train_that_fails_before_its_first_checkpoint_leaves_no_run_folder(capsy
     code, err = run(capsys, [*argv, "train.val_every=2"])
     assert code == 2 and "No space left" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_disk_that_fills_while_a_dicom_series_is_written_leaves_no_folder(capsys, tmp_path, monkeypatch):
+    """The audit's traceback: `medsr upscale` into a DICOM series on a full disk. Now one line, nothing left."""
+    import pydicom
+
+    written = []
+
+    def save_as(self, filename, *args, **kwargs):
+        if len(written) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+        written.append(filename)
+        return original(self, filename, *args, **kwargs)
+
+    original = pydicom.Dataset.save_as
+    monkeypatch.setattr(pydicom.Dataset, "save_as", save_as)
+    volume = medsr.Volume(torch.rand(1, 24, 20, 6) * 100, np.eye(4), medsr.Modality.MR)
+    medsr.write_volume(volume, tmp_path / "scan.nii.gz")
+    code, err = run(capsys, ["upscale", str(tmp_path / "scan.nii.gz"), str(tmp_path / "series"), "--precision", "fp32"])
+    errors = [line for line in err.splitlines() if "error:" in line]  # the rest: input warnings, progress
+    assert code == 2 and len(errors) == 1 and "No space left on device" in errors[0] and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.nii.gz"]
