@@ -29,19 +29,15 @@ from medsr.zoo import score_shipped, shipped_descriptions, summary_table
 DEFAULT_MODEL = "edsr_mr_x2"
 
 
-def _numbers(count: int):
-    """An argparse type: ``count`` finite comma-separated numbers, e.g. '2,2,1'."""
-
-    def parse(text: str) -> tuple[float, ...]:
-        try:
-            values = tuple(float(v) for v in text.split(","))
-        except ValueError:
-            values = ()
-        if len(values) != count or not all(math.isfinite(v) for v in values):
-            raise argparse.ArgumentTypeError(f"expected {count} finite numbers (i, j, k) like 2,2,1, got {text!r}")
-        return values
-
-    return parse
+def _triple(text: str) -> tuple[float, ...]:
+    """An argparse type: three finite numbers (i, j, k), e.g. '2,2,1'."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected 3 finite numbers (i, j, k) like 2,2,1, got {text!r}")
+    return values
 
 
 def _at_least(low: int):
@@ -181,25 +177,16 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _models(args: argparse.Namespace) -> int:
     """List the shipped models, print one's card, or score them on their held-out data (cards and table)."""
     shipped = shipped_descriptions()
-    unknown = sorted(set(args.names) - set(shipped))
-    if unknown:
+    if unknown := sorted(set(args.names) - set(shipped)):
         raise ValueError(f"not shipped models: {unknown}; shipped: {', '.join(shipped)}")
     if args.names and not args.evaluate:
         if args.table:
             raise ValueError("--table writes the summary table: pass it without model names, or with --evaluate")
-        for name in args.names:
-            print(medsr.load_model(name).card)
+        print("\n".join(medsr.load_model(name).card for name in args.names))
         return 0
-    if args.table:
-        check_output(args.table, force=True)
     names = args.names or list(shipped)
-    losing = [
-        failure
-        for name in (names if args.evaluate else [])
-        for failure in score_shipped(name, precision=args.precision)
-    ]
-    table = summary_table(names)
-    print(table)
+    losing = [lost for name in names if args.evaluate for lost in score_shipped(name, precision=args.precision)]
+    print(table := summary_table(names))
     if args.table:
         write_bytes(args.table, f"```\n{table}\n```\n".encode())
         print(f"wrote {args.table}")
@@ -259,26 +246,18 @@ def _common(command: argparse.ArgumentParser, *, force: bool = True, precision: 
 
 def _anonymize(command: argparse.ArgumentParser) -> None:
     group = command.add_mutually_exclusive_group()
-    group.add_argument(
-        "--anonymize",
-        action="store_const",
-        const="basic",
-        help="DICOM output: de-identify (PS3.15 Annex E basic profile, UIDs remapped with a secret per run).",
-    )
-    group.add_argument(
-        "--anonymize-pixels-only",
-        dest="anonymize",
-        action="store_const",
-        const="pixels-only",
-        help="DICOM output: keep nothing but the image and its geometry.",
-    )
+    for option, mode, text in (
+        ("--anonymize", "basic", "de-identify (PS3.15 basic profile, UIDs remapped with a secret per run)"),
+        ("--anonymize-pixels-only", "pixels-only", "keep nothing but the image and its geometry"),
+    ):
+        group.add_argument(option, dest="anonymize", action="store_const", const=mode, help=f"DICOM output: {text}.")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="medsr", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"medsr {medsr.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    three, inputs = _numbers(3), "NIfTI, DICOM series folder or file, PNG/TIFF."
+    three, inputs = _triple, "NIfTI, DICOM series folder or file, PNG/TIFF."
 
     info = _command(commands, "info", _info, "Print a scan's shape, spacing, orientation and range.")
     info.add_argument("input", type=Path, help=inputs)
