@@ -348,10 +348,7 @@ def temporary_path(path: Path | str, *, folder: bool = False) -> Iterator[Path]:
     try:
         yield tmp
     finally:
-        if tmp.is_dir() and not tmp.is_symlink():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
+        _remove(tmp)
 
 
 @contextmanager
@@ -422,10 +419,15 @@ def _remove_stale_temporaries(path: Path) -> None:
     for stale in path.parent.glob(f".*{TEMP_MARK}{glob.escape(path.name)}"):
         pid = stale.name[1:].split(".", 1)[0]
         if pid.isdigit() and not _running(int(pid)):
-            if stale.is_dir() and not stale.is_symlink():
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                stale.unlink(missing_ok=True)
+            _remove(stale)
+
+
+def _remove(path: Path) -> None:
+    """Delete a temporary file or folder if it is there (a symlink itself, never what it points to)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _running(pid: int) -> bool:

@@ -173,6 +173,7 @@ def upscale(
     (48, 40, 3)
     """
     plan = plan_upscale(volume, model, scale=scale, spacing=spacing)
+    _check_kspace(plan, kspace_consistency)
     return _run_in_memory(volume, plan, tile, overlap, precision, kspace_consistency, progress)
 
 
@@ -289,8 +290,7 @@ def _upscale_file(
         scan, model, scale=scale, spacing=spacing, label=str(source), image_file=file_format(source) == "image"
     )
     models[plan.model.name] = plan.model
-    if kspace_consistency and plan.resamples:
-        raise ValueError("k-space consistency needs the model's own scale (no scale/spacing resampling)")
+    _check_kspace(plan, kspace_consistency)
     factors = "x".join(f"{f:g}" for f in plan.factors)
     description = f"medsr SR x{factors} {Path(plan.model.name).name}"[:64]
     streams = isinstance(scan, VolumeFile) and target_format in ("nifti", "dicom") and not plan.resamples
@@ -319,8 +319,6 @@ def _upscale_file(
 def _run_in_memory(
     volume: Volume, plan: Plan, tile: int | None, overlap: int, precision: str, kspace: bool, progress: bool
 ) -> Volume:
-    if kspace and plan.resamples:
-        raise ValueError("k-space consistency needs the model's own scale (no scale/spacing resampling)")
     volume = volume.replace(modality=plan.modality)
     sr = super_resolve(
         volume,
@@ -340,6 +338,12 @@ def _run_in_memory(
     if not torch.isfinite(sr.array).all():
         raise ValueError(f"{plan.model.name} gives NaN or infinite values (broken weights?); nothing written")
     return sr
+
+
+def _check_kspace(plan: Plan, kspace_consistency: bool) -> None:
+    """Before any work: k-space consistency puts the input's band back, so the output must be at the model's scale."""
+    if kspace_consistency and plan.resamples:
+        raise ValueError("k-space consistency needs the model's own scale (no scale/spacing resampling)")
 
 
 def _warn(message: str) -> None:
