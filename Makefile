@@ -36,7 +36,7 @@ figures: samples
 # Score every shipped model on its held-out data next to the interpolation baselines: rewrites their cards, scores
 # and docs/models.md; fails if one does not beat the best baseline (zero-fill, Lanczos-3, B-spline or cubic).
 models: samples
-	$(BIN)/medsr models --evaluate --table docs/models.md
+	$(BIN)/medsr models --evaluate --precision fp32 --table docs/models.md
 
 lint: install
 	$(BIN)/ruff format --check src tests benchmarks

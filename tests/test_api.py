@@ -170,3 +170,27 @@ def test_check_output_refuses_inputs_and_existing_paths(tmp_path):
     with pytest.raises(ValueError, match="exists; pass --force"):
         check_output(tmp_path / "old.nii", [tmp_path / "in.nii"])
     check_output(tmp_path / "old.nii", [tmp_path / "in.nii"], force=True)
+
+
+def test_a_nifti_without_modality_gets_one_from_its_intensities(tmp_path, capsys):
+    """A CT NIfTI in HU (a crop of the Cranium sample) gets the CT model, and says so; a NIfTI whose intensities are
+    neither HU nor a magnitude image (z-scored) stops with one line asking for --modality, writing nothing."""
+    from medsr.samples import sample_path
+
+    ct = medsr.read_volume(sample_path("cranium_ct"))
+    crop = ct.replace(array=ct.array[:, ::2, ::2, 50:52].contiguous())  # the whole field of view, air included
+    source, target = tmp_path / "ct.nii.gz", tmp_path / "sr.nii.gz"
+    medsr.write_volume(crop, source)
+    assert main(["upscale", str(source), str(target)]) == 0
+    err = capsys.readouterr().err
+    assert "CT from its intensities" in err and "edsr_ct_x2" in err
+    assert medsr.read_volume(target).spatial_shape == (256, 256, 2)
+
+    scores = (crop.array - crop.array.mean()) / crop.array.std()
+    medsr.write_volume(crop.replace(array=scores), tmp_path / "z.nii.gz")
+    assert main(["upscale", str(tmp_path / "z.nii.gz"), str(tmp_path / "z_sr.nii.gz")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "names no modality" in lines[0] and "--modality" in lines[0]
+    assert not (tmp_path / "z_sr.nii.gz").exists()
+    with pytest.raises(ValueError, match="names no modality"):
+        medsr.upscale(medsr.read_volume(tmp_path / "z.nii.gz"))

@@ -168,11 +168,43 @@ def test_shipped_default_model_is_present():
         (["train.ema_decay=1.0"], "ema_decay"),
         (["train.loss_terms={l1: 1.0, l3: 0.1}"], "unknown loss"),
         (["train.loss_terms={l1: 0}"], "weight"),
+        (["data.gamma=[0,2]"], "data.gamma"),
+        (["data.gamma=[2,1]"], "data.gamma"),
     ],
 )
 def test_configs_that_would_leak_or_fail_late_are_refused(overrides, match):
     with pytest.raises(ValueError, match=match):
         check_config(load_config(overrides=overrides))
+
+
+def test_training_only_scans_and_gamma_copies_train_but_are_never_scored(tmp_path, capsys):
+    """A whole scan in data.extra_train_scans is trained on (its LR range is in the model's inputs record) and
+    refused by evaluate; gamma copies bend the training intensities; an extra scan that is also held out or
+    validated is refused before any work."""
+    from medsr.cli import main
+    from medsr.io import read_volume, write_volume
+    from medsr.samples import sample_path
+    from medsr.train import _training_data
+
+    colin = read_volume(sample_path("colin27"))
+    extra = tmp_path / "other.nii.gz"
+    write_volume(colin.replace(array=colin.array[:, 40:104, 60:124, 20:26] * 3.0), extra)  # another "subject"
+    overrides = [*TINY, f"data.extra_train_scans=[{extra}]", "data.gamma=[0.5,2]", "train.steps=2"]
+    config = load_config(overrides=overrides)
+    data = _training_data(config)
+    assert len(data.dataset.regions) == 2 * 5  # Colin27's training region and the whole extra scan, 5 gammas each
+    assert data.dataset.regions[5].spatial_shape == (64, 64, 6)
+    means = [float(region.array.mean()) for region in data.dataset.regions[:5]]  # normalised tissue < 1:
+    assert means == sorted(means, reverse=True) and means[0] > 2 * means[4]  # gamma 0.5 brightens, 2 darkens
+    fit(config, tmp_path / "run", progress=False)
+    _, description = load_checkpoint(tmp_path / "run" / "best")
+    colin_range, extra_range = description["inputs"]["scans"]  # the extra scan's intensities are 3x Colin27's
+    assert extra_range[1] == pytest.approx(3 * read_volume(extra).array.div(3).quantile(0.999).item(), rel=0.05)
+    assert extra_range[1] > colin_range[1]
+    assert main(["evaluate", "--model", str(tmp_path / "run" / "best"), "--scan", str(extra)]) == 2
+    assert "extra_train_scans" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="extra_train_scans"):
+        _training_data(load_config(overrides=[*overrides, f"data.held_out_scans=[{extra}]"]))
 
 
 def test_fit_with_a_weighted_loss(tmp_path):

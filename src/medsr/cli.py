@@ -301,7 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     upscale.add_argument("--tile", type=_at_least(1), help="Tile edge in input voxels (128 in 2D, 48 in 3D).")
     upscale.add_argument("--overlap", type=_at_least(0), default=8, help="Tile overlap in input voxels.")
     upscale.add_argument(
-        "--kspace-consistency", action="store_true", help="MRI: keep the k-space band the input measured exactly."
+        "--kspace-consistency",
+        action=argparse.BooleanOptionalAction,
+        help="MRI: keep the k-space band the input measured exactly (default: on for MR k-space models).",
     )
     _anonymize(upscale)
     _common(upscale, precision=True)

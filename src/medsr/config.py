@@ -45,6 +45,10 @@ class DataConfig:
     patch: tuple[int, ...] = (96,)  # HR patch size in voxels: one edge for every axis, or one per model axis
     batch_size: int = 16
     min_foreground: float = 0.3  # fraction of patch voxels above 5 % of the window, so patches are not mostly air
+    # Intensity augmentation: each training scan also at 5 gammas, log-spaced in [low, high], applied to its
+    # normalised intensities before the LR is simulated (so a T1 model meets other contrast curves). (1, 1): off.
+    gamma: tuple[float, float] = (1.0, 1.0)
+    extra_train_scans: tuple[str, ...] = ()  # whole scans used for training only: never validated or scored
 
 
 @dataclasses.dataclass

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from medsr.data import degrade_normalised
 from medsr.degrade import Degradation
 from medsr.degrade.sampling import kspace_truncate, kspace_upsample
@@ -32,6 +34,23 @@ def lr_rmse(sr: Volume, lr: Volume, degradation: Degradation) -> float:
     return float((again.array.double() - lr.array.double()).pow(2).mean().sqrt())
 
 
+def kspace_applies(degradation: Degradation) -> bool:
+    """Whether :func:`kspace_consistency` can put a degradation's measured band back: MR k-space truncation with a
+    rect window, in-plane factors only, no PSF and no slice profile (the band is then known exactly).
+
+    >>> kspace_applies(Degradation(factors=(2, 2, 1), modality="MR")), kspace_applies(Degradation(factors=(1, 1, 4)))
+    (True, False)
+    """
+    d = degradation
+    return (
+        d.modality == "MR"
+        and d.kspace_window == "rect"
+        and d.factors[2] == 1
+        and not any(d.psf_fwhm)
+        and not d.slice_thickness
+    )
+
+
 def kspace_consistency(sr: Volume, lr: Volume, degradation: Degradation) -> Volume:
     """MRI: replace the in-plane k-space band the LR scan measured by the measured values.
 
@@ -42,18 +61,27 @@ def kspace_consistency(sr: Volume, lr: Volume, degradation: Degradation) -> Volu
     band is known exactly.
     """
     d = degradation
-    if d.modality != "MR" or d.kspace_window != "rect" or d.factors[2] != 1 or any(d.psf_fwhm) or d.slice_thickness:
+    if not kspace_applies(d):
         raise ValueError(
             "k-space consistency needs the MR model with a rect k-space window, no PSF, no slice profile and in-plane "
             f"factors only, got {d.modality}, {d.kspace_window!r}, PSF {d.psf_fwhm}, slice thickness "
             f"{d.slice_thickness}, factors {d.factors}"
         )
-    array = sr.array.double()  # (C, I, J, K); the truncation acts on (I, J, K) with a factor 1 along k
-    target = lr.array.double()
+    target = lr.array.double()  # (C, I, J, K); the truncation acts on (I, J) of each slice (factor 1 along k)
+    slices = [
+        _consistent_slice(sr.array[..., k : k + 1].double(), target[..., k : k + 1], d)
+        for k in range(lr.spatial_shape[2])
+    ]
+    return sr.replace(array=torch.cat(slices, dim=-1).to(sr.array.dtype))
+
+
+def _consistent_slice(array: torch.Tensor, target: torch.Tensor, degradation: Degradation) -> torch.Tensor:
+    """:func:`kspace_consistency` of one slice (C, I, J, 1), float64: slice by slice, a scan gives the same voxels
+    in memory and streamed."""
     scale = float(target.abs().max()) or 1.0
     for _ in range(KSPACE_ITERATIONS):  # an even LR size's Nyquist bin is only half restored per pass
-        residual = target - kspace_truncate(array, d.factors)
+        residual = target - kspace_truncate(array, degradation.factors)
         if float(residual.abs().max()) <= KSPACE_TOLERANCE * scale:
             break
-        array = array + kspace_upsample(residual, sr.spatial_shape)
-    return sr.replace(array=array.to(sr.array.dtype))
+        array = array + kspace_upsample(residual, array.shape[1:])
+    return array

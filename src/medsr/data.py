@@ -144,6 +144,30 @@ def slice_range(volume: Volume, *, slices: tuple[int, int], axis: int = 2) -> Vo
     return crop(volume, first, last)
 
 
+GAMMA_COPIES = 5  # intensity-augmented copies of each training scan (data.gamma)
+
+
+def gamma_copies(volume: Volume, gamma: tuple[float, float]) -> list[Volume]:
+    """The scan at ``GAMMA_COPIES`` gammas log-spaced in ``[low, high]``: its normalised intensities (from
+    :func:`prepare_scan`) clamped at 0 and raised to each power; ``(1, 1)`` gives ``[volume]``.
+
+    A random gamma is the contrast augmentation of e.g. nnU-Net and TorchIO's ``RandomGamma``: it bends the
+    intensity curve so that one T1 scan also shows the model darker and brighter tissue contrasts. Each copy is
+    degraded as a whole later (its LR is exact), so copies are made here rather than per patch.
+
+    >>> import torch
+    >>> from medsr.volume import Volume
+    >>> copies = gamma_copies(Volume(torch.full((1, 2, 2, 1), 0.25), torch.eye(4)), (0.5, 2.0))
+    >>> [round(float(c.array.max()), 4) for c in copies]
+    [0.5, 0.3752, 0.25, 0.1408, 0.0625]
+    """
+    low, high = gamma
+    if (low, high) == (1.0, 1.0):
+        return [volume]
+    powers = np.exp(np.linspace(np.log(low), np.log(high), GAMMA_COPIES))
+    return [volume.replace(array=volume.array.clamp(min=0) ** float(p)) for p in powers]
+
+
 def _box(corner: Sequence[int], size: Sequence[int], scale: Sequence[int] = (1, 1, 1)) -> tuple[slice, ...]:
     """Index of the block of ``size`` LR voxels at ``corner`` in a (C, I, J, K) array ``scale`` times finer."""
     return (slice(None), *(slice(c * s, (c + n) * s) for c, n, s in zip(corner, size, scale, strict=True)))
@@ -191,7 +215,7 @@ class PairDataset(Dataset[Pair]):
         volumes: HR volumes from :func:`prepare_scan`, (C, I, J, K) each.
         degradation: The LR simulation. Factors must be integers (the model scale); in 2D, (a, b, 1) or (1, 1, c).
         slices: ``[start, stop)`` along ``axis`` to draw from (the training region), or None for all of every
-            scan. Each region is cropped to a multiple of the scale.
+            scan, or a list with one of these per volume. Each region is cropped to a multiple of the scale.
         patch: HR patch size in voxels: one edge (square or cube) or one per model axis ((i, j), (i or j, k)
             through-plane, or (i, j, k)); multiples of the scale.
         length: Items per epoch.
@@ -206,7 +230,7 @@ class PairDataset(Dataset[Pair]):
         volumes: Sequence[Volume],
         degradation: Degradation,
         *,
-        slices: tuple[int, int] | None,
+        slices: tuple[int, int] | None | list[tuple[int, int] | None],
         patch: int | Sequence[int],
         length: int,
         seed: int = 0,
@@ -231,9 +255,10 @@ class PairDataset(Dataset[Pair]):
             self.patches = [(*size, 1) if spatial_dims == 2 else size]
         if any(p < 1 or p % s for shape in self.patches for p, s in zip(shape, self.scale, strict=True)):
             raise ValueError(f"patch {patch}: each size must be a multiple of the scale {self.scale} (i, j, k)")
+        per_volume = slices if isinstance(slices, list) else [slices] * len(volumes)
         self.regions = [
-            crop_to_multiple(v if slices is None else slice_range(v, slices=slices, axis=axis), scale=self.scale)
-            for v in volumes
+            crop_to_multiple(v if s is None else slice_range(v, slices=s, axis=axis), scale=self.scale)
+            for v, s in zip(volumes, per_volume, strict=True)
         ]
         for (index, region), shape in itertools.product(enumerate(self.regions), self.patches):
             if any(p > n for p, n in zip(shape, region.spatial_shape, strict=True)):

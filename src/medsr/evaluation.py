@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import torch
 
-from medsr.consistency import lr_rmse
+from medsr.consistency import kspace_applies, kspace_consistency, lr_rmse
 from medsr.data import FOREGROUND_LEVEL, crop_to_multiple, degrade_normalised, slice_range
 from medsr.degrade import Degradation
 from medsr.degrade.sampling import kspace_upsample
@@ -151,6 +151,7 @@ def compare_methods(
     seed: int = 0,
     extras: bool = False,
     axis: int = 2,
+    kspace: bool = False,
 ) -> Comparison:
     """Score the baselines and ``models`` on the slab ``slices`` of ``hr``.
 
@@ -163,6 +164,8 @@ def compare_methods(
         spatial_dims: 2 (the models run plane by plane, see ``infer.predict_volume``) or 3 (on the whole slab).
         seed: Seed of the LR noise draw (random degradations), so a comparison can be replayed.
         extras: Also score HFEN, 3D SSIM and, for the whole slab, ``hf_ratio`` and ``lr_rmse`` (slower).
+        kspace: Put the LR's measured k-space band back into each model's output (``consistency.kspace_consistency``),
+            as ``medsr upscale`` does by default for MR k-space models.
     """
     scale = integer_scale(degradation.factors)
     slab = crop_to_multiple(slice_range(hr, slices=slices, axis=axis), scale=scale)
@@ -173,6 +176,8 @@ def compare_methods(
         images[method] = classical_upsample(lr, scale, method).permute(3, 0, 1, 2)
     for name, predictor in models.items():
         sr = predict_volume(predictor, lr, scale=scale, spatial_dims=spatial_dims, progress=False)
+        if kspace:
+            sr = kspace_consistency(sr, lr, degradation)
         images[name] = sr.array.permute(3, 0, 1, 2)
     mask = body_mask(images["hr"])
     where = Slab(*slices, axis)
@@ -217,6 +222,7 @@ def evaluate(
     slices: tuple[int, int] | None = None,
     *,
     precision: str = "auto",
+    kspace_consistency: bool | None = None,
 ) -> Evaluation:
     """Score a trained model next to the interpolation baselines on held-out data of an HR scan: the scan is
     degraded as the model was trained (its ``degradation``), every method upsamples the same LR slab, and each is
@@ -229,6 +235,8 @@ def evaluate(
             scan it never saw. Slabs overlapping its training or validation region, and scans it trained or was
             validated on whole, are refused.
         precision: Inference precision (``infer.model_predictor``).
+        kspace_consistency: Score the model with the LR's k-space band put back, as ``medsr upscale`` runs it;
+            None (default): as ``medsr upscale`` decides, i.e. for MR k-space models.
 
     >>> result = evaluate("edsr_mr_x2", "colin27", (120, 124), precision="fp32")
     >>> [row["method"] for row in result.comparison.rows], str(result.slab)
@@ -248,6 +256,8 @@ def evaluate(
     saved = model.description.get("scans", {})
     here = training_scans(config)
     train, val = ([Path(p) for p in saved.get(k, [])] + paths for k, paths in (("train", here[0]), ("val", here[1])))
+    if path in {resolve_scan(extra) for extra in config.data.extra_train_scans}:
+        raise ValueError(f"{path} is a scan {model.name} trained on (data.extra_train_scans); evaluate on another")
     if config.data.split == "scan" and path in train + val:  # validation picked the checkpoint: not held out
         raise ValueError(f"{path} is a scan {model.name} trained or was validated on; evaluate on a test scan")
     if config.data.split == "region" and path in train:
@@ -273,5 +283,6 @@ def evaluate(
         spatial_dims=config.model.spatial_dims,
         extras=True,
         axis=axis,
+        kspace=kspace_applies(config.degradation) if kspace_consistency is None else kspace_consistency,
     )
     return Evaluation(model.name, str(scan), config.degradation, Slab(*slices, axis), comparison)

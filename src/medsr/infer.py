@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from medsr.degrade import Degradation
 from medsr.intensity import Window, default_window, denormalize, normalize
 from medsr.progress import progress_bar
 from medsr.volume import Volume, integer_scale, scale_affine
@@ -314,6 +315,7 @@ def super_resolve(
     precision: str = "auto",
     progress: bool = True,
     window: Window | None = None,
+    consistency: Degradation | None = None,
 ) -> Volume:
     """Super-resolve a volume in physical units: normalise with its default window, predict, resample to the
     requested factors, map back.
@@ -326,18 +328,25 @@ def super_resolve(
             default: the model's own scale (see :func:`model_plan`). The output has round(n * factor) voxels.
         precision: See :func:`model_predictor`.
         window: The volume's ``intensity.default_window`` when the caller has it already; computed otherwise.
+        consistency: MR in-plane k-space degradation whose measured band the output gets back from the input
+            (``consistency.kspace_consistency``; at the model's own scale only); None: off.
     """
     scale = model_plan(factors or (1, 1, 1), model_scale)
     factors = factors or scale
     window = window or default_window(volume)
+    lr = normalize(volume, window)
     sr = predict_volume(
         model_predictor(model, precision=precision),
-        normalize(volume, window),
+        lr,
         scale=scale,
         spatial_dims=len(model_scale),
         tile=tile,
         overlap=overlap,
         progress=progress,
     )
+    if consistency is not None:
+        from medsr.consistency import kspace_consistency  # consistency -> data -> io: kept out of infer's imports
+
+        sr = kspace_consistency(sr, lr, consistency)
     shape = [max(1, round(n * f)) for n, f in zip(volume.spatial_shape, factors, strict=True)]
     return denormalize(resample(sr, shape), window)

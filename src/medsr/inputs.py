@@ -25,6 +25,28 @@ ABSOLUTE_UNITS = ("CT", "US")  # the same tissue has the same value in every sca
 PROJECTION = ("CR", "DX")  # radiographs: pixel size at the detector depends on magnification; often missing
 
 
+AIR_HU = (-1200.0, -500.0)  # where a CT scan's 0.5th percentile lies: air (-1000 HU) ...
+PADDING_HU = (-3100.0, -1900.0)  # ... or the padding outside the reconstruction circle (-2000, -3024)
+
+
+def guess_modality(intensities: tuple[float, float]) -> tuple[str | None, str]:
+    """(modality, reason) for a scan whose file names none (NIfTI, PNG/TIFF), from its 0.5th and 99.9th intensity
+    percentiles: 'CT' when the low one is air or CT padding in HU and the high one is tissue or bone (< 5000 HU);
+    'MR' when no intensity is clearly negative (a magnitude image, the usual content of a NIfTI file); None when
+    neither holds (negative values that are not air in HU: a phase map, a z-scored or subtracted image).
+
+    >>> guess_modality((-1024.0, 1650.0))[0], guess_modality((0.0, 812.0))[0], guess_modality((-3.1, 2.9))[0]
+    ('CT', 'MR', None)
+    """
+    low, high = intensities
+    hu_low = AIR_HU[0] <= low <= AIR_HU[1] or PADDING_HU[0] <= low <= PADDING_HU[1]
+    if hu_low and 0 < high < 5000:
+        return "CT", f"0.5th percentile {low:.4g} is air in HU, 99.9th {high:.4g}"
+    if low >= -0.01 * abs(high):
+        return "MR", f"no negative intensities ({low:.4g}..{high:.4g}): a magnitude image"
+    return None, f"intensities {low:.4g}..{high:.4g} are neither CT in HU nor a magnitude image"
+
+
 def training_inputs(spacings: Sequence[Sequence[float]], ranges: Sequence[tuple[float, float]]) -> dict[str, Any]:
     """The record ``fit`` saves in ``model.json`` under ``inputs``, from the training scans' LR versions: the
     per-axis spacing range (mm, i, j, k), each scan's percentiles (``intensity.intensity_range``, ``scans``) and the

@@ -23,7 +23,7 @@ import torch
 
 from medsr.degrade import MAX_FACTOR
 from medsr.infer import model_plan, model_predictor, super_resolve
-from medsr.inputs import input_warnings
+from medsr.inputs import guess_modality, input_warnings
 from medsr.intensity import Window, intensity_range, volume_range, window_from_range
 from medsr.io import VolumeFile, check_output, file_format, open_scan, write_volume
 from medsr.volume import Volume
@@ -91,7 +91,8 @@ def plan_upscale(
     Args:
         scan: The scan, in memory or opened lazily (one pass reads its percentiles: the window and the checks).
         model: A loaded model, a shipped name or a checkpoint folder; None: the shipped one for the modality and
-            factors (MR with a warning when the scan names no modality).
+            factors. A scan that names no modality gets one from its intensities (``inputs.guess_modality``: CT
+            in HU, else MR with a warning) or, where they say neither, a ValueError asking for one.
         scale, spacing: Output voxels per input voxel (i, j, k), or a target spacing in mm; at most one. Default:
             the model's scale.
         label: How messages name the scan (its path).
@@ -111,8 +112,8 @@ def plan_upscale(
     modality = scan.modality.value
     if model is None:
         if modality == "OT":
-            _warn(f"{label} names no modality; using the MR model (pass modality or a model)")
-        name = choose_model("MR" if modality == "OT" else modality, factors)
+            modality = _guess_modality(intensities, label)
+        name = choose_model(modality, factors)
         LOG.info("%s: model %s", label, name)
         model = name
     if not isinstance(model, SRModel):
@@ -150,7 +151,7 @@ def upscale(
     tile: int | None = None,
     overlap: int = 8,
     precision: str = "auto",
-    kspace_consistency: bool = False,
+    kspace_consistency: bool | None = None,
     progress: bool = False,
 ) -> Volume:
     """Super-resolve a volume in physical units; the output covers the same field of view (rescaled affine).
@@ -163,8 +164,9 @@ def upscale(
             factors: the model, then linear resampling); default: the model's scale.
         tile, overlap: Tiling of the input, in voxels (``infer.predict_volume``).
         precision: 'auto', 'fp32' or 'bf16' (``infer.model_predictor``).
-        kspace_consistency: MRI: replace the output's k-space band that the input measured by the input's (needs
-            the model's own scale).
+        kspace_consistency: MRI: replace the output's k-space band that the input measured by the input's
+            (``consistency.kspace_consistency``; needs the model's own scale). None (default): on for models of MR
+            k-space truncation at their own scale, where it gains 0.1-0.2 dB on unseen subjects (docs/models.md).
         progress: Show progress bars.
 
     >>> import medsr, torch
@@ -173,8 +175,8 @@ def upscale(
     (48, 40, 3)
     """
     plan = plan_upscale(volume, model, scale=scale, spacing=spacing)
-    _check_kspace(plan, kspace_consistency)
-    return _run_in_memory(volume, plan, tile, overlap, precision, kspace_consistency, progress)
+    kspace = _kspace(plan, kspace_consistency)
+    return _run_in_memory(volume, plan, tile, overlap, precision, kspace, progress)
 
 
 def upscale_file(
@@ -188,7 +190,7 @@ def upscale_file(
     tile: int | None = None,
     overlap: int = 8,
     precision: str = "auto",
-    kspace_consistency: bool = False,
+    kspace_consistency: bool | None = None,
     anonymize: bool = False,
     force: bool = False,
     progress: bool = False,
@@ -196,7 +198,8 @@ def upscale_file(
     """Super-resolve the scan at ``source`` into ``target`` (same format family), atomically; returns the plan.
 
     NIfTI/DICOM series in and out at the model's own integer scale stream slab by slab along k (memory independent
-    of the scan's size); PNG/TIFF, ultrasound frames, non-integer factors and k-space consistency run in memory.
+    of the scan's size, k-space consistency slice by slice); PNG/TIFF, ultrasound frames and non-integer factors
+    run in memory.
     The source is never overwritten; an existing target needs ``force``.
 
     Args:
@@ -273,7 +276,7 @@ def _upscale_file(
     tile: int | None = None,
     overlap: int = 8,
     precision: str = "auto",
-    kspace_consistency: bool = False,
+    kspace_consistency: bool | None = None,
     anonymize: bool = False,
     force: bool = False,
     progress: bool = False,
@@ -290,11 +293,11 @@ def _upscale_file(
         scan, model, scale=scale, spacing=spacing, label=str(source), image_file=file_format(source) == "image"
     )
     models[plan.model.name] = plan.model
-    _check_kspace(plan, kspace_consistency)
+    kspace = _kspace(plan, kspace_consistency)
     factors = "x".join(f"{f:g}" for f in plan.factors)
     description = f"medsr SR x{factors} {Path(plan.model.name).name}"[:64]
     streams = isinstance(scan, VolumeFile) and target_format in ("nifti", "dicom") and not plan.resamples
-    if streams and not kspace_consistency:
+    if streams:
         stream_upscale(
             scan,
             target,
@@ -307,11 +310,12 @@ def _upscale_file(
             anonymize=anonymize,
             window=plan.window,
             modality=plan.modality,
+            consistency=plan.model.degradation if kspace else None,
             progress=progress,
         )
         return plan
     volume = scan.read() if isinstance(scan, VolumeFile) else scan
-    sr = _run_in_memory(volume, plan, tile, overlap, precision, kspace_consistency, progress)
+    sr = _run_in_memory(volume, plan, tile, overlap, precision, kspace, progress)
     write_volume(sr, target, description=description, anonymize=anonymize)
     return plan
 
@@ -330,20 +334,39 @@ def _run_in_memory(
         precision=precision,
         progress=progress,
         window=plan.window,
+        consistency=plan.model.degradation if kspace else None,  # the scan is the measured k-space band
     )
-    if kspace:  # the scan is the measured k-space band: put it back into the output
-        from medsr.consistency import kspace_consistency
-
-        sr = kspace_consistency(sr, volume, plan.model.degradation)
     if not torch.isfinite(sr.array).all():
         raise ValueError(f"{plan.model.name} gives NaN or infinite values (broken weights?); nothing written")
     return sr
 
 
-def _check_kspace(plan: Plan, kspace_consistency: bool) -> None:
-    """Before any work: k-space consistency puts the input's band back, so the output must be at the model's scale."""
+def _kspace(plan: Plan, kspace_consistency: bool | None) -> bool:
+    """Whether to put the input's measured k-space band back (checked before any work): None decides from the model
+    (MR k-space truncation at the model's own scale); True needs both and says why not."""
+    from medsr.consistency import kspace_applies
+
+    applies = kspace_applies(plan.model.degradation)
+    if kspace_consistency is None:
+        return applies and not plan.resamples
     if kspace_consistency and plan.resamples:
         raise ValueError("k-space consistency needs the model's own scale (no scale/spacing resampling)")
+    if kspace_consistency and not applies:
+        raise ValueError(f"k-space consistency is for MR k-space truncation models; {plan.model.name} is not one")
+    return kspace_consistency
+
+
+def _guess_modality(intensities: tuple[float, float], label: str) -> str:
+    """The modality of a scan that names none, printed (CT) or warned about (MR, weaker evidence); else an error."""
+    modality, reason = guess_modality(intensities)
+    advice = "pass --modality (modality= in Python) or a model"
+    if modality is None:
+        raise ValueError(f"{label} names no modality and its {reason}; {advice}")
+    if modality == "CT":
+        LOG.info("%s names no modality; CT from its intensities (%s)", label, reason)
+    else:
+        _warn(f"{label} names no modality; using MR: {reason} ({advice} if it is not MR)")
+    return modality
 
 
 def _warn(message: str) -> None:

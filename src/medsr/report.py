@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from medsr.config import config_from_dict
+from medsr.consistency import kspace_applies
 from medsr.degrade import explain, summary
 from medsr.evaluation import Evaluation, Slab, baselines, best_baseline, body_mask, strongest_baseline
 from medsr.inputs import PROJECTION
@@ -403,15 +404,22 @@ def model_card(name: str, description: Mapping, held_out: Sequence[Mapping], *, 
         for entry in held_out
     )
     limits = "".join(f"\n- {limit}" for limit in config.card.limits)
+    extra = f"; whole scans for training only: {', '.join(data.extra_train_scans)}" if data.extra_train_scans else ""
+    gamma = "" if tuple(data.gamma) == (1.0, 1.0) else f", intensity gamma {data.gamma[0]:g}..{data.gamma[1]:g}"
+    consistency = (
+        ", then the input's measured k-space band put back (k-space consistency, `medsr upscale`'s default here)"
+        if kspace_applies(config.degradation)
+        else ""
+    )
     return f"""# Model card: {name}
 
 - **Task**: {description["modality"]} super-resolution, {task}; scale {factors} per voxel axis (i x j x k).
 - **Architecture**: `{description["model_name"]}` ({kwargs}); {description.get("parameters", "?")} parameters.
-- **Training data**: {", ".join(data.scans)}; {split}.
+- **Training data**: {", ".join(data.scans)}; {split}{extra}.
 - **Degradation learned**: {explain(config.degradation)}.{trained_on}
 - **Intensities**: {description["intensity"]}.
 - **Training**: {train.steps} steps, batch {data.batch_size} of {patch} HR patches, Adam lr {train.lr} with
-  {train.schedule} decay, {train.loss} loss, seed {train.seed}{", bf16" if train.bf16 else ""}, on CPU. Best
+  {train.schedule} decay, {train.loss} loss, seed {train.seed}{", bf16" if train.bf16 else ""}{gamma}, on CPU. Best
   validation step {description["step"]} (validation PSNR {validation.get("psnr", float("nan")):.2f} dB, bicubic
   {validation.get("psnr_cubic", float("nan")):.2f} dB).
 
@@ -420,7 +428,7 @@ def model_card(name: str, description: Mapping, held_out: Sequence[Mapping], *, 
 Data never seen in training or model selection, degraded as above. PSNR (dB) and SSIM per 2D (i, j) slice,
 averaged, and SSIM over the slab in 3D (slabs of 11 slices or more); HFEN (high-frequency error norm, lower is
 better) per slice; `data_range = 1` on normalised intensities; `*_body` inside the dilated foreground mask.
-Inference in {precision} (`--precision auto` picks bf16 on CPUs with bf16 instructions).
+Inference in {precision} (`--precision auto` picks bf16 on CPUs with bf16 instructions){consistency}.
 
 {tables}
 

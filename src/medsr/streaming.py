@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from medsr.consistency import kspace_consistency
+from medsr.degrade import Degradation
 from medsr.infer import DEFAULT_TILE, Predictor, blend_weights, predict_volume, tile_starts
 from medsr.intensity import Window, window_from_slices
 from medsr.io import VolumeFile, check_output, open_volume, volume_writer
@@ -46,6 +48,7 @@ def stream_upscale(
     anonymize: bool | Deidentifier = False,
     progress: bool = True,
     window: Window | None = None,
+    consistency: Degradation | None = None,
 ) -> None:
     """Super-resolve the scan at ``source`` into ``target`` holding only a slab of it in memory at a time.
 
@@ -71,6 +74,8 @@ def stream_upscale(
         progress: Show tqdm bars over the window passes and the slabs.
         window: The source's ``intensity.default_window`` when the caller already has it (``medsr upscale``
             computes the percentiles for its input checks), saving the passes over the source; computed otherwise.
+        consistency: MR in-plane k-space degradation whose measured band each output slice gets back from its input
+            slice (``consistency.kspace_consistency``, slice by slice as in memory); None: off.
 
     Raises:
         ValueError: ``target`` is ``source``; the source is unreadable, truncated or holds a NaN/inf voxel (the
@@ -83,6 +88,8 @@ def stream_upscale(
     target = Path(target)
     check_output(target, [volume.path], force=True)
     scale = integer_scale(scale)
+    if consistency is not None and (spatial_dims != 2 or scale[2] != 1):
+        raise ValueError("k-space consistency streams only for 2D models upsampling in-plane")
     shape = tuple(n * s for n, s in zip(volume.spatial_shape, scale, strict=True))
     with volume_writer(
         target,
@@ -109,6 +116,7 @@ def stream_upscale(
             overlap=overlap,
             batch_size=batch_size,
             progress=progress,
+            consistency=consistency,
         )
         for sr in planes:
             if sr.shape[0] != 1:
@@ -129,6 +137,7 @@ def _predict_slabs(
     overlap: int,
     batch_size: int,
     progress: bool,
+    consistency: Degradation | None = None,
 ) -> Iterator[torch.Tensor]:
     """``predict_volume`` of the normalised volume, run slab by slab along k.
 
@@ -158,7 +167,10 @@ def _predict_slabs(
             overlap=overlap,
             batch_size=batch_size,
             progress=False,
-        ).array.to(torch.float64)
+        ).array
+        if consistency is not None:  # in-plane: one slice per slab, whole planes
+            sr = kspace_consistency(Volume(sr, volume.affine), Volume(lr, volume.affine), consistency).array
+        sr = sr.to(torch.float64)
         weights = blend_weights(sr.shape[3], slab_overlap * scale[2], fade_in=start > 0, fade_out=start + depth < size)
         if total is None:
             total, weight = sr[..., :0], weights[:0]

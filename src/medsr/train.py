@@ -26,7 +26,7 @@ from torch.utils.data import default_collate
 
 from medsr.checkpoint import load_training_state, save_checkpoint
 from medsr.config import Config, load_config, problem, short, to_dict
-from medsr.data import Pair, PairDataset, find_scans, prepare_scan, split_scans
+from medsr.data import Pair, PairDataset, find_scans, gamma_copies, prepare_scan, split_scans
 from medsr.degrade import Degradation
 from medsr.evaluation import compare_methods
 from medsr.infer import model_predictor
@@ -200,6 +200,12 @@ def check_config(config: Config) -> None:
         ("data.batch_size", data.batch_size, data.batch_size >= 1, ">= 1"),
         ("data.patch", data.patch, min(data.patch, default=0) >= 1, "sizes >= 1"),
         ("data.min_foreground", data.min_foreground, 0 <= data.min_foreground <= 1, "in [0, 1]"),
+        (
+            "data.gamma",
+            data.gamma,
+            len(data.gamma) == 2 and 0 < data.gamma[0] <= data.gamma[1],
+            "[low, high], 0 < low <= high",
+        ),
         ("model.spatial_dims", config.model.spatial_dims, config.model.spatial_dims in (2, 3), "2 or 3"),
     ]
     ranges += [
@@ -410,20 +416,32 @@ class _Data(NamedTuple):
 
 
 def _training_data(config: Config) -> _Data:
-    """Load and check the training and validation scans (held-out scans must not be among them)."""
+    """Load and check the training and validation scans (held-out scans must not be among them, and training-only
+    scans must not be validated or scored)."""
     split = training_scans(config)
-    train_paths, val_paths, _ = split
-    seen = sorted({resolve_scan(scan) for scan in config.data.held_out_scans} & {*train_paths, *val_paths})
+    train_paths, val_paths, test_paths = split
+    held_out = {resolve_scan(scan) for scan in config.data.held_out_scans}
+    seen = sorted(held_out & {*train_paths, *val_paths})
     if seen:
         raise ValueError(f"data.held_out_scans {[str(p) for p in seen]} are also training or validation scans")
+    extra_paths = [resolve_scan(scan) for scan in config.data.extra_train_scans]
+    scored = sorted(set(extra_paths) & (held_out | {*val_paths, *test_paths}))
+    if scored:
+        raise ValueError(f"data.extra_train_scans {[str(p) for p in scored]} are also validated or scored")
     volumes = load_scans(train_paths, config)
     by_region = config.data.split == "region"
     val_volumes = volumes if by_region else load_scans(val_paths, config)
-    inputs = training_inputs([v.meta["lr_spacing"] for v in volumes], [v.meta["lr_range"] for v in volumes])
+    extra = load_scans(extra_paths, config)
+    inputs = training_inputs(
+        [v.meta["lr_spacing"] for v in volumes + extra], [v.meta["lr_range"] for v in volumes + extra]
+    )
+    slices = config.data.train_slices if by_region else None
+    scans = [(v, slices) for v in volumes] + [(v, None) for v in extra]  # training-only scans: whole
+    augmented = [(copy, region) for v, region in scans for copy in gamma_copies(v, config.data.gamma)]
     dataset = PairDataset(
-        volumes,
+        [v for v, _ in augmented],
         config.degradation,
-        slices=config.data.train_slices if by_region else None,
+        slices=[region for _, region in augmented],
         patch=config.data.patch,
         length=EPOCH_LENGTH,
         seed=config.train.seed,
