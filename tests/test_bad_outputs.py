@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import errno
+import json
+import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -13,6 +17,7 @@ import medsr
 import medsr.report
 import medsr.train
 from medsr.cli import main
+from medsr.io import TEMP_MARK
 
 from .test_gan import CONFIG, TINY_GAN
 
@@ -143,3 +148,37 @@ def test_a_disk_that_fills_while_a_dicom_series_is_written_leaves_no_folder(caps
     errors = [line for line in err.splitlines() if "error:" in line]  # the rest: input warnings, progress
     assert code == 2 and len(errors) == 1 and "No space left on device" in errors[0] and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.nii.gz"]
+
+
+def test_an_existing_sidecar_is_replaced_only_with_force(capsys, scan):
+    out = scan.parent.parent / "out" / "sr.nii.gz"
+    sidecar = out.with_name("sr.json")
+    sidecar.write_text("notes of someone else")
+    code, err = run(capsys, ["upscale", str(scan), str(out), "--precision", "fp32"])
+    assert code == 2 and f"{sidecar}: exists; pass --force" in err
+    assert (
+        sorted(p.name for p in out.parent.iterdir()) == ["sr.json"] and sidecar.read_text() == "notes of someone else"
+    )
+    code, err = run(capsys, ["upscale", str(scan), str(out), "--precision", "fp32", "--force"])
+    assert code == 0 and json.loads(sidecar.read_text())["Model"] == "edsr_mr_x2" and out.exists()
+
+
+def test_sigterm_while_an_output_and_its_sidecar_are_staged_leaves_the_old_pair(tmp_path):
+    """`kill -TERM` of `medsr upscale --force` once the sidecar and the image are both staged beside their
+    targets: the previous image and sidecar stay byte for byte, and no temporary file is left."""
+    volume = medsr.Volume(torch.rand(1, 160, 160, 64) * 100, np.eye(4), medsr.Modality.MR)
+    medsr.write_volume(volume, tmp_path / "lr.nii")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sr.nii").write_bytes(b"old image")
+    (out / "sr.json").write_text("old sidecar")
+    command = [sys.executable, "-m", "medsr", "upscale", str(tmp_path / "lr.nii"), str(out / "sr.nii"), "--force"]
+    process = subprocess.Popen([*command, "--precision", "fp32"], stderr=subprocess.DEVNULL)
+    staged, deadline = [], time.monotonic() + 120
+    while len(staged) < 2 and process.poll() is None and time.monotonic() < deadline:
+        staged = sorted(p.name.split(TEMP_MARK)[1] for p in out.iterdir() if TEMP_MARK in p.name)
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 128 + signal.SIGTERM and staged == ["sr.json", "sr.nii"]
+    assert sorted(p.name for p in out.iterdir()) == ["sr.json", "sr.nii"]
+    assert (out / "sr.nii").read_bytes() == b"old image" and (out / "sr.json").read_text() == "old sidecar"

@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
+import signal
 
 import nibabel as nib
 import numpy as np
@@ -10,7 +13,16 @@ import torch
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from medsr.io import read_volume, write_volume
+from medsr.io import (
+    atomic_output,
+    exit_on_sigterm,
+    open_volume,
+    read_volume,
+    sidecar_output,
+    sidecar_path,
+    write_bytes,
+    write_volume,
+)
 from medsr.volume import Modality, Volume
 
 ZOOMS = (0.5, 0.8, 2.5)  # mm, anisotropic
@@ -111,6 +123,101 @@ def test_nifti_scaling_is_applied(tmp_path):
     read = read_volume(path)
     assert read.array.dtype == torch.float32
     assert torch.equal(read.array[0], torch.from_numpy(2.0 * raw.astype(np.float32) - 10.0))
+
+
+def scaled_nifti(path, raw: np.ndarray, slope: float, inter: float, endianness: str = "<") -> None:
+    """``raw`` stored as it is, with scl_slope/scl_inter, in a header of the given byte order."""
+    image = nib.Nifti1Image(raw, np.diag([0.9, 0.9, 3.0, 1.0]), nib.Nifti1Header(endianness=endianness))
+    image.set_data_dtype(raw.dtype)
+    image.header.set_slope_inter(slope, inter)
+    nib.save(image, path)
+
+
+@pytest.mark.parametrize("endianness", ["<", ">"])
+def test_integer_nifti_is_written_back_in_its_type_and_scaling(tmp_path, endianness):
+    """A CT stored as int16 HU + 1024 (scl_inter -1024): read, then written with dtype='input', the file holds the
+    same integers, scaling and byte order of this machine; read whole or lazily, the storage is in meta."""
+    raw = np.random.default_rng(4).integers(0, 3000, size=(7, 6, 5)).astype(f"{endianness}i2")
+    scaled_nifti(tmp_path / "ct.nii.gz", raw, 1.0, -1024.0, endianness)
+    storage = {"nifti": {"dtype": "int16", "scl_slope": 1.0, "scl_inter": -1024.0}}
+    assert read_volume(tmp_path / "ct.nii.gz").meta == storage == open_volume(tmp_path / "ct.nii.gz").meta
+    volume = read_volume(tmp_path / "ct.nii.gz")
+    write_volume(volume, tmp_path / "int.nii.gz", dtype="input")
+    write_volume(volume, tmp_path / "float.nii.gz")
+    stored, floats = nib.load(tmp_path / "int.nii.gz"), nib.load(tmp_path / "float.nii.gz")
+    assert stored.get_data_dtype() == np.dtype("=i2") and (stored.dataobj.slope, stored.dataobj.inter) == (1, -1024)
+    np.testing.assert_array_equal(stored.dataobj.get_unscaled(), raw)
+    assert floats.get_data_dtype() == np.float32
+    assert torch.equal(read_volume(tmp_path / "int.nii.gz").array, volume.array)
+
+
+def test_integer_storage_rounds_and_clips_what_the_type_cannot_hold(tmp_path):
+    """raw = round((x - scl_inter) / scl_slope), clipped to the type: uint8 and int16 with a slope of 0.5 HU."""
+    values = np.array([-3.2, 0.4, 0.6, 254.6, 300.0, -40000.0, 20000.0], dtype=np.float32)
+    for dtype, slope, inter in (("uint8", 1.0, 0.0), ("int16", 0.5, -1024.0)):
+        meta = {"nifti": {"dtype": dtype, "scl_slope": slope, "scl_inter": inter}}
+        volume = Volume(torch.from_numpy(values)[None, :, None, None], np.eye(4), meta=meta)
+        write_volume(volume, tmp_path / f"{dtype}.nii", dtype="input")
+        info = np.iinfo(dtype)
+        expected = np.clip(np.rint((values.astype(np.float64) - inter) / slope), info.min, info.max)
+        np.testing.assert_array_equal(nib.load(tmp_path / f"{dtype}.nii").dataobj.get_unscaled()[:, 0, 0], expected)
+    nan = volume.replace(array=torch.full((1, 2, 2, 2), float("nan")))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        write_volume(nan, tmp_path / "nan.nii.gz", dtype="input")
+    assert names(tmp_path) == ["int16.nii", "uint8.nii"]
+
+
+def test_uint8_nifti_stays_uint8(tmp_path):
+    """Colin27 is stored as uint8: a crop read and written back with dtype='input' is the same bytes of voxels."""
+    from medsr.samples import sample_path
+
+    nib.save(nib.load(sample_path("colin27")).slicer[60:100, 80:120, 90:93], tmp_path / "colin.nii.gz")
+    write_volume(read_volume(tmp_path / "colin.nii.gz"), tmp_path / "out.nii.gz", dtype="input")
+    source, written = nib.load(tmp_path / "colin.nii.gz"), nib.load(tmp_path / "out.nii.gz")
+    assert written.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(written.dataobj.get_unscaled(), source.dataobj.get_unscaled())
+
+
+def test_float32_nifti_is_the_file_nibabel_writes(tmp_path, volume):
+    """nibabel saving what it loads from a medsr float32 file gives that file byte for byte; SimpleITK reads an
+    int16 file with scaling as medsr does."""
+    import SimpleITK as sitk
+
+    write_volume(volume, tmp_path / "medsr.nii", description="test", display_range=(-2.0, 2.0))
+    nib.save(nib.load(tmp_path / "medsr.nii"), tmp_path / "nibabel.nii")
+    assert (tmp_path / "medsr.nii").read_bytes() == (tmp_path / "nibabel.nii").read_bytes()
+    scaled_nifti(tmp_path / "scaled.nii", np.arange(210, dtype=np.int16).reshape(7, 6, 5), 0.25, 10.0)
+    write_volume(read_volume(tmp_path / "scaled.nii"), tmp_path / "int.nii", dtype="input")
+    image = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "int.nii"))).T  # SimpleITK indexes (k, j, i)
+    np.testing.assert_array_equal(image, read_volume(tmp_path / "scaled.nii").array[0].numpy())
+
+
+def test_descrip_holds_80_bytes_of_whole_characters_and_cal_the_display_range(tmp_path, volume):
+    description = "medsr SR x2x2x1 " + "modèle" * 20  # 2 bytes per è: the 80th byte falls inside one
+    write_volume(volume, tmp_path / "sr.nii.gz", description=description, display_range=(-1024.0, 3071.0))
+    header = nib.load(tmp_path / "sr.nii.gz").header
+    descrip = bytes(header["descrip"])
+    assert len(descrip) <= 80 and description.startswith(descrip.decode()) and len(description.encode()) > 80
+    assert (float(header["cal_min"]), float(header["cal_max"])) == (-1024.0, 3071.0)
+    with pytest.raises(ValueError, match="dtype must be one of input, float32"):
+        write_volume(volume, tmp_path / "x.nii.gz", dtype="int16")
+
+
+def test_a_sidecar_is_written_with_its_file_or_not_at_all(tmp_path):
+    """A failing block leaves the old image and sidecar as they were and no temporary file; a complete one both."""
+    target = tmp_path / "sr.nii.gz"
+    target.write_bytes(b"old image")
+    sidecar_path(target).write_text("old sidecar")
+    with pytest.raises(OSError, match="disk full"), sidecar_output(target, {"Model": "new"}):
+        with atomic_output(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise OSError("disk full")
+    assert names(tmp_path) == ["sr.json", "sr.nii.gz"] and sidecar_path(target).read_text() == "old sidecar"
+    with sidecar_output(target, {"Model": "new"}):
+        write_bytes(target, b"new image")
+    assert json.loads(sidecar_path(target).read_text()) == {"Model": "new"} and target.read_bytes() == b"new image"
+    assert names(tmp_path) == ["sr.json", "sr.nii.gz"]
+    assert [sidecar_path(tmp_path / n).name for n in ("a.nii", "a.NII.GZ", "a.tif")] == ["a.json"] * 3
 
 
 def test_truncated_nifti_raises_naming_file(tmp_path, volume):
@@ -241,12 +348,11 @@ def test_write_leaves_only_target(tmp_path, name):
 
 
 def test_failed_write_leaves_nothing(tmp_path, volume, monkeypatch):
-    def broken_save(image, path):
-        with open(path, "wb") as file:
-            file.write(b"half a file")
+    def broken_header(header, stream):
+        stream.write(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(nib, "save", broken_save)
+    monkeypatch.setattr(nib.Nifti1Header, "write_to", broken_header)
     with pytest.raises(OSError, match=r"disk full"):
         write_volume(volume, tmp_path / "out.nii.gz")
     assert names(tmp_path) == []
@@ -257,14 +363,36 @@ def test_failed_write_keeps_existing_target(tmp_path, volume, monkeypatch):
     write_volume(volume, path)
     before = path.read_bytes()
 
-    def broken_save(image, path):
+    def broken_header(header, stream):
         raise OSError("disk full")
 
-    monkeypatch.setattr(nib, "save", broken_save)
+    monkeypatch.setattr(nib.Nifti1Header, "write_to", broken_header)
     with pytest.raises(OSError):
         write_volume(volume.replace(array=volume.array + 1), path)
     assert names(tmp_path) == ["out.nii.gz"]
     assert path.read_bytes() == before
+
+
+def test_a_sigterm_the_moment_a_temporary_appears_still_removes_it(tmp_path, monkeypatch):
+    """`kill -TERM` as the temporary file is made (what a process killed as its output appears meets), raised
+    before the writer gets the file back: nothing is left."""
+    make = os.open
+
+    def make_then_terminate(*args, **kwargs):
+        made = make(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return made
+
+    previous = signal.getsignal(signal.SIGTERM)
+    exit_on_sigterm()
+    try:
+        monkeypatch.setattr(os, "open", make_then_terminate)
+        with pytest.raises(SystemExit), atomic_output(tmp_path / "sr.nii.gz") as tmp:
+            tmp.write_bytes(b"never written")
+    finally:
+        monkeypatch.undo()
+        signal.signal(signal.SIGTERM, previous)
+    assert names(tmp_path) == []
 
 
 def test_write_into_missing_folder_raises(tmp_path, volume):

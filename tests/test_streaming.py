@@ -34,23 +34,30 @@ def cubic(scale):
     return lambda x: interpolate(x, scale, "cubic")
 
 
-def in_memory(source: Path, target: Path, predictor, *, scale, spatial_dims, modality=None, **options) -> None:
-    """The reference: the whole volume in memory, as ``infer.super_resolve`` does it."""
+def in_memory(
+    source: Path, target: Path, predictor, *, scale, spatial_dims, modality=None, floor=None, storage=(), **options
+) -> None:
+    """The reference: the whole volume in memory, as ``infer.super_resolve`` does it (and the pipeline's floor)."""
     volume = read_volume(source, modality=modality)
     window = default_window(volume)
     sr = predict_volume(
         predictor, normalize(volume, window), scale=scale, spatial_dims=spatial_dims, progress=False, **options
     )
-    write_volume(denormalize(sr, window), target, description="sr")
+    sr = denormalize(sr, window)
+    sr = sr if floor is None else sr.replace(array=sr.array.clamp(min=floor))
+    write_volume(sr, target, description="sr", **dict(storage))
 
 
-def both(tmp_path, source, name, predictor, **options) -> tuple[Path, Path]:
-    """(in-memory output, streamed output) of ``source``; each target is named ``name`` in its own folder."""
+def both(tmp_path, source, name, predictor, *, floor=None, storage=(), **options) -> tuple[Path, Path]:
+    """(in-memory output, streamed output) of ``source``; each target is named ``name`` in its own folder.
+    ``storage``: the NIfTI ``dtype`` and ``display_range`` for both writers."""
     (tmp_path / "memory").mkdir()
     (tmp_path / "streamed").mkdir()
     expected, streamed = tmp_path / "memory" / name, tmp_path / "streamed" / name
-    in_memory(source, expected, predictor, **options)
-    stream_upscale(source, streamed, predictor, description="sr", progress=False, **options)
+    in_memory(source, expected, predictor, floor=floor, storage=storage, **options)
+    stream_upscale(
+        source, streamed, predictor, description="sr", progress=False, floor=floor, **dict(storage), **options
+    )
     return expected, streamed
 
 
@@ -79,6 +86,22 @@ def test_2d_nifti_to_nii_is_byte_for_byte_the_in_memory_file(tmp_path, mr_nifti,
     )
     assert streamed.read_bytes() == expected.read_bytes()
     assert names(tmp_path / "streamed") == ["sr.nii"]
+
+
+@pytest.mark.kernels
+def test_integer_storage_and_a_floor_stream_as_in_memory(tmp_path, mr_nifti):
+    """The int16 source with scl_slope 0.25, scl_inter 10 written back in its storage (the header first, the type
+    and scaling known from the source's), cubic overshoot floored at 300: byte for byte the in-memory file, whose
+    integers are the float32 output floored, then round((x - 10) / 0.25)."""
+    storage = {"dtype": "input", "display_range": (10.0, 900.0)}
+    options = {"scale": (2, 2, 1), "spatial_dims": 2, "modality": "MR", "tile": 16, "floor": 300.0}
+    expected, streamed = both(tmp_path, mr_nifti, "sr.nii", cubic((2, 2)), storage=storage, **options)
+    assert streamed.read_bytes() == expected.read_bytes()
+    stream_upscale(mr_nifti, tmp_path / "float.nii", cubic((2, 2)), progress=False, **options)
+    stored, floats = nib.load(streamed), nib.load(tmp_path / "float.nii").get_fdata(dtype=np.float32)
+    assert stored.get_data_dtype() == np.int16 and (stored.dataobj.slope, stored.dataobj.inter) == (0.25, 10)
+    assert floats.min() == 300.0 and stored.header["cal_max"] == 900.0
+    np.testing.assert_array_equal(stored.dataobj.get_unscaled(), np.rint((floats.astype(np.float64) - 10) / 0.25))
 
 
 @pytest.mark.kernels

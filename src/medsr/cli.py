@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import shlex
 import sys
 import warnings
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ from medsr.config import load_config
 from medsr.data import crop_to_multiple, find_scans
 from medsr.degrade import acquisition, summary
 from medsr.infer import PRECISIONS
-from medsr.io import check_output, exit_on_sigterm, write_bytes
+from medsr.io import NIFTI_DTYPES, check_output, exit_on_sigterm, write_bytes
 from medsr.report import degradation_figure, scores_text, write_evaluation
 from medsr.samples import cache_dir, install_samples, is_installed, list_samples, sample_path
 from medsr.selfsup import SelfSRSettings, selfsr_file
@@ -126,8 +127,9 @@ def _deidentifier(args: argparse.Namespace):
 
 def _upscale(args: argparse.Namespace) -> int:
     """One scan, or every scan under a folder (bad files are reported and skipped)."""
-    names = ("scale", "spacing", "modality", "tile", "overlap", "precision", "kspace_consistency", "force")
+    names = ("scale", "spacing", "modality", "tile", "overlap", "precision", "kspace_consistency", "force", "dtype")
     options = _pick(args, names) | {"anonymize": _deidentifier(args), "progress": True}
+    options["command_line"] = shlex.join(["medsr", *args.argv])  # for the sidecar of each output file
     if args.input.is_dir() and find_scans(args.input) != [args.input]:  # not one DICOM series
         written, failed = medsr.upscale_folder(args.input, args.output, args.model, **options)
         print(f"upscaled {len(written)} of {len(written) + len(failed)} scans into {args.output}")
@@ -305,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help="MRI: keep the k-space band the input measured exactly (default: on for MR k-space models).",
     )
+    upscale.add_argument("--dtype", choices=NIFTI_DTYPES, default="input", help="NIfTI voxels: the input's or float32.")
     _anonymize(upscale)
     _common(upscale, precision=True)
 
@@ -355,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     exit_on_sigterm()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"medsr {args.command}: %(message)s"))

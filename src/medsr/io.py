@@ -13,12 +13,13 @@ from __future__ import annotations
 import dataclasses
 import glob
 import gzip
+import json
 import logging
 import math
 import os
+import secrets
 import shutil
 import signal
-import tempfile
 import warnings
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -42,6 +43,10 @@ if TYPE_CHECKING:
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff")
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+NIFTI_DTYPES = ("input", "float32")  # NIfTI voxel types write_volume offers: the source NIfTI's, or float32
+# Source NIfTI types written back as they were; others (float, 64-bit integers) are written as float32.
+_INTEGER_TYPES = tuple(np.dtype(t) for t in ("uint8", "int8", "uint16", "int16", "uint32", "int32"))
+_WRITE_CHUNK = 2**22  # voxels converted to the stored type at a time when a volume in memory is written
 
 
 def file_format(path: Path) -> str:
@@ -221,22 +226,40 @@ def write_volume(
     *,
     description: str = "derived by medsr",
     anonymize: bool | Deidentifier = False,
+    dtype: str = "float32",
+    display_range: tuple[float, float] | None = None,
 ) -> None:
     """Write ``volume`` to ``path`` atomically, in the format its suffix names; an existing file is replaced.
 
-    NIfTI gets float32 data and the affine as both sform and qform. PNG/TIFF need a 2D single-channel volume;
-    values are rounded and clipped to the source image's integer type (``meta['pixel_dtype']``); volumes from
-    other formats (e.g. DICOM in HU) have none and can only go to float TIFF, never silently clipped.
+    NIfTI gets the affine as both sform and qform, float32 voxels or the source NIfTI's integer type and scaling
+    (``dtype``), ``description`` as descrip and ``display_range`` as cal_min/cal_max. PNG/TIFF need a 2D
+    single-channel volume; values are rounded and clipped to the source image's integer type
+    (``meta['pixel_dtype']``); volumes from other formats (e.g. DICOM in HU) have none and can only go to float
+    TIFF, never silently clipped.
 
     A DICOM target is a folder (a name without a suffix, or an existing folder) that receives a new derived series,
     one file per slice (see :func:`medsr.dicom_write.write_series`). It is never the input series, and an existing
     folder is replaced only if empty or written by medsr.
 
     Args:
-        description: DICOM only: the SeriesDescription, saying what made the series (e.g. "SR x2 edsr_baseline").
+        description: What made the volume (e.g. "medsr SR x2x2x1 edsr_mr_x2"): the DICOM SeriesDescription, the
+            NIfTI descrip (its first 80 bytes).
         anonymize: DICOM only: de-identify the header, ``True`` (PS3.15 Basic Profile) or with a
             :class:`medsr.deidentify.Deidentifier` (see :func:`medsr.dicom_write.write_series`). NIfTI and PNG/TIFF
             carry no patient identifiers.
+        dtype: NIfTI only: 'float32', or 'input': the integer type and scl_slope/scl_inter of the NIfTI the volume
+            was read from (``meta['nifti']``), float32 where that stored floats or there was none (DICOM, PNG/TIFF).
+            Integers store round((x - scl_inter) / scl_slope) clipped to the type's range: super-resolution
+            overshoot beyond it (e.g. below 0 in uint8) is clipped.
+        display_range: NIfTI only: (cal_min, cal_max), the values a viewer maps to black and white (e.g. the
+            intensity window); None: (0, 0), none.
+
+    >>> import tempfile, torch
+    >>> path = Path(tempfile.mkdtemp()) / "sr.nii.gz"
+    >>> write_volume(Volume(torch.zeros(1, 4, 4, 2), np.eye(4)), path, display_range=(0.0, 100.0))
+    >>> import nibabel; header = nibabel.load(path).header
+    >>> header.get_data_dtype(), header["descrip"], float(header["cal_max"])
+    (dtype('<f4'), array(b'derived by medsr', dtype='|S80'), 100.0)
     """
     path = Path(path)
     if volume.array.shape[0] != 1:
@@ -250,11 +273,22 @@ def write_volume(
         return
     if kind == "image":
         _check_image(volume, path)
-    with atomic_output(path) as tmp:
-        if kind == "nifti":
-            _write_nifti(volume, tmp)
-        else:
+        with atomic_output(path) as tmp:
             _write_image(volume, tmp)
+        return
+    header = _nifti_header(
+        volume.affine,
+        volume.spatial_shape,
+        meta=volume.meta,
+        dtype=dtype,
+        description=description,
+        display_range=display_range,
+    )
+    values = volume.array[0].detach().cpu().numpy()
+    step = max(1, _WRITE_CHUNK // (values.shape[0] * values.shape[1]))  # slices converted at a time
+    with atomic_output(path) as tmp, _nifti_writer(tmp, header) as write:
+        for start in range(0, values.shape[2], step):
+            write(values[:, :, start : start + step])
 
 
 @contextmanager
@@ -267,6 +301,8 @@ def volume_writer(
     meta: Mapping[str, Any] | None = None,
     description: str = "derived by medsr",
     anonymize: bool | Deidentifier = False,
+    dtype: str = "float32",
+    display_range: tuple[float, float] | None = None,
 ) -> Iterator[Callable[[np.ndarray], None]]:
     """:func:`write_volume` for a single-channel volume that arrives slab by slab along k, in bounded memory.
 
@@ -275,22 +311,27 @@ def volume_writer(
     target appears only when the block completes (an exception, or fewer than K slices, leaves it as it was), an
     existing NIfTI file is replaced, a DICOM folder only if medsr wrote it.
 
-    NIfTI: the header, then each slab appended (see :func:`_nifti_writer`); .nii.gz is compressed on the way.
+    NIfTI: the header (the voxel type and scaling come from ``meta``, known up front), then each slab appended
+    (see :func:`_nifti_writer`); .nii.gz is compressed on the way.
     DICOM series: the rescale and window need the whole value range before the first file, so the slabs are
     staged in an uncompressed temporary NIfTI file beside the folder (I * J * K * 4 bytes of disk, deleted after),
     then written by :func:`medsr.dicom_write.write_series_slices`. The target is checked before the block runs.
 
     Args:
         spatial_shape: (I, J, K) of the whole volume.
-        affine, modality, meta: The Volume fields ``write_volume`` would use (``meta``: the DICOM source header).
-        description, anonymize: As for :func:`write_volume`.
+        affine, modality, meta: The Volume fields ``write_volume`` would use (``meta``: the DICOM source header,
+            the source NIfTI's storage).
+        description, anonymize, dtype, display_range: As for :func:`write_volume`.
     """
     path, modality, meta = Path(path), Modality(modality), meta or {}
     kind = file_format(path)
     if kind == "image":
         raise ValueError(f"{path}: PNG/TIFF hold one 2D frame; write it whole with write_volume")
     if kind == "nifti":
-        with atomic_output(path) as tmp, _nifti_writer(tmp, affine, spatial_shape) as write:
+        header = _nifti_header(
+            affine, spatial_shape, meta=meta, dtype=dtype, description=description, display_range=display_range
+        )
+        with atomic_output(path) as tmp, _nifti_writer(tmp, header) as write:
             yield write
         return
     _check_series_name(path)
@@ -299,7 +340,7 @@ def volume_writer(
     check_series_target(path, modality, meta, description)
     with temporary_path(path.with_name(f"{path.name}.nii")) as staged:
         # Plain reads and writes, not a memory map: mapped pages would count as the process's memory.
-        with _nifti_writer(staged, affine, spatial_shape) as write:
+        with _nifti_writer(staged, _nifti_header(affine, spatial_shape)) as write:
 
             def write_finite(slab: np.ndarray) -> None:
                 _check_finite(slab, str(path))  # DICOM stores integers: refuse at once, not after the last slice
@@ -332,23 +373,31 @@ def temporary_path(path: Path | str, *, folder: bool = False) -> Iterator[Path]:
     it is removed when the block ends, however it ends (an exception, KeyboardInterrupt, or SIGTERM once
     :func:`exit_on_sigterm` is installed).
 
-    The name is unpredictable and the file is created exclusively (``tempfile.mkstemp``: ``O_CREAT | O_EXCL``), so
-    a file or symlink planted beside the target is never written through. Temporaries that a killed process
-    (``kill -9``) left beside the same target are removed first: their names carry the dead process's id.
+    The name is unpredictable (a random token) and the file is created exclusively (``O_CREAT | O_EXCL``, as
+    ``tempfile.mkstemp`` does), so a file or symlink planted beside the target is never written through. It is
+    named before it is made, so a signal that lands the moment it appears still removes it. Temporaries that a
+    killed process (``kill -9``) left beside the same target are removed first: their names carry the dead
+    process's id.
     """
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"{path}: folder {path.parent} does not exist")
     _remove_stale_temporaries(path)
-    make = tempfile.mkdtemp if folder else tempfile.mkstemp
-    made = make(prefix=f".{os.getpid()}.", suffix=f"{TEMP_MARK}{path.name}", dir=path.parent)
-    if not folder:
-        os.close(made[0])
-    tmp = Path(made if folder else made[1])
+    tmp = None
     try:
+        while tmp is None:
+            tmp = path.parent / f".{os.getpid()}.{secrets.token_hex(4)}{TEMP_MARK}{path.name}"
+            try:
+                if folder:
+                    os.mkdir(tmp, 0o700)
+                else:
+                    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:  # someone else's: never removed
+                tmp = None
         yield tmp
     finally:
-        _remove(tmp)
+        if tmp is not None:
+            _remove(tmp)
 
 
 @contextmanager
@@ -384,6 +433,34 @@ def write_bytes(path: Path | str, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (:func:`atomic_output`)."""
     with atomic_output(path) as tmp:
         tmp.write_bytes(data)
+
+
+def sidecar_path(path: Path | str) -> Path:
+    """The JSON sidecar of an image file, named as BIDS names them: the file's name without its suffix, + .json.
+
+    >>> sidecar_path("out/sr.nii.gz"), sidecar_path("sr.png")
+    (PosixPath('out/sr.json'), PosixPath('sr.json'))
+    """
+    path = Path(path)
+    stem = path.name[: -len(".nii.gz")] if path.name.lower().endswith(".nii.gz") else path.stem
+    return path.with_name(f"{stem}.json")
+
+
+@contextmanager
+def sidecar_output(path: Path | str, record: Mapping[str, Any]) -> Iterator[None]:
+    """Write ``record`` as the JSON sidecar of ``path`` (:func:`sidecar_path`) along with the file that the block
+    writes atomically to ``path``: the sidecar is staged before the block and takes its name after it, so an
+    exception (or SIGTERM, see :func:`exit_on_sigterm`) leaves neither new file, and the old ones as they were.
+
+    >>> import tempfile; target = Path(tempfile.mkdtemp()) / "sr.nii.gz"
+    >>> with sidecar_output(target, {"Model": "edsr_mr_x2"}):
+    ...     write_bytes(target, b"voxels")
+    >>> sorted(p.name for p in target.parent.iterdir()), json.loads(sidecar_path(target).read_text())
+    (['sr.json', 'sr.nii.gz'], {'Model': 'edsr_mr_x2'})
+    """
+    with atomic_output(sidecar_path(path)) as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        yield
 
 
 def check_output(output: Path | str, inputs: Sequence[Path | str] = (), *, force: bool = False) -> None:
@@ -458,12 +535,19 @@ def _read_nifti(path: Path) -> Volume:
     if _gzipped(path):  # decompressed whole, once, so gzip checks the CRC and length at the end
         data = _gunzip(path, end, keep=True)
         raw = np.frombuffer(data, proxy.dtype, math.prod(shape), proxy.offset).reshape(shape, order="F")
-        return Volume(torch.from_numpy(_scaled(raw, proxy.slope, proxy.inter))[np.newaxis], image.affine, Modality.OT)
-    try:
-        raw = np.asarray(proxy.get_unscaled()).reshape(shape, order="F")
-    except Exception as error:  # nibabel raises many types for corrupt files
-        raise ValueError(f"{path}: cannot read as NIfTI ({type(error).__name__}: {error})") from error
-    return Volume(torch.from_numpy(_scaled(raw, proxy.slope, proxy.inter))[np.newaxis], image.affine, Modality.OT)
+    else:
+        try:
+            raw = np.asarray(proxy.get_unscaled()).reshape(shape, order="F")
+        except Exception as error:  # nibabel raises many types for corrupt files
+            raise ValueError(f"{path}: cannot read as NIfTI ({type(error).__name__}: {error})") from error
+    array = torch.from_numpy(_scaled(raw, proxy.slope, proxy.inter))[np.newaxis]
+    return Volume(array, image.affine, Modality.OT, _nifti_meta(proxy))
+
+
+def _nifti_meta(proxy: ArrayProxy) -> dict[str, Any]:
+    """``meta['nifti']``: how the file stores its voxels (``dtype='input'`` of :func:`write_volume` writes them so)."""
+    dtype = np.dtype(proxy.dtype).newbyteorder("=").name  # written back in the machine's byte order
+    return {"nifti": {"dtype": dtype, "scl_slope": float(proxy.slope), "scl_inter": float(proxy.inter)}}
 
 
 def _load_nifti(path: Path) -> tuple[Any, tuple[int, int, int], int]:
@@ -581,17 +665,29 @@ def _nifti_spatial_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, int, 
     return tuple(int(n) for n in shape)
 
 
-def _write_nifti(volume: Volume, path: Path) -> None:
-    header = _nifti_header(volume.affine, volume.spatial_shape)
-    nib.save(nib.Nifti1Image(volume.array[0].detach().cpu().numpy().astype(np.float32), None, header), path)
-
-
-def _nifti_header(affine: np.ndarray, spatial_shape: tuple[int, int, int]) -> nib.Nifti1Header:
-    """Header of a float32 NIfTI-1 image in mm with ``affine`` as both sform and qform (when it can hold it)."""
+def _nifti_header(
+    affine: np.ndarray,
+    spatial_shape: tuple[int, int, int],
+    *,
+    meta: Mapping[str, Any] | None = None,
+    dtype: str = "float32",
+    description: str = "",
+    display_range: tuple[float, float] | None = None,
+) -> nib.Nifti1Header:
+    """Header of a NIfTI-1 image in mm with ``affine`` as both sform and qform (when it can hold it); the voxel
+    type and scaling, descrip and cal_min/cal_max as :func:`write_volume` describes them."""
+    source = (meta or {}).get("nifti") if check_nifti_dtype(dtype) == "input" else None
     header = nib.Nifti1Header()
     header.set_data_shape(spatial_shape)
-    header.set_data_dtype(np.float32)
+    if source is not None and np.dtype(source["dtype"]) in _INTEGER_TYPES:
+        header.set_data_dtype(source["dtype"])
+        header.set_slope_inter(source["scl_slope"], source["scl_inter"])
+    else:
+        header.set_data_dtype(np.float32)
     header.set_xyzt_units("mm")
+    header["descrip"] = description.encode()[:80].decode(errors="ignore").encode()  # whole UTF-8 characters
+    if display_range is not None:
+        header["cal_min"], header["cal_max"] = display_range
     columns = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
     orthogonal = np.allclose(columns.T @ columns, np.eye(3), atol=1e-6)
     # The qform cannot hold a shear (e.g. a gantry-tilted CT): then only the sform carries the geometry.
@@ -600,30 +696,52 @@ def _nifti_header(affine: np.ndarray, spatial_shape: tuple[int, int, int]) -> ni
     return header
 
 
-@contextmanager
-def _nifti_writer(
-    path: Path, affine: np.ndarray, spatial_shape: tuple[int, int, int]
-) -> Iterator[Callable[[np.ndarray], None]]:
-    """Write a float32 NIfTI-1 file (gzip-compressed for .nii.gz, as nibabel compresses) slab by slab along k.
+def check_nifti_dtype(dtype: str) -> str:
+    """``dtype`` if it is one of :data:`NIFTI_DTYPES` (see :func:`write_volume`), else a ValueError naming it.
 
-    Yields ``write(slab)`` for float32 slabs (I, J, n) in k order. The header goes first; the voxels follow in
-    Fortran order (i fastest), in which each k-slice is one contiguous run, so slabs are simply appended. A .nii
-    file gets the bytes :func:`_write_nifti` (``nib.save``) writes for the whole array.
+    >>> check_nifti_dtype("int16")
+    Traceback (most recent call last):
+    ValueError: dtype must be one of input, float32; got 'int16'
+    """
+    if dtype not in NIFTI_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(NIFTI_DTYPES)}; got {dtype!r}")
+    return dtype
+
+
+def _stored(values: np.ndarray, header: nib.Nifti1Header, path: Path) -> np.ndarray:
+    """Values in physical units as ``header`` stores them: float32, or integers round((x - scl_inter) / scl_slope)
+    clipped to the type's range (NaN or infinite values cannot be stored as integers: a ValueError)."""
+    dtype = header.get_data_dtype()
+    if dtype.kind == "f":
+        return np.asarray(values, dtype=np.float32)
+    _check_finite(values, str(path))
+    slope, inter = header.get_slope_inter()
+    info = np.iinfo(dtype)
+    return np.clip(np.rint((np.asarray(values, dtype=np.float64) - inter) / slope), info.min, info.max).astype(dtype)
+
+
+@contextmanager
+def _nifti_writer(path: Path, header: nib.Nifti1Header) -> Iterator[Callable[[np.ndarray], None]]:
+    """Write a NIfTI-1 file with ``header`` (gzip-compressed for .nii.gz, as nibabel compresses) slab by slab along k.
+
+    Yields ``write(slab)`` for float32 slabs (I, J, n) in physical units, in k order, stored as the header says
+    (:func:`_stored`). The header goes first; the voxels follow in Fortran order (i fastest), in which each k-slice
+    is one contiguous run, so slabs are simply appended. A float32 .nii file gets the bytes ``nib.save`` writes.
 
     Raises:
         ValueError: a slab of the wrong shape, or fewer than K slices when the block completes.
     """
-    written = 0
+    spatial_shape, written = header.get_data_shape(), 0
     with Opener(path, "wb") as stream:
 
         def write(slab: np.ndarray) -> None:
             nonlocal written
             if slab.ndim != 3 or slab.shape[:2] != spatial_shape[:2] or written + slab.shape[2] > spatial_shape[2]:
                 raise ValueError(f"{path}: slab of shape {slab.shape} after {written} slices of {spatial_shape}")
-            stream.write(np.asarray(slab, dtype=np.float32).tobytes(order="F"))
+            stream.write(_stored(slab, header, path).tobytes(order="F"))
             written += slab.shape[2]
 
-        _nifti_header(affine, spatial_shape).write_to(stream)  # 348 bytes + 4 for "no extensions": voxels at 352
+        header.write_to(stream)  # 348 bytes + 4 for "no extensions": voxels at 352
         yield write
     if written != spatial_shape[2]:
         raise ValueError(f"{path}: got {written} of {spatial_shape[2]} slices")
@@ -652,7 +770,7 @@ def _open_nifti(path: Path) -> VolumeFile:
             _check_finite(values[:, :, k - start], f"{path}, slice {k}")
         return values
 
-    return VolumeFile(path, shape, image.affine, Modality.OT, {}, read_slab)
+    return VolumeFile(path, shape, image.affine, Modality.OT, _nifti_meta(proxy), read_slab)
 
 
 def _open_dicom(path: Path) -> VolumeFile:

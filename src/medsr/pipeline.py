@@ -4,7 +4,8 @@ One path for the Python API and ``medsr upscale``: choose the model (``zoo.choos
 compute the intensity window once (from the percentiles the input checks need anyway), check the scan against
 what the model was trained on (:class:`MedsrWarning` s), then either stream slab by slab (NIfTI/DICOM series in
 and out at the model's own integer scale: memory independent of the scan's size) or run in memory (PNG/TIFF,
-ultrasound frames, non-integer factors, k-space consistency), resample to the asked factors, and write.
+ultrasound frames, non-integer factors), resample to the asked factors, and write: CT no lower than air where the
+input had nothing lower, NIfTI in the input's integer type, and a JSON sidecar saying what made the file.
 
 The decision to stream is made up front from the formats and the factors; the source is opened once.
 """
@@ -12,20 +13,33 @@ The decision to stream is made up front from the formats and the factors; the so
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import warnings
 from collections.abc import Sequence
+from contextlib import nullcontext
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from medsr.checkpoint import WEIGHTS
 from medsr.degrade import MAX_FACTOR
-from medsr.infer import model_plan, model_predictor, super_resolve
+from medsr.infer import model_plan, model_predictor, resolve_precision, super_resolve
 from medsr.inputs import guess_modality, input_warnings
-from medsr.intensity import Window, intensity_range, volume_range, window_from_range
-from medsr.io import VolumeFile, check_output, file_format, open_scan, write_volume
+from medsr.intensity import LOWER_PERCENTILE, UPPER_PERCENTILE, Window, percentiles, window_from_range
+from medsr.io import (
+    VolumeFile,
+    check_nifti_dtype,
+    check_output,
+    file_format,
+    open_scan,
+    sidecar_output,
+    sidecar_path,
+    write_volume,
+)
 from medsr.volume import Volume
 from medsr.zoo import SRModel, choose_model, is_through_plane, load_model, model_family
 
@@ -47,6 +61,9 @@ class Plan:
         scale: The integer scale the model applies along (i, j, k) (``infer.model_plan``); the rest is resampling.
         modality: The scan's modality (the model's when the file names none): it picks the window rule.
         window: The intensity window, computed once from the scan.
+        floor: The lowest output value, in physical units: CT's window floor, air (-1024 HU), where the scan has
+            nothing lower (super-resolution overshoot at the edge of the reconstruction circle would go below it);
+            None for other modalities and for CT stored with padding below air.
     """
 
     model: SRModel
@@ -54,6 +71,7 @@ class Plan:
     scale: tuple[int, int, int]
     modality: str
     window: Window
+    floor: float | None = None
 
     @property
     def resamples(self) -> bool:
@@ -100,7 +118,9 @@ def plan_upscale(
     """
     if scale is not None and spacing is not None:
         raise ValueError("give scale or spacing, not both")
-    intensities = intensity_range(scan.slices) if isinstance(scan, VolumeFile) else volume_range(scan)
+    slices = scan.slices if isinstance(scan, VolumeFile) else lambda: [scan.array.detach().cpu().numpy()]
+    minimum, low, high = percentiles(slices, (0, LOWER_PERCENTILE, UPPER_PERCENTILE))
+    intensities = (low, high)  # intensity.intensity_range: the window and the input checks; the minimum: the floor
     if not intensities[1] > intensities[0]:
         raise ValueError(f"{label}: constant intensities ({intensities[0]:g}): nothing to super-resolve")
     factors = None
@@ -139,7 +159,9 @@ def plan_upscale(
             intensities=intensities,
         ):
             _warn(f"{label}: {problem}; results may be poor")
-    return Plan(model, factors, plan_scale, modality, window)
+    # Not the scan's minimum: partial volume raises a low-resolution scan's minimum above the true one.
+    floor = window.floor if window.floor is not None and minimum >= window.floor else None
+    return Plan(model, factors, plan_scale, modality, window, floor)
 
 
 def upscale(
@@ -155,6 +177,8 @@ def upscale(
     progress: bool = False,
 ) -> Volume:
     """Super-resolve a volume in physical units; the output covers the same field of view (rescaled affine).
+
+    CT output is no lower than air (-1024 HU) where the scan has nothing lower (:attr:`Plan.floor`).
 
     Args:
         volume: The scan, e.g. from :func:`medsr.read_volume`.
@@ -194,20 +218,34 @@ def upscale_file(
     anonymize: bool = False,
     force: bool = False,
     progress: bool = False,
+    dtype: str = "input",
+    command_line: str | None = None,
 ) -> Plan:
     """Super-resolve the scan at ``source`` into ``target`` (same format family), atomically; returns the plan.
 
     NIfTI/DICOM series in and out at the model's own integer scale stream slab by slab along k (memory independent
     of the scan's size, k-space consistency slice by slice); PNG/TIFF, ultrasound frames and non-integer factors
-    run in memory.
-    The source is never overwritten; an existing target needs ``force``.
+    run in memory. Both give the same voxels, CT no lower than air where the scan has nothing lower (see
+    :func:`upscale`).
+
+    A NIfTI target gets descrip (e.g. "medsr SR x2x2x1 edsr_mr_x2") and cal_min/cal_max (the intensity window). A
+    file target (NIfTI, PNG/TIFF) gets a JSON sidecar (BIDS-style, ``sr.nii.gz`` -> ``sr.json``), written with it:
+    an interrupted or failed write leaves neither. A DICOM series records its derivation in its headers. The
+    source is never overwritten; an existing target or sidecar needs ``force``.
 
     Args:
         source: A NIfTI file, DICOM series folder or file, or PNG/TIFF.
         target: A NIfTI file, PNG/TIFF, or a new DICOM series folder (a name without suffix).
         modality: Overrides the source's (NIfTI and PNG/TIFF name none).
         anonymize: DICOM target: de-identify the header.
+        dtype: NIfTI target: 'input' (the source NIfTI's integer type and scl_slope/scl_inter, values beyond the
+            type's range clipped; float32 for float sources and DICOM series) or 'float32'.
+        command_line: The command that asked for this, for the sidecar (``medsr upscale`` passes its own).
         model, scale, spacing, tile, overlap, precision, kspace_consistency, progress: As for :func:`upscale`.
+
+    The sidecar: Description (as descrip), MedsrVersion, CommandLine (when given), Sources (the source's absolute
+    path), Modality, Model (name or checkpoint folder), ModelWeightsSHA256 (of its ``model.safetensors``), Factors
+    (i, j, k), Precision (as run: fp32 or bf16), KSpaceConsistency (whether it ran), IntensityFloor (Plan.floor).
 
     >>> import medsr, tempfile, torch
     >>> folder = Path(tempfile.mkdtemp())
@@ -216,6 +254,8 @@ def upscale_file(
     >>> plan = medsr.upscale_file(folder / "lr.nii.gz", folder / "sr.nii.gz")
     >>> plan.model.name, medsr.read_volume(folder / "sr.nii.gz").spatial_shape
     ('edsr_mr_x2', (48, 40, 3))
+    >>> sorted(path.name for path in folder.iterdir())
+    ['lr.nii.gz', 'sr.json', 'sr.nii.gz']
     """
     return _upscale_file(
         Path(source),
@@ -232,6 +272,8 @@ def upscale_file(
         anonymize=anonymize,
         force=force,
         progress=progress,
+        dtype=dtype,
+        command_line=command_line,
     )
 
 
@@ -280,12 +322,17 @@ def _upscale_file(
     anonymize: bool = False,
     force: bool = False,
     progress: bool = False,
+    dtype: str = "input",
+    command_line: str | None = None,
 ) -> Plan:
     """:func:`upscale_file`, with ``models``: loaded models by name, shared over a folder's scans."""
     from medsr.streaming import stream_upscale
 
+    check_nifti_dtype(dtype)
     check_output(target, [source], force=force)
     target_format = file_format(target)
+    if target_format != "dicom":
+        check_output(sidecar_path(target), [source], force=force)
     scan = open_scan(source, modality=modality)
     if isinstance(model, str | Path) and str(model) in models:
         model = models[str(model)]
@@ -297,26 +344,33 @@ def _upscale_file(
     factors = "x".join(f"{f:g}" for f in plan.factors)
     description = f"medsr SR x{factors} {Path(plan.model.name).name}"[:64]
     streams = isinstance(scan, VolumeFile) and target_format in ("nifti", "dicom") and not plan.resamples
-    if streams:
-        stream_upscale(
-            scan,
-            target,
-            model_predictor(plan.model.network, precision=precision),
-            scale=plan.scale,
-            spatial_dims=plan.model.spatial_dims,
-            tile=tile,
-            overlap=overlap,
-            description=description,
-            anonymize=anonymize,
-            window=plan.window,
-            modality=plan.modality,
-            consistency=plan.model.degradation if kspace else None,
-            progress=progress,
-        )
-        return plan
-    volume = scan.read() if isinstance(scan, VolumeFile) else scan
-    sr = _run_in_memory(volume, plan, tile, overlap, precision, kspace, progress)
-    write_volume(sr, target, description=description, anonymize=anonymize)
+    storage = {"description": description, "dtype": dtype, "display_range": (plan.window.lo, plan.window.hi)}
+    if target_format == "dicom":  # the series records its derivation in its headers
+        sidecar = nullcontext()
+    else:
+        sidecar = sidecar_output(target, _provenance(plan, source, description, precision, kspace, command_line))
+    with sidecar:
+        if streams:
+            stream_upscale(
+                scan,
+                target,
+                model_predictor(plan.model.network, precision=precision),
+                scale=plan.scale,
+                spatial_dims=plan.model.spatial_dims,
+                tile=tile,
+                overlap=overlap,
+                anonymize=anonymize,
+                window=plan.window,
+                modality=plan.modality,
+                consistency=plan.model.degradation if kspace else None,
+                floor=plan.floor,
+                progress=progress,
+                **storage,
+            )
+        else:
+            volume = scan.read() if isinstance(scan, VolumeFile) else scan
+            sr = _run_in_memory(volume, plan, tile, overlap, precision, kspace, progress)
+            write_volume(sr, target, anonymize=anonymize, **storage)
     return plan
 
 
@@ -338,7 +392,29 @@ def _run_in_memory(
     )
     if not torch.isfinite(sr.array).all():
         raise ValueError(f"{plan.model.name} gives NaN or infinite values (broken weights?); nothing written")
-    return sr
+    return sr if plan.floor is None else sr.replace(array=sr.array.clamp(min=plan.floor))
+
+
+def _provenance(
+    plan: Plan, source: Path, description: str, precision: str, kspace: bool, command_line: str | None
+) -> dict:
+    """The sidecar of an output file: what made it, from what, and how (see :func:`upscale_file`)."""
+    with (plan.model.path / WEIGHTS).open("rb") as weights:
+        digest = hashlib.file_digest(weights, "sha256").hexdigest()
+    device = next(plan.model.network.parameters(), torch.empty(0)).device
+    record = {"Description": description, "MedsrVersion": version("medsr")}
+    if command_line is not None:
+        record["CommandLine"] = command_line
+    return record | {
+        "Sources": [str(source.absolute())],
+        "Modality": plan.modality,
+        "Model": plan.model.name,
+        "ModelWeightsSHA256": digest,
+        "Factors": list(plan.factors),
+        "Precision": resolve_precision(precision, device),
+        "KSpaceConsistency": kspace,
+        "IntensityFloor": plan.floor,
+    }
 
 
 def _kspace(plan: Plan, kspace_consistency: bool | None) -> bool:

@@ -49,6 +49,9 @@ def stream_upscale(
     progress: bool = True,
     window: Window | None = None,
     consistency: Degradation | None = None,
+    dtype: str = "float32",
+    display_range: tuple[float, float] | None = None,
+    floor: float | None = None,
 ) -> None:
     """Super-resolve the scan at ``source`` into ``target`` holding only a slab of it in memory at a time.
 
@@ -70,12 +73,16 @@ def stream_upscale(
         modality: Overrides the source's (NIfTI has none, reads as OT); it picks the window rule.
         tile, overlap: As for :func:`medsr.infer.predict_volume` (tiles default to 128^2 in 2D, 48^3 in 3D).
         batch_size: Tiles per predictor call.
-        description, anonymize: DICOM target only, as for ``write_volume``.
+        description, anonymize: As for ``write_volume``: what made the output (DICOM SeriesDescription, NIfTI
+            descrip); de-identification of a DICOM target.
         progress: Show tqdm bars over the window passes and the slabs.
         window: The source's ``intensity.default_window`` when the caller already has it (``medsr upscale``
             computes the percentiles for its input checks), saving the passes over the source; computed otherwise.
         consistency: MR in-plane k-space degradation whose measured band each output slice gets back from its input
             slice (``consistency.kspace_consistency``, slice by slice as in memory); None: off.
+        dtype, display_range: NIfTI target only, as for ``write_volume``: 'input' stores the source NIfTI's integer
+            type and scaling (known from its header before the first slab), clipped to the type's range.
+        floor: Output values below it (physical units) are raised to it before writing; None: none.
 
     Raises:
         ValueError: ``target`` is ``source``; the source is unreadable, truncated or holds a NaN/inf voxel (the
@@ -99,6 +106,8 @@ def stream_upscale(
         meta=volume.meta,
         description=description,
         anonymize=anonymize,
+        dtype=dtype,
+        display_range=display_range,
     ) as write:
         window = window or window_from_slices(
             volume.modality,
@@ -123,7 +132,8 @@ def stream_upscale(
                 raise ValueError(f"{target}: can only write single-channel volumes, the model gives {sr.shape[0]}")
             if not torch.isfinite(sr).all():
                 raise ValueError(f"{target}: the model gives NaN or infinite values (broken weights?); nothing written")
-            write(window.to_physical(sr)[0].numpy())
+            values = window.to_physical(sr)
+            write((values if floor is None else values.clamp(min=floor))[0].numpy())
 
 
 def _predict_slabs(
