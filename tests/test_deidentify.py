@@ -14,6 +14,7 @@ from pydicom.datadict import dictionary_has_tag, dictionary_VR, keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian
 
+import medsr
 from medsr.deidentify import BASIC_PROFILE, Deidentifier, deidentify
 from medsr.io import read_volume, volume_writer, write_volume
 
@@ -48,7 +49,12 @@ IMAGE = (
     "SpecificCharacterSet",
     "PixelData",
 )
-MARKERS = ("PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence")
+MARKERS = (
+    "PatientIdentityRemoved",
+    "DeidentificationMethod",
+    "DeidentificationMethodCodeSequence",
+    "ContributingEquipmentSequence",
+)
 LEAKS = ("SECRET", "Secret^", "1.2.3.999.", "20010203", "040506.123456")  # in every value ``identifying`` makes
 
 
@@ -238,7 +244,32 @@ def test_pixels_only_keeps_the_image_geometry_and_empty_type_2_attributes():
     assert [kw for kw in uids if after[kw].value == before[kw].value] == []
     for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "AccessionNumber"):
         assert after[keyword].is_empty, keyword
-    assert [e.keyword for e in after if e.VR == "SQ"] == ["DeidentificationMethodCodeSequence"]
+    assert [e.keyword for e in after if e.VR == "SQ"] == [
+        "DeidentificationMethodCodeSequence",
+        "ContributingEquipmentSequence",
+    ]
+    assert [item.Manufacturer for item in after.ContributingEquipmentSequence] == ["medsr"]  # the source's: gone
+
+
+@pytest.mark.parametrize(
+    ("mode", "options"), [("basic", []), ("pixels-only", ["113103", "113104", "113105"])], ids=["basic", "pixels"]
+)
+def test_the_method_and_equipment_are_recorded_after_an_earlier_de_identification(mode, options):
+    """PS3.15 E.1.1: the profile (113100) and the options a mode amounts to (CID 7050: Clean Graphics, Structured
+    Content, Descriptors), after the steps before it; medsr as De-identifying Equipment (109104, CID 7005)."""
+    ds = ct_small()
+    ds.PatientIdentityRemoved, ds.DeidentificationMethod = "YES", "site tool 2.1"
+    earlier = Dataset()
+    earlier.CodeValue, earlier.CodingSchemeDesignator, earlier.CodeMeaning = "113109", "DCM", "Retain Device Identity"
+    ds.DeidentificationMethodCodeSequence = [earlier]
+    deidentify(ds, Deidentifier(mode))
+    assert ds.PatientIdentityRemoved == "YES"
+    assert list(ds.DeidentificationMethod)[0] == "site tool 2.1" and len(ds.DeidentificationMethod) == 2
+    codes = [(c.CodeValue, c.CodingSchemeDesignator) for c in ds.DeidentificationMethodCodeSequence]
+    assert codes == [("113109", "DCM"), ("113100", "DCM"), *((code, "DCM") for code in options)]
+    equipment = ds.ContributingEquipmentSequence[-1]
+    assert (equipment.Manufacturer, equipment.SoftwareVersions) == ("medsr", medsr.__version__)
+    assert equipment.PurposeOfReferenceCodeSequence[0].CodeValue == "109104"
 
 
 def test_an_unknown_mode_is_refused():
@@ -287,7 +318,16 @@ def test_written_series_carry_no_identifier(tmp_path):
     assert c.StudyInstanceUID not in (a.StudyInstanceUID, original.StudyInstanceUID)  # its own run
     assert a.PatientIdentityRemoved == c.PatientIdentityRemoved == d.PatientIdentityRemoved == "YES"
     assert "InstitutionAddress" not in a and "InstitutionAddress" not in a.ContributingEquipmentSequence[0]
-    assert [e.keyword for e in d if e.VR == "SQ"] == ["DeidentificationMethodCodeSequence"]
+    assert [e.keyword for e in d if e.VR == "SQ"] == [
+        "DerivationCodeSequence",
+        "DeidentificationMethodCodeSequence",
+        "ContributingEquipmentSequence",
+    ]
+    purposes = [item.PurposeOfReferenceCodeSequence[0].CodeValue for item in d.ContributingEquipmentSequence]
+    assert purposes == ["109104", "109102"]  # De-identifying, then Processing Equipment
+    # The source's UIDs would identify it: no references to the source slices or series.
+    for ds in (a, b, c, d):
+        assert "SourceImageSequence" not in ds and "ReferencedSeriesSequence" not in ds
     for name in "abcd":
         read = read_volume(tmp_path / name)
         np.testing.assert_allclose(read.affine, source.affine, atol=1e-4)

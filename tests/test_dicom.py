@@ -21,7 +21,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from medsr.dicom import read_dicom
+from medsr.dicom import SourceImage, read_dicom
 from medsr.volume import Modality
 
 ROWS, COLUMNS = 5, 7  # unequal, so a transposed array shows
@@ -123,6 +123,11 @@ def test_oblique_shuffled_series_geometry_and_values(tmp_path, tilt):
     assert "PixelData" not in volume.meta["dicom"]
     assert volume.meta["dicom"].ImagePositionPatient == pytest.approx(ipps[0].tolist())
     assert volume.meta["dicom_source"] == str(folder)
+    # What a derived series references and keeps: each slice's identity by k, and the affine.
+    by_k = [pydicom.dcmread(folder / names[[2, 0, 3, 1].index(k)]) for k in range(4)]
+    expected = [SourceImage(CTImageStorage, ds.SOPInstanceUID, ds.InstanceNumber) for ds in by_k]
+    assert volume.meta["dicom_images"] == tuple(expected)
+    np.testing.assert_array_equal(volume.meta["dicom_affine"], volume.affine)
 
 
 def test_reversed_order_on_disk_gives_same_volume(tmp_path):

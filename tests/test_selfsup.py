@@ -187,7 +187,7 @@ def test_cli_dicom_in_dicom_out_and_a_saved_network(colin_thick, tmp_path, capsy
     # the saved network, applied again without training, gives the same output
     again = tmp_path / "again.nii.gz"
     assert main(["selfsr", str(source), str(again), "--model", str(saved)]) == 0
-    torch.testing.assert_close(read_volume(again).array, sr.array, atol=1e-4 * float(sr.array.max()), rtol=0)
+    torch.testing.assert_close(read_volume(again).array, sr.array, atol=0.5 + 1e-4 * float(sr.array.max()), rtol=0)
 
 
 def test_cli_uses_the_dicom_slice_thickness_for_a_gapped_series(colin_hr, tmp_path, capsys):

@@ -18,9 +18,13 @@ from typing import Any, Literal
 
 from pydicom.dataelem import DataElement, empty_value_for_VR
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.sr.codedict import codes
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID, generate_uid
 from pydicom.valuerep import BYTES_VR, STR_VR
+
+from medsr.dicom import code_item, medsr_equipment
 
 Mode = Literal["basic", "pixels-only"]
 MODES: tuple[Mode, ...] = ("basic", "pixels-only")
@@ -711,6 +715,9 @@ _PIXELS_ONLY_KEPT = frozenset(
         "ScanningSequence",
         "SequenceVariant",
         "ConversionType",
+        "PatientIdentityRemoved",  # an earlier de-identification's record, which this one extends
+        "DeidentificationMethod",
+        "DeidentificationMethodCodeSequence",
     }
 )
 # ... and these Type 2 attributes, emptied: Patient, General Study, General Equipment, Frame of Reference, CT and MR
@@ -740,6 +747,17 @@ _PIXELS_ONLY_EMPTIED = frozenset(
 _METHOD = {
     "basic": "medsr: PS3.15 Basic Application Confidentiality Profile",
     "pixels-only": "medsr: PS3.15 Basic Profile, then pixels and geometry only",
+}
+# DeidentificationMethodCodeSequence by mode (CID 7050): the profile, then the options whose removals a mode makes.
+# Both remove curves and overlays (the table's pattern rows); pixels-only also every description and sequence.
+_METHOD_CODES = {
+    "basic": (codes.DCM.BasicApplicationConfidentialityProfile,),
+    "pixels-only": (
+        codes.DCM.BasicApplicationConfidentialityProfile,
+        codes.DCM.CleanGraphicsOption,
+        codes.DCM.CleanStructuredContentOption,
+        codes.DCM.CleanDescriptorsOption,
+    ),
 }
 
 
@@ -779,8 +797,11 @@ def deidentify(ds: Dataset, deidentifier: Deidentifier) -> None:
     Common and series identity attributes and the Type 1 attributes of the CT, MR and SC image modules, and empties
     the Type 2 patient, study, equipment, frame of reference and CT/MR acquisition attributes present.
 
-    Both add PatientIdentityRemoved YES, DeidentificationMethod and DeidentificationMethodCodeSequence (113100, DCM,
-    "Basic Application Confidentiality Profile"). Text burned into the pixels is not looked for.
+    Both record it (PS3.15 E.1.1, PS3.3 C.7.1.1): PatientIdentityRemoved YES; DeidentificationMethod and
+    DeidentificationMethodCodeSequence (DCM 113100 "Basic Application Confidentiality Profile"; pixels-only adds
+    113103 Clean Graphics, 113104 Clean Structured Content and 113105 Clean Descriptors Options) appended to a
+    previous de-identification's; and a ContributingEquipmentSequence item for medsr as DCM 109104 "De-identifying
+    Equipment". Text burned into the pixels is not looked for.
     """
     _clean(ds, deidentifier)
     meta = getattr(ds, "file_meta", None)
@@ -793,11 +814,13 @@ def deidentify(ds: Dataset, deidentifier: Deidentifier) -> None:
             elif element.keyword not in _PIXELS_ONLY_KEPT:
                 del ds[element.tag]
     ds.PatientIdentityRemoved = "YES"
-    ds.DeidentificationMethod = _METHOD[deidentifier.mode]
-    code = Dataset()
-    code.CodeValue, code.CodingSchemeDesignator = "113100", "DCM"
-    code.CodeMeaning = "Basic Application Confidentiality Profile"
-    ds.DeidentificationMethodCodeSequence = [code]
+    previous = ds.get("DeidentificationMethod")  # LO, VM 1-n
+    previous = list(previous) if isinstance(previous, MultiValue) else [previous] if previous else []
+    ds.DeidentificationMethod = [*previous, _METHOD[deidentifier.mode]]
+    methods = [code_item(code) for code in _METHOD_CODES[deidentifier.mode]]
+    ds.DeidentificationMethodCodeSequence = [*ds.get("DeidentificationMethodCodeSequence", []), *methods]
+    equipment = medsr_equipment(codes.DCM.DeIdentifyingEquipment, _METHOD[deidentifier.mode])
+    ds.ContributingEquipmentSequence = [*ds.get("ContributingEquipmentSequence", []), equipment]
 
 
 def _clean(dataset: Dataset, deidentifier: Deidentifier) -> None:

@@ -20,8 +20,9 @@ import zlib
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pydicom
@@ -31,6 +32,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info, read_partial
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, get_decoder
+from pydicom.sr.coding import Code
 
 from medsr.volume import MAX_VOLUME_BYTES, Modality, Volume, crop
 
@@ -70,8 +72,8 @@ def read_dicom(path: Path) -> Volume:
             non-DICOM files such as README, non-image objects such as DICOMDIR are skipped), or one DICOM file.
 
     Returns:
-        Volume of shape (1, Columns, Rows, number of slices); ``meta["dicom"]`` is the first sorted slice's header
-        without pixel data and ``meta["dicom_source"]`` the path read.
+        Volume of shape (1, Columns, Rows, number of slices); ``meta`` is :attr:`Series.meta`: the first sorted
+        slice's header without pixel data, the path read, and what a derived series needs to reference the source.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -98,6 +100,14 @@ def read_dicom(path: Path) -> Volume:
     return volume
 
 
+class SourceImage(NamedTuple):
+    """One slice file of a source series, as a derived series references it (SourceImageSequence)."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    instance_number: int | None  # None: absent or not an integer
+
+
 @dataclasses.dataclass(frozen=True)
 class Series:
     """A DICOM series opened without its pixels: what :func:`read_dicom` knows before decoding a slice.
@@ -108,6 +118,7 @@ class Series:
         affine: 4x4 voxel (i, j, k) -> RAS+ mm.
         modality: From the Modality tag; ``OT`` when medsr does not know it.
         header: The first sorted slice's header, without pixel data.
+        images: The identity of each file, by k.
     """
 
     path: Path
@@ -115,11 +126,19 @@ class Series:
     affine: np.ndarray
     modality: Modality
     header: Dataset
+    images: tuple[SourceImage, ...]
 
     @property
     def meta(self) -> dict[str, Any]:
-        """The Volume ``meta`` that :func:`read_dicom` returns: the header, and the source for writers to avoid."""
-        return {"dicom": self.header, "dicom_source": str(self.path)}
+        """The Volume ``meta`` that :func:`read_dicom` returns, what ``dicom_write`` needs: ``"dicom"`` the header,
+        ``"dicom_source"`` the path (never written into), ``"dicom_images"`` the slices by k and ``"dicom_affine"``
+        the affine (to reference the source slices behind each new slice and keep their thickness and numbering)."""
+        return {
+            "dicom": self.header,
+            "dicom_source": str(self.path),
+            "dicom_images": self.images,
+            "dicom_affine": self.affine,
+        }
 
     @property
     def spatial_shape(self) -> tuple[int, int, int]:
@@ -168,7 +187,34 @@ def open_series(path: Path) -> Series:
         )
     known = {m.value for m in Modality}
     modality = Modality(first.Modality) if first.get("Modality") in known else Modality.OT
-    return Series(path, [file for file, _ in headers], affine, modality, first)
+    images = tuple(_source_image(ds) for _, ds in headers)
+    return Series(path, [file for file, _ in headers], affine, modality, first, images)
+
+
+def _source_image(ds: Dataset) -> SourceImage:
+    """The identity of the slice file whose header is ``ds``."""
+    sop_class = ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID")
+    sop_instance = ds.get("SOPInstanceUID") or ds.file_meta.get("MediaStorageSOPInstanceUID")
+    number = ds.get("InstanceNumber")
+    return SourceImage(str(sop_class or ""), str(sop_instance or ""), int(number) if isinstance(number, int) else None)
+
+
+def code_item(code: Code) -> Dataset:
+    """A code sequence item (PS3.3 8.8, Table 8.8-1a): CodeValue, CodingSchemeDesignator, CodeMeaning."""
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = code.value, code.scheme_designator, code.meaning
+    return item
+
+
+def medsr_equipment(purpose: Code, description: str) -> Dataset:
+    """An item of ContributingEquipmentSequence (PS3.3 C.12.1) naming this medsr version, for ``purpose`` (CID 7005,
+    e.g. DCM 109102 Processing Equipment) and what it did."""
+    item = Dataset()
+    item.PurposeOfReferenceCodeSequence = [code_item(purpose)]
+    item.Manufacturer = item.ManufacturerModelName = "medsr"
+    item.SoftwareVersions = version("medsr")
+    item.ContributionDescription = description
+    return item
 
 
 def read_slice(file: Path) -> np.ndarray:
