@@ -381,3 +381,20 @@ def test_upscale_with_kspace_consistency_reproduces_the_measured_scan(colin_crop
     for flags in (["--kspace-consistency", "--scale", "3,3,1"], ["--kspace-consistency", "--model", "edsr_ct_x2"]):
         assert main(["upscale", str(colin_crop), str(tmp_path / "x.nii.gz"), *flags]) == 2
         assert "k-space consistency" in capsys.readouterr().err
+
+
+def test_upscale_dicom_into_a_new_study_records_the_model_and_its_weights(tmp_path):
+    """--new-study: the SR series gets its own study; every file names the model and its weights' SHA-256 and
+    references the source image it was made from."""
+    import hashlib
+
+    source = pydicom.data.get_testdata_file("CT_small.dcm")
+    for flags, name in (([], "same"), (["--new-study"], "new")):
+        assert main(["upscale", source, str(tmp_path / name), *flags]) == 0
+    original = pydicom.dcmread(source)
+    same, new = (pydicom.dcmread(next((tmp_path / name).iterdir())) for name in ("same", "new"))
+    assert same.StudyInstanceUID == original.StudyInstanceUID != new.StudyInstanceUID
+    weights = medsr.load_model("edsr_ct_x2").path / "model.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert f"edsr_ct_x2 sha256:{digest}" in new.DerivationDescription
+    assert new.SourceImageSequence[0].ReferencedSOPInstanceUID == original.SOPInstanceUID

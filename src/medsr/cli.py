@@ -128,6 +128,7 @@ def _deidentifier(args: argparse.Namespace):
 def _upscale(args: argparse.Namespace) -> int:
     """One scan, or every scan under a folder (bad files are reported and skipped)."""
     names = ("scale", "spacing", "modality", "tile", "overlap", "precision", "kspace_consistency", "force", "dtype")
+    names += ("adapt", "new_study")
     options = _pick(args, names) | {"anonymize": _deidentifier(args), "progress": True}
     options["command_line"] = shlex.join(["medsr", *args.argv])  # for the sidecar of each output file
     if args.input.is_dir() and find_scans(args.input) != [args.input]:  # not one DICOM series
@@ -166,7 +167,7 @@ def _interpolate(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     if args.out:
         check_output(args.out, force=args.force)
-    result = medsr.evaluate(args.model, args.scan, args.slices, precision=args.precision)
+    result = medsr.evaluate(args.model, args.scan, args.slices, precision=args.precision, adapt_seconds=args.adapt)
     print(scores_text(result))
     if args.out:
         write_evaluation(result, args.out)
@@ -187,7 +188,12 @@ def _models(args: argparse.Namespace) -> int:
         print("\n".join(medsr.load_model(name).card for name in args.names))
         return 0
     names = args.names or list(shipped)
-    losing = [lost for name in names if args.evaluate for lost in score_shipped(name, precision=args.precision)]
+    losing = [
+        lost
+        for name in names
+        if args.evaluate
+        for lost in score_shipped(name, precision=args.precision, adapt_seconds=args.adapt)
+    ]
     print(table := summary_table(names))
     if args.table:
         write_bytes(args.table, f"```\n{table}\n```\n".encode())
@@ -235,6 +241,10 @@ def _command(commands, name: str, run, help: str, **kwargs) -> argparse.Argument
     command = commands.add_parser(name, help=help, description=help, **kwargs)
     command.set_defaults(run=run)
     return command
+
+
+def _adapt(command: argparse.ArgumentParser, help: str) -> None:
+    command.add_argument("--adapt", type=_at_least(1), nargs="?", const=60, default=0, metavar="SECONDS", help=help)
 
 
 def _common(command: argparse.ArgumentParser, *, force: bool = True, precision: bool = False) -> None:
@@ -308,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="MRI: keep the k-space band the input measured exactly (default: on for MR k-space models).",
     )
     upscale.add_argument("--dtype", choices=NIFTI_DTYPES, default="input", help="NIfTI voxels: the input's or float32.")
+    _adapt(upscale, "Fine-tune the model on the scan itself first (LR -> LLR pairs; 60 s if no value).")
+    upscale.add_argument("--new-study", action="store_true", help="DICOM output: put the series in a new study.")
     _anonymize(upscale)
     _common(upscale, precision=True)
 
@@ -330,12 +342,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--scan", default="colin27", help="Sample name or path of an HR scan.")
     evaluate.add_argument("--slices", type=_slab, help="Held-out slab START:STOP along the model's split axis.")
     evaluate.add_argument("--out", type=Path, help="Folder for report.html, scores (CSV/JSON) and figures.")
+    _adapt(evaluate, "Also score the model fine-tuned on the LR slab itself (as upscale --adapt).")
     _common(evaluate, precision=True)
 
     models = _command(commands, "models", _models, "List the shipped models, print their cards, or score them.")
     models.add_argument("names", nargs="*", help="Models to show (their MODEL_CARD.md) or score; default: all.")
     models.add_argument("--evaluate", action="store_true", help="Score each on its held-out data; exit 1 if one loses.")
     models.add_argument("--table", type=Path, help="Also write the summary table to this file (Markdown).")
+    _adapt(models, "With --evaluate: also score each model fine-tuned on each held-out LR (the table's last columns).")
     _common(models, force=False, precision=True)
 
     interpolate = _command(commands, "interpolate", _interpolate, "Blend a PSNR model and its GAN (ESRGAN).")

@@ -8,6 +8,7 @@ air inflates both scores.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -141,6 +142,15 @@ class Comparison(NamedTuple):
     images: dict[str, torch.Tensor]
 
 
+def degraded_slab(
+    hr: Volume, degradation: Degradation, *, slices: tuple[int, int], axis: int = 2, seed: int = 0
+) -> tuple[Volume, Volume]:
+    """(HR slab, its LR) as :func:`compare_methods` scores them: the slab cut to a multiple of the factors, and
+    its simulation with the noise drawn from ``seed``; both normalised like ``hr``."""
+    slab = crop_to_multiple(slice_range(hr, slices=slices, axis=axis), scale=integer_scale(degradation.factors))
+    return slab, degrade_normalised(slab, degradation, rng=np.random.default_rng(seed))
+
+
 def compare_methods(
     hr: Volume,
     degradation: Degradation,
@@ -168,8 +178,7 @@ def compare_methods(
             as ``medsr upscale`` does by default for MR k-space models.
     """
     scale = integer_scale(degradation.factors)
-    slab = crop_to_multiple(slice_range(hr, slices=slices, axis=axis), scale=scale)
-    lr = degrade_normalised(slab, degradation, rng=np.random.default_rng(seed))
+    slab, lr = degraded_slab(hr, degradation, slices=slices, axis=axis, seed=seed)
     images = {"lr": lr.array.permute(3, 0, 1, 2), "hr": slab.array.permute(3, 0, 1, 2)}  # (K, C, I, J)
     methods = baselines(degradation)
     for method in methods:
@@ -223,6 +232,7 @@ def evaluate(
     *,
     precision: str = "auto",
     kspace_consistency: bool | None = None,
+    adapt_seconds: float = 0.0,
 ) -> Evaluation:
     """Score a trained model next to the interpolation baselines on held-out data of an HR scan: the scan is
     degraded as the model was trained (its ``degradation``), every method upsamples the same LR slab, and each is
@@ -237,6 +247,8 @@ def evaluate(
         precision: Inference precision (``infer.model_predictor``).
         kspace_consistency: Score the model with the LR's k-space band put back, as ``medsr upscale`` runs it;
             None (default): as ``medsr upscale`` decides, i.e. for MR k-space models.
+        adapt_seconds: Also score the model fine-tuned for this long on the LR slab itself (``adapt.adapt``, as
+            ``medsr upscale --adapt``), as ``<name>+adapted``; its wall time goes in its row (``adapt_seconds``).
 
     >>> result = evaluate("edsr_mr_x2", "colin27", (120, 124), precision="fp32")
     >>> [row["method"] for row in result.comparison.rows], str(result.slab)
@@ -275,14 +287,26 @@ def evaluate(
         raise ValueError(
             f"{path}: has {hr.spatial_shape[axis]} voxels along {'ijk'[axis]}; choose a slab inside it with --slices"
         )
+    models = {model.name: model_predictor(model.network, precision=precision)}
+    if adapt_seconds > 0:
+        from medsr.adapt import adapt
+        from medsr.intensity import denormalize
+
+        _, lr = degraded_slab(hr, config.degradation, slices=slices, axis=axis)
+        start = time.monotonic()
+        adapted = adapt(model, denormalize(lr, hr.meta["window"]), seconds=adapt_seconds, precision=precision)
+        took = time.monotonic() - start
+        models[adapted.name] = model_predictor(adapted.network, precision=precision)
     comparison = compare_methods(
         hr,
         config.degradation,
-        {model.name: model_predictor(model.network, precision=precision)},
+        models,
         slices=slices,
         spatial_dims=config.model.spatial_dims,
         extras=True,
         axis=axis,
         kspace=kspace_applies(config.degradation) if kspace_consistency is None else kspace_consistency,
     )
+    if adapt_seconds > 0:
+        next(row for row in comparison.rows if row["method"] == adapted.name)["adapt_seconds"] = took
     return Evaluation(model.name, str(scan), config.degradation, Slab(*slices, axis), comparison)

@@ -228,6 +228,8 @@ def write_volume(
     anonymize: bool | Deidentifier = False,
     dtype: str = "float32",
     display_range: tuple[float, float] | None = None,
+    model: str | None = None,
+    new_study: bool = False,
 ) -> None:
     """Write ``volume`` to ``path`` atomically, in the format its suffix names; an existing file is replaced.
 
@@ -253,6 +255,8 @@ def write_volume(
             overshoot beyond it (e.g. below 0 in uint8) is clipped.
         display_range: NIfTI only: (cal_min, cal_max), the values a viewer maps to black and white (e.g. the
             intensity window); None: (0, 0), none.
+        model, new_study: DICOM only: the model (name and checksum) recorded in the derivation, and whether the
+            series goes into a new study (see :func:`medsr.dicom_write.write_series`).
 
     >>> import tempfile, torch
     >>> path = Path(tempfile.mkdtemp()) / "sr.nii.gz"
@@ -269,7 +273,7 @@ def write_volume(
         _check_series_name(path)
         from medsr.dicom_write import write_series
 
-        write_series(volume, path, description=description, anonymize=anonymize)
+        write_series(volume, path, description=description, anonymize=anonymize, model=model, new_study=new_study)
         return
     if kind == "image":
         _check_image(volume, path)
@@ -303,6 +307,8 @@ def volume_writer(
     anonymize: bool | Deidentifier = False,
     dtype: str = "float32",
     display_range: tuple[float, float] | None = None,
+    model: str | None = None,
+    new_study: bool = False,
 ) -> Iterator[Callable[[np.ndarray], None]]:
     """:func:`write_volume` for a single-channel volume that arrives slab by slab along k, in bounded memory.
 
@@ -321,7 +327,7 @@ def volume_writer(
         spatial_shape: (I, J, K) of the whole volume.
         affine, modality, meta: The Volume fields ``write_volume`` would use (``meta``: the DICOM source header,
             the source NIfTI's storage).
-        description, anonymize, dtype, display_range: As for :func:`write_volume`.
+        description, anonymize, dtype, display_range, model, new_study: As for :func:`write_volume`.
     """
     path, modality, meta = Path(path), Modality(modality), meta or {}
     kind = file_format(path)
@@ -356,6 +362,8 @@ def volume_writer(
             meta=meta,
             description=description,
             anonymize=anonymize,
+            model=model,
+            new_study=new_study,
         )
 
 

@@ -174,6 +174,7 @@ def upscale(
     overlap: int = 8,
     precision: str = "auto",
     kspace_consistency: bool | None = None,
+    adapt: float = 0.0,
     progress: bool = False,
 ) -> Volume:
     """Super-resolve a volume in physical units; the output covers the same field of view (rescaled affine).
@@ -191,6 +192,7 @@ def upscale(
         kspace_consistency: MRI: replace the output's k-space band that the input measured by the input's
             (``consistency.kspace_consistency``; needs the model's own scale). None (default): on for models of MR
             k-space truncation at their own scale, where it gains 0.1-0.2 dB on unseen subjects (docs/models.md).
+        adapt: Seconds of per-scan fine-tuning on the scan itself before it is upscaled (``adapt.adapt``); 0: off.
         progress: Show progress bars.
 
     >>> import medsr, torch
@@ -199,6 +201,7 @@ def upscale(
     (48, 40, 3)
     """
     plan = plan_upscale(volume, model, scale=scale, spacing=spacing)
+    plan = _adapted(plan, volume, adapt, precision, progress) if adapt else plan
     kspace = _kspace(plan, kspace_consistency)
     return _run_in_memory(volume, plan, tile, overlap, precision, kspace, progress)
 
@@ -219,6 +222,8 @@ def upscale_file(
     force: bool = False,
     progress: bool = False,
     dtype: str = "input",
+    adapt: float = 0.0,
+    new_study: bool = False,
     command_line: str | None = None,
 ) -> Plan:
     """Super-resolve the scan at ``source`` into ``target`` (same format family), atomically; returns the plan.
@@ -238,14 +243,17 @@ def upscale_file(
         target: A NIfTI file, PNG/TIFF, or a new DICOM series folder (a name without suffix).
         modality: Overrides the source's (NIfTI and PNG/TIFF name none).
         anonymize: DICOM target: de-identify the header.
+        new_study: DICOM target: put the series in a new study (else the source's, beside the source series).
         dtype: NIfTI target: 'input' (the source NIfTI's integer type and scl_slope/scl_inter, values beyond the
             type's range clipped; float32 for float sources and DICOM series) or 'float32'.
         command_line: The command that asked for this, for the sidecar (``medsr upscale`` passes its own).
-        model, scale, spacing, tile, overlap, precision, kspace_consistency, progress: As for :func:`upscale`.
+        model, scale, spacing, tile, overlap, precision, kspace_consistency, adapt, progress: As for
+            :func:`upscale` (with ``adapt`` the scan is read into memory once for the fine-tuning).
 
     The sidecar: Description (as descrip), MedsrVersion, CommandLine (when given), Sources (the source's absolute
-    path), Modality, Model (name or checkpoint folder), ModelWeightsSHA256 (of its ``model.safetensors``), Factors
-    (i, j, k), Precision (as run: fp32 or bf16), KSpaceConsistency (whether it ran), IntensityFloor (Plan.floor).
+    path), Modality, Model (name or checkpoint folder; ``+adapted`` when fine-tuned on the scan), ModelWeightsSHA256
+    (of its ``model.safetensors``), Factors (i, j, k), Precision (as run: fp32 or bf16), KSpaceConsistency (whether
+    it ran), IntensityFloor (Plan.floor).
 
     >>> import medsr, tempfile, torch
     >>> folder = Path(tempfile.mkdtemp())
@@ -273,6 +281,8 @@ def upscale_file(
         force=force,
         progress=progress,
         dtype=dtype,
+        adapt=adapt,
+        new_study=new_study,
         command_line=command_line,
     )
 
@@ -323,6 +333,8 @@ def _upscale_file(
     force: bool = False,
     progress: bool = False,
     dtype: str = "input",
+    adapt: float = 0.0,
+    new_study: bool = False,
     command_line: str | None = None,
 ) -> Plan:
     """:func:`upscale_file`, with ``models``: loaded models by name, shared over a folder's scans."""
@@ -341,10 +353,17 @@ def _upscale_file(
     )
     models[plan.model.name] = plan.model
     kspace = _kspace(plan, kspace_consistency)
+    if adapt:  # the adapted copy serves this scan only
+        plan = _adapted(plan, scan.read() if isinstance(scan, VolumeFile) else scan, adapt, precision, progress)
     factors = "x".join(f"{f:g}" for f in plan.factors)
     description = f"medsr SR x{factors} {Path(plan.model.name).name}"[:64]
     streams = isinstance(scan, VolumeFile) and target_format in ("nifti", "dicom") and not plan.resamples
     storage = {"description": description, "dtype": dtype, "display_range": (plan.window.lo, plan.window.hi)}
+    if target_format == "dicom":  # the derivation record names the model and its weights
+        storage |= {
+            "model": f"{Path(plan.model.name).name} sha256:{weights_digest(plan.model)}",
+            "new_study": new_study,
+        }
     if target_format == "dicom":  # the series records its derivation in its headers
         sidecar = nullcontext()
     else:
@@ -395,12 +414,27 @@ def _run_in_memory(
     return sr if plan.floor is None else sr.replace(array=sr.array.clamp(min=plan.floor))
 
 
+def _adapted(plan: Plan, volume: Volume, seconds: float, precision: str, progress: bool) -> Plan:
+    """The plan with its model fine-tuned for ``seconds`` on the scan itself (``adapt.adapt``)."""
+    from medsr.adapt import adapt
+
+    model = adapt(
+        plan.model, volume.replace(modality=plan.modality), seconds=seconds, precision=precision, progress=progress
+    )
+    return dataclasses.replace(plan, model=model)
+
+
+def weights_digest(model: SRModel) -> str:
+    """SHA-256 (hex) of the model's weights file, as ``sha256sum`` prints it: which weights made an output."""
+    with (model.path / WEIGHTS).open("rb") as weights:
+        return hashlib.file_digest(weights, "sha256").hexdigest()
+
+
 def _provenance(
     plan: Plan, source: Path, description: str, precision: str, kspace: bool, command_line: str | None
 ) -> dict:
     """The sidecar of an output file: what made it, from what, and how (see :func:`upscale_file`)."""
-    with (plan.model.path / WEIGHTS).open("rb") as weights:
-        digest = hashlib.file_digest(weights, "sha256").hexdigest()
+    digest = weights_digest(plan.model)
     device = next(plan.model.network.parameters(), torch.empty(0)).device
     record = {"Description": description, "MedsrVersion": version("medsr")}
     if command_line is not None:

@@ -51,6 +51,8 @@ def stream_upscale(
     consistency: Degradation | None = None,
     dtype: str = "float32",
     display_range: tuple[float, float] | None = None,
+    model: str | None = None,
+    new_study: bool = False,
     floor: float | None = None,
 ) -> None:
     """Super-resolve the scan at ``source`` into ``target`` holding only a slab of it in memory at a time.
@@ -82,6 +84,7 @@ def stream_upscale(
             slice (``consistency.kspace_consistency``, slice by slice as in memory); None: off.
         dtype, display_range: NIfTI target only, as for ``write_volume``: 'input' stores the source NIfTI's integer
             type and scaling (known from its header before the first slab), clipped to the type's range.
+        model, new_study: DICOM target only, as for ``write_volume``: the derivation's model, a new study.
         floor: Output values below it (physical units) are raised to it before writing; None: none.
 
     Raises:
@@ -108,6 +111,8 @@ def stream_upscale(
         anonymize=anonymize,
         dtype=dtype,
         display_range=display_range,
+        model=model,
+        new_study=new_study,
     ) as write:
         window = window or window_from_slices(
             volume.modality,

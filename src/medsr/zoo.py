@@ -206,11 +206,18 @@ def summary_rows(name: str, description: dict[str, Any]) -> list[dict[str, Any]]
         baseline, best = best_baseline(entry["rows"])
         scores = {"psnr": f"{psnr[name]:.2f}", "best_baseline": f"{baseline} {best:.2f}"}
         scores |= {"psnr_cubic": f"{psnr['cubic']:.2f}", "gain_db": f"{psnr[name] - best:+.2f}"}
+        adapted = next((r for r in entry["rows"] if r["method"] == f"{name}+adapted"), None)
+        if adapted is not None:  # scored with --adapt: the gain after fine-tuning on the scan, and its time
+            scores |= {
+                "adapted_gain_db": f"{adapted['psnr'] - best:+.2f}",
+                "adapt_s": f"{adapted['adapt_seconds']:.0f}",
+            }
         rows.append(row | {"held_out": entry["data"]} | scores)
     return rows or [row | {"held_out": "not scored: medsr models --evaluate"}]
 
 
 SUMMARY_COLUMNS = ("model", "modality", "scale", "kind", "lr_spacing", "held_out", "psnr", "best_baseline", "gain_db")
+ADAPT_COLUMNS = ("adapted_gain_db", "adapt_s")  # shown when a model was scored with --adapt
 
 
 def summary_table(names: Sequence[str] | None = None) -> str:
@@ -227,7 +234,9 @@ def summary_table(names: Sequence[str] | None = None) -> str:
         if names is None or name in names
         for row in summary_rows(name, description)
     ]
-    return format_table(rows, SUMMARY_COLUMNS)
+    adapted = any(ADAPT_COLUMNS[0] in row for row in rows)
+    rows = [{column: "-" for column in ADAPT_COLUMNS} | row for row in rows] if adapted else rows
+    return format_table(rows, SUMMARY_COLUMNS + ADAPT_COLUMNS if adapted else SUMMARY_COLUMNS)
 
 
 def held_out_sets(model: SRModel) -> list[tuple[str, tuple[int, int] | None]]:
@@ -250,11 +259,12 @@ def held_out_sets(model: SRModel) -> list[tuple[str, tuple[int, int] | None]]:
     return sets + [(scan, None) for scan in data.held_out_scans]
 
 
-def score_shipped(name: str, *, precision: str = "auto") -> list[str]:
+def score_shipped(name: str, *, precision: str = "auto", adapt_seconds: float = 0.0) -> list[str]:
     """Score a shipped model on each of its held-out sets, store them in its model.json (``scores['held_out']``)
     and write its MODEL_CARD.md. Returns the sets on which it does not beat the best baseline's PSNR
     (``evaluation.best_baseline``: zero-filled k-space for MR in-plane, B-spline through-plane, Lanczos-3 or
-    cubic for image-domain degradations)."""
+    cubic for image-domain degradations). With ``adapt_seconds`` the model fine-tuned on each set's LR is scored
+    too (``evaluation.evaluate``)."""
     from medsr.checkpoint import update_description
     from medsr.evaluation import evaluate
     from medsr.infer import resolve_precision
@@ -266,7 +276,7 @@ def score_shipped(name: str, *, precision: str = "auto") -> list[str]:
     model = load_model(name)
     held_out, losing = [], []
     for scan, slices in held_out_sets(model):
-        result = evaluate(model, scan, slices, precision=precision)
+        result = evaluate(model, scan, slices, precision=precision, adapt_seconds=adapt_seconds)
         data = held_out_text(Path(scan).name, result.slab if slices else None)
         rows = result.comparison.rows
         held_out.append(
