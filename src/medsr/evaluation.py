@@ -8,6 +8,7 @@ air inflates both scores.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,6 +29,7 @@ from medsr.volume import Volume, integer_scale
 if TYPE_CHECKING:
     from medsr.zoo import SRModel
 
+LOG = logging.getLogger("medsr")
 BASELINES = ("nearest", "linear", "cubic")  # always scored; plus the strongest for the degradation:
 STRONGEST = {"kspace": "zerofill", "slices": "bspline", "image": "lanczos"}
 
@@ -249,6 +251,7 @@ def evaluate(
             None (default): as ``medsr upscale`` decides, i.e. for MR k-space models.
         adapt_seconds: Also score the model fine-tuned for this long on the LR slab itself (``adapt.adapt``, as
             ``medsr upscale --adapt``), as ``<name>+adapted``; its wall time goes in its row (``adapt_seconds``).
+            A slab too small to adapt on is scored without (a warning says so).
 
     >>> result = evaluate("edsr_mr_x2", "colin27", (120, 124), precision="fp32")
     >>> [row["method"] for row in result.comparison.rows], str(result.slab)
@@ -288,15 +291,20 @@ def evaluate(
             f"{path}: has {hr.spatial_shape[axis]} voxels along {'ijk'[axis]}; choose a slab inside it with --slices"
         )
     models = {model.name: model_predictor(model.network, precision=precision)}
+    adapted = None
     if adapt_seconds > 0:
         from medsr.adapt import adapt
         from medsr.intensity import denormalize
 
         _, lr = degraded_slab(hr, config.degradation, slices=slices, axis=axis)
         start = time.monotonic()
-        adapted = adapt(model, denormalize(lr, hr.meta["window"]), seconds=adapt_seconds, precision=precision)
-        took = time.monotonic() - start
-        models[adapted.name] = model_predictor(adapted.network, precision=precision)
+        try:
+            adapted = adapt(model, denormalize(lr, hr.meta["window"]), seconds=adapt_seconds, precision=precision)
+        except ValueError as error:  # too small to make LLR pairs from: scored without
+            LOG.warning("%s: not adapted: %s", path, error)
+        else:
+            took = time.monotonic() - start
+            models[adapted.name] = model_predictor(adapted.network, precision=precision)
     comparison = compare_methods(
         hr,
         config.degradation,
@@ -307,6 +315,6 @@ def evaluate(
         axis=axis,
         kspace=kspace_applies(config.degradation) if kspace_consistency is None else kspace_consistency,
     )
-    if adapt_seconds > 0:
+    if adapted is not None:
         next(row for row in comparison.rows if row["method"] == adapted.name)["adapt_seconds"] = took
     return Evaluation(model.name, str(scan), config.degradation, Slab(*slices, axis), comparison)
