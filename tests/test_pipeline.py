@@ -71,6 +71,7 @@ def test_an_int16_ct_comes_back_int16_no_lower_than_air_and_says_what_made_it(ct
         "ModelWeightsSHA256": hashlib.sha256(weights).hexdigest(),
         "Factors": [2.0, 2.0, 1.0],
         "Precision": "fp32",
+        "Device": "cpu",
         "KSpaceConsistency": False,
         "IntensityFloor": -1024.0,
     }

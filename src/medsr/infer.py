@@ -136,6 +136,32 @@ def native_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
+def resolve_device(device: str = "auto") -> torch.device:
+    """The torch device for a ``--device`` value: 'cpu', 'cuda' or 'cuda:N', 'mps', or 'auto' (the first CUDA GPU
+    when there is one, else the CPU). A device this machine lacks is a ValueError saying so.
+
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"device {device!r}: expected auto, cpu, cuda, cuda:N or mps") from error
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {device!r}: this machine has no CUDA GPU that torch can use (torch {torch.__version__})"
+        )
+    if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: no Apple GPU (MPS) here")
+    if chosen.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {device!r}: expected auto, cpu, cuda, cuda:N or mps")
+    return chosen
+
+
 def resolve_precision(precision: str, device: str | torch.device = "cpu") -> str:
     """'fp32' or 'bf16' for a requested 'auto', 'fp32' or 'bf16': 'auto' is bf16 where ``device`` runs it natively."""
     if precision not in PRECISIONS:

@@ -12,6 +12,7 @@ The decision to stream is made up front from the formats and the factors; the so
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import logging
@@ -27,7 +28,7 @@ import torch
 
 from medsr.checkpoint import WEIGHTS
 from medsr.degrade import MAX_FACTOR
-from medsr.infer import model_plan, model_predictor, resolve_precision, super_resolve
+from medsr.infer import model_plan, model_predictor, resolve_device, resolve_precision, super_resolve
 from medsr.inputs import guess_modality, input_warnings
 from medsr.intensity import LOWER_PERCENTILE, UPPER_PERCENTILE, Window, percentiles, window_from_range
 from medsr.io import (
@@ -173,6 +174,7 @@ def upscale(
     tile: int | None = None,
     overlap: int = 8,
     precision: str = "auto",
+    device: str = "auto",
     kspace_consistency: bool | None = None,
     adapt: float = 0.0,
     progress: bool = False,
@@ -189,6 +191,8 @@ def upscale(
             factors: the model, then linear resampling); default: the model's scale.
         tile, overlap: Tiling of the input, in voxels (``infer.predict_volume``).
         precision: 'auto', 'fp32' or 'bf16' (``infer.model_predictor``).
+        device: Where the model runs: 'auto' (the GPU when there is one), 'cpu', 'cuda', 'cuda:N' or 'mps'
+            (``infer.resolve_device``; a device this machine lacks is a ValueError before any work).
         kspace_consistency: MRI: replace the output's k-space band that the input measured by the input's
             (``consistency.kspace_consistency``; needs the model's own scale). None (default): on for models of MR
             k-space truncation at their own scale, where it gains 0.1-0.2 dB on unseen subjects (docs/models.md).
@@ -200,8 +204,9 @@ def upscale(
     >>> medsr.upscale(scan, scale=(2, 2, 1)).spatial_shape
     (48, 40, 3)
     """
+    where = resolve_device(device)
     plan = plan_upscale(volume, model, scale=scale, spacing=spacing)
-    plan = _adapted(plan, volume, adapt, precision, progress) if adapt else plan
+    plan = _on_device(_adapted(plan, volume, adapt, precision, progress) if adapt else plan, where)
     kspace = _kspace(plan, kspace_consistency)
     return _run_in_memory(volume, plan, tile, overlap, precision, kspace, progress)
 
@@ -217,6 +222,7 @@ def upscale_file(
     tile: int | None = None,
     overlap: int = 8,
     precision: str = "auto",
+    device: str = "auto",
     kspace_consistency: bool | None = None,
     anonymize: bool = False,
     force: bool = False,
@@ -247,13 +253,13 @@ def upscale_file(
         dtype: NIfTI target: 'input' (the source NIfTI's integer type and scl_slope/scl_inter, values beyond the
             type's range clipped; float32 for float sources and DICOM series) or 'float32'.
         command_line: The command that asked for this, for the sidecar (``medsr upscale`` passes its own).
-        model, scale, spacing, tile, overlap, precision, kspace_consistency, adapt, progress: As for
+        model, scale, spacing, tile, overlap, precision, device, kspace_consistency, adapt, progress: As for
             :func:`upscale` (with ``adapt`` the scan is read into memory once for the fine-tuning).
 
     The sidecar: Description (as descrip), MedsrVersion, CommandLine (when given), Sources (the source's absolute
     path), Modality, Model (name or checkpoint folder; ``+adapted`` when fine-tuned on the scan), ModelWeightsSHA256
     (of its ``model.safetensors``), Factors (i, j, k), Precision (as run: fp32 or bf16), KSpaceConsistency (whether
-    it ran), IntensityFloor (Plan.floor).
+    it ran), Device (where the model ran), IntensityFloor (Plan.floor).
 
     >>> import medsr, tempfile, torch
     >>> folder = Path(tempfile.mkdtemp())
@@ -276,6 +282,7 @@ def upscale_file(
         tile=tile,
         overlap=overlap,
         precision=precision,
+        device=device,
         kspace_consistency=kspace_consistency,
         anonymize=anonymize,
         force=force,
@@ -328,6 +335,7 @@ def _upscale_file(
     tile: int | None = None,
     overlap: int = 8,
     precision: str = "auto",
+    device: str = "auto",
     kspace_consistency: bool | None = None,
     anonymize: bool = False,
     force: bool = False,
@@ -341,6 +349,7 @@ def _upscale_file(
     from medsr.streaming import stream_upscale
 
     check_nifti_dtype(dtype)
+    where = resolve_device(device)
     check_output(target, [source], force=force)
     target_format = file_format(target)
     if target_format != "dicom":
@@ -355,6 +364,7 @@ def _upscale_file(
     kspace = _kspace(plan, kspace_consistency)
     if adapt:  # the adapted copy serves this scan only
         plan = _adapted(plan, scan.read() if isinstance(scan, VolumeFile) else scan, adapt, precision, progress)
+    plan = _on_device(plan, where)
     factors = "x".join(f"{f:g}" for f in plan.factors)
     description = f"medsr SR x{factors} {Path(plan.model.name).name}"[:64]
     streams = isinstance(scan, VolumeFile) and target_format in ("nifti", "dicom") and not plan.resamples
@@ -414,6 +424,15 @@ def _run_in_memory(
     return sr if plan.floor is None else sr.replace(array=sr.array.clamp(min=plan.floor))
 
 
+def _on_device(plan: Plan, device: torch.device) -> Plan:
+    """The plan with its network on ``device`` (a copy when it moves: the caller's model stays where it is)."""
+    current = next(plan.model.network.parameters(), torch.empty(0)).device
+    if current == device:
+        return plan
+    network = copy.deepcopy(plan.model.network).to(device)
+    return dataclasses.replace(plan, model=dataclasses.replace(plan.model, network=network))
+
+
 def _adapted(plan: Plan, volume: Volume, seconds: float, precision: str, progress: bool) -> Plan:
     """The plan with its model fine-tuned for ``seconds`` on the scan itself (``adapt.adapt``)."""
     from medsr.adapt import adapt
@@ -446,6 +465,7 @@ def _provenance(
         "ModelWeightsSHA256": digest,
         "Factors": list(plan.factors),
         "Precision": resolve_precision(precision, device),
+        "Device": str(device),
         "KSpaceConsistency": kspace,
         "IntensityFloor": plan.floor,
     }
