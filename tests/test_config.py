@@ -1,12 +1,19 @@
 from __future__ import annotations
 
+import importlib.resources
 import json
 import re
+from pathlib import Path
 
 import pytest
 import yaml
 
-from medsr.config import Config, DataConfig, TrainConfig, load_config, to_dict
+from medsr.checkpoint import shipped_models
+from medsr.cli import main
+from medsr.config import Config, DataConfig, TrainConfig, load_config, resolve_config, shipped_configs, to_dict
+from medsr.train import check_config
+
+CHECKOUT_CONFIGS = Path(__file__).parents[1] / "configs"  # a link to the package's src/medsr/configs
 
 
 def write_yaml(tmp_path, data, name: str = "config.yaml"):
@@ -182,3 +189,51 @@ def test_override_into_non_mapping_section_raises_value_error(tmp_path, text):
     path.write_text(text)
     with pytest.raises(ValueError, match=r"train"):
         load_config(path, ["train.lr=1"])
+
+
+# The shipped training configs: package data, loadable by name outside a checkout
+
+
+def test_checkout_configs_folder_is_the_packaged_one():
+    packaged = Path(str(importlib.resources.files("medsr").joinpath("configs")))
+    assert CHECKOUT_CONFIGS.resolve() == packaged.resolve()
+    assert shipped_configs() == sorted(p.stem for p in CHECKOUT_CONFIGS.glob("*.yaml"))
+    assert set(shipped_models()) <= set(shipped_configs())  # every shipped model can be retrained by name
+
+
+@pytest.mark.parametrize("name", shipped_configs())
+def test_shipped_config_loads_by_name_and_passes_the_training_checks(tmp_path, monkeypatch, name):
+    from_file = load_config(CHECKOUT_CONFIGS / f"{name}.yaml")
+    check_config(from_file)
+    monkeypatch.chdir(tmp_path)  # outside a checkout: no configs/ folder here
+    for given in (name, f"{name}.yaml", f"configs/{name}.yaml"):
+        assert load_config(given) == from_file, given
+    assert load_config(name, ["train.steps=7"]).train.steps == 7
+
+
+def test_a_file_of_a_shipped_name_wins_over_the_shipped_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_yaml(tmp_path, {"train": {"steps": 7}}, "edsr_mr_x2.yaml")
+    (tmp_path / "edsr_mr_x4").mkdir()  # a folder (e.g. a run's) does not hide the config of its name
+    assert resolve_config("edsr_mr_x2.yaml") == Path("edsr_mr_x2.yaml")
+    assert load_config("edsr_mr_x2.yaml").train.steps == 7
+    assert resolve_config("edsr_mr_x4").parent.name == "configs"
+
+
+@pytest.mark.parametrize("given", ["edsr_mr_x3", "nosuch.yaml", "configs/nosuch.yaml", "elsewhere/edsr_mr_x2.yaml"])
+def test_unknown_config_name_is_one_line_naming_the_shipped_ones(tmp_path, monkeypatch, given):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError) as error:
+        load_config(given)
+    message = str(error.value)
+    assert message.startswith(f"{Path(given)}: cannot read config (no such file") and "\n" not in message
+    assert all(name in message for name in shipped_configs())
+
+
+def test_train_command_names_the_shipped_configs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "nosuch"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("medsr train: error: nosuch: cannot read config"), lines
+    assert "edsr_mr_x2" in lines[0]
+    assert not (tmp_path / "runs").exists()

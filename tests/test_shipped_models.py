@@ -45,7 +45,9 @@ def test_shipped_model_is_described_and_reproducible(name):
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_held_out_data_raises_no_intensity_warning(name):
-    """The model's own held-out scans, degraded as in training, lie inside its intensity record."""
+    """The model's own held-out scans, degraded as in training, lie inside its intensity record; but nibabel's
+    `anatomical.nii`, a 33x41 crop with tissue at every edge: with no background its window starts above 0 (+0.14
+    of its width), unlike any training scan, and the warning says so rightly."""
     _, description = load_checkpoint(name)
     config = config_from_dict(description["config"])
     for entry in description["scores"]["held_out"]:
@@ -60,7 +62,8 @@ def test_held_out_data_raises_no_intensity_warning(name):
             scale=description["scale"],
             intensities=volume_range(lr),
         )
-        assert not [w for w in warnings if "intensit" in w], (entry["data"], warnings)
+        flagged = [w for w in warnings if "intensit" in w]
+        assert bool(flagged) == (entry["scan"] == "mr_anatomical"), (entry["data"], warnings)
 
 
 @pytest.mark.parametrize("name", SHIPPED)

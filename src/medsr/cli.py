@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import medsr
-from medsr.config import load_config
+from medsr.config import load_config, shipped_configs
 from medsr.data import crop_to_multiple, find_scans
 from medsr.degrade import acquisition, summary
 from medsr.infer import PRECISIONS
@@ -108,7 +108,9 @@ def _train(args: argparse.Namespace) -> int:
             raise ValueError("--resume continues a run with its own config.yaml; pass only the run folder")
         run_dir, config = args.resume, None
     elif args.config is None:
-        raise ValueError("pass a CONFIG.yaml to train, or --resume RUN_DIR")
+        raise ValueError(
+            f"pass a CONFIG.yaml or a shipped config ({', '.join(shipped_configs())}), or --resume RUN_DIR"
+        )
     else:
         config = load_config(args.config, args.set)
         run_dir = args.out or Path("runs") / args.config.stem
@@ -301,7 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(simulate)
 
     train = _command(commands, "train", _train, "Train a model from a YAML config.")
-    train.add_argument("config", type=Path, nargs="?", help="YAML config, e.g. configs/edsr_mr_x2.yaml.")
+    train.add_argument(
+        "config",
+        type=Path,
+        nargs="?",
+        help=f"YAML config file, or the name of a shipped one: {', '.join(shipped_configs())}.",
+    )
     train.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE", help="Override config values.")
     train.add_argument("--out", type=Path, help="Run folder (default runs/<config name>).")
     train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="Continue an interrupted run from its last/.")

@@ -1,11 +1,14 @@
 """Typed training configuration: dataclasses loaded from YAML, with ``section.key=value`` overrides.
 
 Unknown keys are errors; values are cast to the field's type, so ``train.lr=5e-5`` works from the command line.
+The training configs of the shipped models are package data (``medsr/configs/NAME.yaml``; ``configs/`` in a
+checkout links there): :func:`load_config` takes their names too.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import math
 import typing
 from collections.abc import Sequence
@@ -17,6 +20,7 @@ import yaml
 from medsr.degrade import Degradation
 
 MAX_FILE_BYTES = 1_000_000  # a config or model description; real ones are a few kB
+SHIPPED_CONFIGS = "configs"  # the folder of the shipped training configs inside the medsr package
 
 
 @dataclasses.dataclass
@@ -106,11 +110,51 @@ class Config:
     card: CardConfig = dataclasses.field(default_factory=CardConfig)
 
 
+def shipped_configs() -> list[str]:
+    """The names of the training configs shipped with medsr, sorted.
+
+    >>> "edsr_mr_x2" in shipped_configs()
+    True
+    """
+    folder = importlib.resources.files("medsr").joinpath(SHIPPED_CONFIGS)
+    if not folder.is_dir():
+        return []
+    return sorted(entry.name.removesuffix(".yaml") for entry in folder.iterdir() if entry.name.endswith(".yaml"))
+
+
+def resolve_config(path: Path | str) -> Path:
+    """The config file at ``path``; where there is no such file, the shipped config of that name (``NAME``,
+    ``NAME.yaml`` or a checkout's ``configs/NAME.yaml``). A ValueError listing the shipped names for any other
+    missing file.
+
+    >>> resolve_config("edsr_mr_x2").name
+    'edsr_mr_x2.yaml'
+    """
+    path = Path(path)
+    try:
+        is_file, exists = path.is_file(), path.exists()
+    except OSError:  # e.g. a name too long: reading it says so
+        return path
+    name = path.name.removesuffix(".yaml")
+    if not is_file and path.parent.as_posix() in (".", SHIPPED_CONFIGS) and name in shipped_configs():
+        shipped = importlib.resources.files("medsr").joinpath(SHIPPED_CONFIGS, f"{name}.yaml")
+        return Path(str(shipped))  # a plain file: setuptools installs package data unzipped
+    if not exists:
+        names = ", ".join(shipped_configs())
+        raise ValueError(f"{path}: cannot read config (no such file, and no shipped config of that name: {names})")
+    return path
+
+
 def load_config(path: Path | str | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults, then the YAML file at ``path``, then ``section.key=value`` overrides (YAML-parsed values)."""
+    """Defaults, then the YAML file at ``path`` (or the shipped config of that name, :func:`resolve_config`),
+    then ``section.key=value`` overrides (YAML-parsed values).
+
+    >>> load_config("edsr_mr_x2", ["train.steps=10"]).train.steps
+    10
+    """
     raw: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
+        path = resolve_config(path)
         try:
             raw = _parse_yaml(read_limited(path)) or {}
         except (OSError, ValueError) as error:
