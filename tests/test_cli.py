@@ -398,3 +398,17 @@ def test_upscale_dicom_into_a_new_study_records_the_model_and_its_weights(tmp_pa
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
     assert f"edsr_ct_x2 sha256:{digest}" in new.DerivationDescription
     assert new.SourceImageSequence[0].ReferencedSOPInstanceUID == original.SOPInstanceUID
+
+
+def test_upscale_to_one_enhanced_dicom_file_reads_back_as_the_classic_series(tmp_path, capsys):
+    """--enhanced writes one Legacy Converted Enhanced CT file whose voxels and affine are the classic series'."""
+    source = pydicom.data.get_testdata_file("CT_small.dcm")
+    for flags, name in (([], "classic"), (["--enhanced"], "enhanced")):
+        assert main(["upscale", source, str(tmp_path / name), "--precision", "fp32", *flags]) == 0
+    files = sorted((tmp_path / "enhanced").iterdir())
+    assert len(files) == 1 and pydicom.dcmread(files[0]).NumberOfFrames == 1
+    classic, enhanced = read_volume(tmp_path / "classic"), read_volume(tmp_path / "enhanced")
+    torch.testing.assert_close(enhanced.array, classic.array, rtol=0, atol=0)
+    np.testing.assert_allclose(enhanced.affine, classic.affine, atol=1e-6)
+    assert main(["upscale", source, str(tmp_path / "sr.nii.gz"), "--enhanced"]) == 2
+    assert "--enhanced is for DICOM output" in capsys.readouterr().err

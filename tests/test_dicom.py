@@ -325,10 +325,11 @@ def test_colour_is_converted_to_luminance_with_a_warning(tmp_path):
     np.testing.assert_allclose(volume.array.numpy(), 0.299 * 100 + 0.587 * 50 + 0.114 * 200, rtol=1e-6)
 
 
-def test_multi_frame_is_not_supported_yet(tmp_path):
+def test_multi_frame_without_functional_groups_is_refused(tmp_path):
+    """Frames are placed by their functional groups (see test_dicom_enhanced.py); a cine without them cannot be."""
     file = tmp_path / "cine.dcm"
     _write(file, np.zeros((2, ROWS, COLUMNS), np.uint16), series_uid="1.2.3", PixelSpacing=[1, 1])
-    with pytest.raises(ValueError, match=re.escape(str(file)) + ".*multi-frame DICOM is not supported yet"):
+    with pytest.raises(ValueError, match=re.escape(str(file)) + ": 2 frames without functional groups"):
         read_dicom(file)
 
 

@@ -130,7 +130,7 @@ def _deidentifier(args: argparse.Namespace):
 def _upscale(args: argparse.Namespace) -> int:
     """One scan, or every scan under a folder (bad files are reported and skipped)."""
     names = ("scale", "spacing", "modality", "tile", "overlap", "precision", "kspace_consistency", "force", "dtype")
-    names += ("adapt", "new_study", "device")
+    names += ("adapt", "new_study", "enhanced", "device")
     options = _pick(args, names) | {"anonymize": _deidentifier(args), "progress": True}
     options["command_line"] = shlex.join(["medsr", *args.argv])  # for the sidecar of each output file
     if args.input.is_dir() and find_scans(args.input) != [args.input]:  # not one DICOM series
@@ -330,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     upscale.add_argument("--dtype", choices=NIFTI_DTYPES, default="input", help="NIfTI voxels: the input's or float32.")
     _adapt(upscale, "Fine-tune the model on the scan itself first (LR -> LLR pairs; 60 s if no value).")
     upscale.add_argument("--new-study", action="store_true", help="DICOM output: put the series in a new study.")
+    upscale.add_argument("--enhanced", action="store_true", help="DICOM output: one enhanced multi-frame file.")
     upscale.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:N or mps.")
     _anonymize(upscale)
     _common(upscale, precision=True)

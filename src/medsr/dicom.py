@@ -6,9 +6,14 @@ direction cosines of a row and of a column) and PixelSpacing (row spacing, colum
 as in MONAI's ``PydicomReader._get_affine``, then flipped once to RAS+ by ``lps_to_ras``. ``dicom_write.py`` runs
 the same construction backwards to write a new, derived series [2], optionally de-identified [3].
 
+An enhanced (multi-frame) image holds a whole series in one file: the same attributes, per frame, in the items of
+PerFrameFunctionalGroupsSequence or, when all frames share them, of SharedFunctionalGroupsSequence [4]. Each frame
+is read as a classic slice whose header carries its functional groups' attributes.
+
 [1] DICOM PS3.3 C.7.6.2.1.1, "Image Position and Image Orientation".
 [2] DICOM PS3.3 C.7.6.1.1.2, "Image Type" (DERIVED\\SECONDARY) and C.7.6.3, "Image Pixel Module".
 [3] DICOM PS3.15 Annex E, "Attribute Confidentiality Profiles" (Table E.1-1, Basic Profile).
+[4] DICOM PS3.3 C.7.6.16, "Multi-frame Functional Groups Module", and C.7.6.16.2, its functional group macros.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info, read_partial
 from pydicom.multival import MultiValue
-from pydicom.pixels import apply_color_lut, get_decoder
+from pydicom.pixels import apply_color_lut, get_decoder, pixel_array
 from pydicom.sr.coding import Code
 
 from medsr.volume import MAX_VOLUME_BYTES, Modality, Volume, crop
@@ -41,11 +46,21 @@ _LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601 luminance weights of R, 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # the same, as tags
 # Reading limits, checked on the header before any pixel is decoded or inflated: a 0.5 MB file can declare, or (in
-# Deflated Explicit VR Little Endian) inflate to, gigabytes. One file's stored pixels: 128 MiB, a 16-bit 8,192^2
-# frame, 3.5 times a 43 x 43 cm radiography detector at 0.1 mm. A whole series read into memory: MAX_VOLUME_BYTES.
+# Deflated Explicit VR Little Endian) inflate to, gigabytes. One frame's stored pixels (and a deflated file's): 128 MiB,
+# a 16-bit 8,192^2 frame, 3.5 times a 43 x 43 cm radiography detector at 0.1 mm. A multi-frame file is decoded frame by
+# frame, its uncompressed pixel data no longer than the file. A whole series read into memory: MAX_VOLUME_BYTES.
 MAX_SLICE_BYTES = 2**27
 _MAX_HEADER_BYTES = 2**24  # what the attributes of a deflated file may add to its pixels, once inflated
 _INFLATE_CHUNK = 2**20
+# The functional groups [4] whose attributes a classic slice carries at top level: PixelSpacing and SliceThickness,
+# ImageOrientationPatient, ImagePositionPatient, RescaleSlope/Intercept/Type, WindowCenter/Width.
+_FRAME_GROUPS = (
+    "PixelMeasuresSequence",
+    "PlaneOrientationSequence",
+    "PlanePositionSequence",
+    "PixelValueTransformationSequence",
+    "FrameVOILUTSequence",
+)
 
 
 def read_dicom(path: Path) -> Volume:
@@ -54,6 +69,13 @@ def read_dicom(path: Path) -> Volume:
     Voxel index i runs along a slice's columns (the row direction), j along its rows and k across slices sorted by
     their position along the slice normal (never by InstanceNumber or file name), so
     ``volume.array[0, c, r, k] == slice_k.pixel_array[r, c] * RescaleSlope + RescaleIntercept`` (HU for CT).
+
+    An enhanced multi-frame file (e.g. Enhanced or Legacy Converted Enhanced CT and MR) is a series of its own: its
+    frames are the slices, each with the PixelSpacing, SliceThickness, ImageOrientationPatient, ImagePositionPatient,
+    RescaleSlope/Intercept and window of its functional groups (its PerFrameFunctionalGroupsSequence item, else
+    SharedFunctionalGroupsSequence), under the same rules. Frames that are not one regular stack (several
+    orientations, uneven spacing, two frames at one position: time points, echoes) are refused, and so is a
+    multi-frame file without functional groups (nothing places its frames in space).
 
     A 2D image without ImagePositionPatient/ImageOrientationPatient (X-ray, ultrasound) gets an identity-orientation
     affine: its pixel size comes from PixelSpacing, else, for ultrasound, from the first region of
@@ -77,12 +99,13 @@ def read_dicom(path: Path) -> Volume:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: No DICOM image, several series, inconsistent or irregular slices, a multi-frame, truncated or
-            undecodable file, or an image that cannot be placed in space (NaN, infinite or zero sizes, orientation
-            vectors that are not perpendicular unit vectors). Checked on the headers, before any pixel is decoded:
-            pixel data that is missing, of another length than Rows, Columns, ... declare, or over
-            ``MAX_SLICE_BYTES`` per file (a deflated file: inflated in chunks, not kept), and a series over
-            ``MAX_VOLUME_BYTES`` as float32. The message names the file or folder.
+        ValueError: No DICOM image, several series, inconsistent or irregular slices (or frames), a multi-frame
+            file among other files, a truncated or undecodable file, or an image that cannot be placed in space
+            (NaN, infinite or zero sizes, orientation vectors that are not perpendicular unit vectors). Checked on
+            the headers, before any pixel is decoded: pixel data that is missing, of another length than Rows,
+            Columns, ... declare, or over ``MAX_SLICE_BYTES`` per frame (a deflated file: in all, inflated in
+            chunks, not kept), and a series over ``MAX_VOLUME_BYTES`` as float32. The message names the file or
+            folder.
     """
     series = open_series(path)
     columns, rows, depth = series.spatial_shape
@@ -101,11 +124,37 @@ def read_dicom(path: Path) -> Volume:
 
 
 class SourceImage(NamedTuple):
-    """One slice file of a source series, as a derived series references it (SourceImageSequence)."""
+    """One slice of a source series, as a derived series references it (SourceImageSequence): a file, or a frame of
+    a multi-frame file."""
 
     sop_class_uid: str
     sop_instance_uid: str
     instance_number: int | None  # None: absent or not an integer
+    frame: int | None = None  # the frame number (from 1) in a multi-frame file; None: a single-frame file
+
+
+@dataclasses.dataclass(frozen=True)
+class Frame:
+    """Frame ``number`` (from 1) of a multi-frame file, as one slice of a :class:`Series`.
+
+    Args:
+        file: The file.
+        number: The frame number, from 1.
+        header: The file's header without pixel data, with this frame's functional group attributes at top level
+            (see :func:`read_dicom`), as a classic slice's header would hold them.
+    """
+
+    file: Path
+    number: int
+    header: Dataset = dataclasses.field(repr=False, compare=False)
+
+    @property
+    def name(self) -> str:
+        """How an error names the frame beside another one."""
+        return f"frame {self.number}"
+
+    def __str__(self) -> str:
+        return f"{self.file}, frame {self.number}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,15 +163,16 @@ class Series:
 
     Args:
         path: The folder (or file) opened.
-        files: One file per slice, sorted along k (see :func:`read_dicom`); :func:`read_slice` decodes one.
+        files: One file per slice, or (a multi-frame file) one :class:`Frame` per slice, sorted along k (see
+            :func:`read_dicom`); :func:`read_slice` decodes one.
         affine: 4x4 voxel (i, j, k) -> RAS+ mm.
         modality: From the Modality tag; ``OT`` when medsr does not know it.
-        header: The first sorted slice's header, without pixel data.
-        images: The identity of each file, by k.
+        header: The first sorted slice's header, without pixel data (a multi-frame file: its :attr:`Frame.header`).
+        images: The identity of each slice, by k.
     """
 
     path: Path
-    files: list[Path]
+    files: list[Path] | list[Frame]
     affine: np.ndarray
     modality: Modality
     header: Dataset
@@ -160,43 +210,89 @@ def open_series(path: Path) -> Series:
     if not path.is_dir() and not path.is_file():  # a FIFO or device would hang or never end
         raise ValueError(f"{path}: not a regular file or folder")
     with _quiet_value_warnings():
-        headers = _read_series_headers(path)
-        for file, ds in headers:
-            if int(ds.get("NumberOfFrames") or 1) > 1:
-                raise ValueError(f"{file}: multi-frame DICOM is not supported yet; expected one frame per file")
-
-        if all("ImagePositionPatient" in ds and "ImageOrientationPatient" in ds for _, ds in headers):
-            headers, step = _sort_slices(headers, path)
-            affine = lps_to_ras(_patient_affine(headers[0][1], headers[0][0], step))
-        elif len(headers) == 1:
-            affine = _planar_affine(headers[0][1], headers[0][0])
+        slices: list[tuple[Path | Frame, Dataset]] = _read_series_headers(path)
+        multi_frame = [file for file, ds in slices if _is_multi_frame(ds)]
+        if multi_frame and len(slices) > 1:
+            raise ValueError(
+                f"{path}: the multi-frame file {multi_frame[0].name} is one of {len(slices)} files of a series; "
+                "medsr reads a multi-frame file alone: pass the file"
+            )
+        if multi_frame:
+            slices, step = _sort_slices([(frame, frame.header) for frame in _frames(*slices[0])], multi_frame[0])
+            affine = lps_to_ras(_patient_affine(slices[0][1], slices[0][0], step))
+        elif all("ImagePositionPatient" in ds and "ImageOrientationPatient" in ds for _, ds in slices):
+            slices, step = _sort_slices(slices, path)
+            affine = lps_to_ras(_patient_affine(slices[0][1], slices[0][0], step))
+        elif len(slices) == 1:
+            affine = _planar_affine(slices[0][1], slices[0][0])
         else:
             raise ValueError(
-                f"{path}: a series of {len(headers)} slices needs ImagePositionPatient and ImageOrientationPatient "
+                f"{path}: a series of {len(slices)} slices needs ImagePositionPatient and ImageOrientationPatient "
                 "in every file to order them in space"
             )
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:  # Volume's own rule
         raise ValueError(
-            f"{headers[0][0]}: the geometry attributes (ImageOrientationPatient, PixelSpacing, SliceThickness) give "
+            f"{slices[0][0]}: the geometry attributes (ImageOrientationPatient, PixelSpacing, SliceThickness) give "
             f"voxel axes {np.round(affine[:3, :3], 6).tolist()}, not finite or not spanning 3D space"
         )
-    first = headers[0][1]
+    first = slices[0][1]
     if first.get("SamplesPerPixel", 1) > 1 or first.get("PhotometricInterpretation") == "PALETTE COLOR":
         warnings.warn(
             f"{path}: {first.PhotometricInterpretation} image converted to grey (BT.601 luminance)", stacklevel=3
         )
     known = {m.value for m in Modality}
     modality = Modality(first.Modality) if first.get("Modality") in known else Modality.OT
-    images = tuple(_source_image(ds) for _, ds in headers)
-    return Series(path, [file for file, _ in headers], affine, modality, first, images)
+    images = tuple(_source_image(file, ds) for file, ds in slices)
+    return Series(path, [file for file, _ in slices], affine, modality, first, images)
 
 
-def _source_image(ds: Dataset) -> SourceImage:
-    """The identity of the slice file whose header is ``ds``."""
+def _source_image(file: Path | Frame, ds: Dataset) -> SourceImage:
+    """The identity of the slice (file or frame) whose header is ``ds``."""
     sop_class = ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID")
     sop_instance = ds.get("SOPInstanceUID") or ds.file_meta.get("MediaStorageSOPInstanceUID")
     number = ds.get("InstanceNumber")
-    return SourceImage(str(sop_class or ""), str(sop_instance or ""), int(number) if isinstance(number, int) else None)
+    return SourceImage(
+        str(sop_class or ""),
+        str(sop_instance or ""),
+        int(number) if isinstance(number, int) else None,
+        file.number if isinstance(file, Frame) else None,
+    )
+
+
+def _is_multi_frame(ds: Dataset) -> bool:
+    """Whether ``ds`` is the header of a multi-frame image: several frames, or functional groups (even for one)."""
+    return int(ds.get("NumberOfFrames") or 1) > 1 or "PerFrameFunctionalGroupsSequence" in ds
+
+
+def _frames(file: Path, ds: Dataset) -> list[Frame]:
+    """The frames of the multi-frame file ``file`` whose header is ``ds``, each with its functional groups'
+    attributes (``_FRAME_GROUPS``: its own item of PerFrameFunctionalGroupsSequence, else the shared one) at top
+    level of its :attr:`Frame.header`."""
+    count = int(ds.get("NumberOfFrames") or 1)
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame is None:
+        raise ValueError(
+            f"{file}: {count} frames without functional groups (PerFrameFunctionalGroupsSequence): no pixel size, "
+            "orientation or position per frame places them in space"
+        )
+    if len(per_frame) != count:
+        raise ValueError(
+            f"{file}: NumberOfFrames is {count}, but PerFrameFunctionalGroupsSequence has {len(per_frame)} items; "
+            "the file is corrupt"
+        )
+    shared = (ds.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
+    frames = []
+    for number, own in enumerate(per_frame, 1):
+        header = Dataset()
+        header.file_meta = ds.file_meta
+        for element in ds:
+            header.add(element)
+        for groups in (shared, own):  # the frame's own group replaces the shared one
+            for keyword in _FRAME_GROUPS:
+                if groups.get(keyword):
+                    header.update(groups[keyword][0])
+        frames.append(Frame(file, number, header))
+    return frames
 
 
 def code_item(code: Code) -> Dataset:
@@ -217,8 +313,11 @@ def medsr_equipment(purpose: Code, description: str) -> Dataset:
     return item
 
 
-def read_slice(file: Path) -> np.ndarray:
-    """One slice file of a :class:`Series` in physical units (HU for CT), shape (Columns, Rows) = (I, J), float64."""
+def read_slice(file: Path | Frame) -> np.ndarray:
+    """One slice of a :class:`Series`, a file or a :class:`Frame` (decoded alone), in physical units (HU for CT),
+    shape (Columns, Rows) = (I, J), float64."""
+    if isinstance(file, Frame):
+        return _pixels(file.header, file).T
     return _pixels(_read(file), file).T
 
 
@@ -334,8 +433,8 @@ def _check_inflated_size(file: Path, meta: Dataset) -> None:
 
 
 def _check_pixel_data(file: Path, ds: Dataset, pixel_data: tuple[int, int | None] | None) -> None:
-    """Refuse, from the header, pixel data that is absent, over MAX_SLICE_BYTES, cut short, or (uncompressed) of
-    another length than Rows x Columns x NumberOfFrames x SamplesPerPixel x BitsAllocated declare."""
+    """Refuse, from the header, pixel data that is absent, over MAX_SLICE_BYTES per frame, cut short, or
+    (uncompressed) of another length than Rows x Columns x NumberOfFrames x SamplesPerPixel x BitsAllocated declare."""
     sizes = {}
     for keyword, default in (("Rows", 0), ("Columns", 0), ("NumberOfFrames", 1), ("SamplesPerPixel", 1)):
         value = ds.get(keyword)
@@ -348,13 +447,15 @@ def _check_pixel_data(file: Path, ds: Dataset, pixel_data: tuple[int, int | None
     bad = [f"{keyword} {ds.get(keyword)}" for keyword, value in sizes.items() if value < 1]
     if bad:
         raise ValueError(f"{file}: the image header declares {', '.join(bad)}; the file is corrupt")
-    declared = (math.prod(sizes.values()) + 7) // 8
-    if declared > MAX_SLICE_BYTES:
+    frames = sizes.pop("NumberOfFrames")
+    per_frame = (math.prod(sizes.values()) + 7) // 8
+    if per_frame > MAX_SLICE_BYTES:
         shape = " x ".join(f"{value} {keyword}" for keyword, value in sizes.items())
         raise ValueError(
-            f"{file}: declares {shape} = {declared:,} bytes of pixel data, over the limit of {MAX_SLICE_BYTES:,} "
-            "bytes per file"
+            f"{file}: declares {shape} = {per_frame:,} bytes of pixel data per frame, over the limit of "
+            f"{MAX_SLICE_BYTES:,} bytes per frame"
         )
+    declared = (math.prod(sizes.values()) * frames + 7) // 8
     if pixel_data is None:
         raise ValueError(f"{file}: no pixel data; the file may be truncated or corrupt")
     length, end = pixel_data
@@ -381,7 +482,7 @@ def _quiet_value_warnings() -> Iterator[None]:
         yield
 
 
-def _numbers(ds: Dataset, keyword: str, file: Path, count: int) -> np.ndarray:
+def _numbers(ds: Dataset, keyword: str, file: Path | Frame, count: int) -> np.ndarray:
     """The ``count`` numbers of a geometry attribute, all finite, else a ValueError naming the file."""
     value = "unreadable"
     try:
@@ -395,8 +496,11 @@ def _numbers(ds: Dataset, keyword: str, file: Path, count: int) -> np.ndarray:
     return numbers
 
 
-def _sort_slices(headers: list[tuple[Path, Dataset]], path: Path) -> tuple[list[tuple[Path, Dataset]], np.ndarray]:
-    """Slices sorted along the slice normal, after checking they form a regular grid, and the LPS step (mm) of k."""
+def _sort_slices(
+    headers: list[tuple[Path | Frame, Dataset]], path: Path
+) -> tuple[list[tuple[Path | Frame, Dataset]], np.ndarray]:
+    """Slices (files or frames) sorted along the slice normal, after checking they form a regular grid, and the LPS
+    step (mm) of k."""
     first = headers[0][1]
     for file, ds in headers:
         _numbers(ds, "ImagePositionPatient", file, 3)
@@ -431,7 +535,10 @@ def _sort_slices(headers: list[tuple[Path, Dataset]], path: Path) -> tuple[list[
     same = np.flatnonzero(gaps < 1e-3)
     if same.size:
         a, b = headers[same[0]][0].name, headers[same[0] + 1][0].name
-        raise ValueError(f"{path}: slices {a} and {b} share the position {positions[same[0]]:.3f} mm along the normal")
+        raise ValueError(
+            f"{path}: {a} and {b} share the position {positions[same[0]]:.3f} mm along the normal; expected one "
+            "stack of slices, not several volumes (time points, echoes)"
+        )
     if gaps.max() - gaps.min() > 1e-2 * gaps.mean():
         raise ValueError(
             f"{path}: irregular slice spacing: {gaps.min():.3g} mm to {gaps.max():.3g} mm; missing slices?"
@@ -442,7 +549,7 @@ def _sort_slices(headers: list[tuple[Path, Dataset]], path: Path) -> tuple[list[
     return headers, (last_ipp - first_ipp) / (len(headers) - 1)  # also follows a gantry tilt
 
 
-def _values(ds: Dataset, keyword: str, file: Path) -> np.ndarray:
+def _values(ds: Dataset, keyword: str, file: Path | Frame) -> np.ndarray:
     """An attribute's numbers as a 1D float64 array (empty when absent), or a ValueError naming the file."""
     try:
         value = ds.get(keyword)
@@ -451,7 +558,7 @@ def _values(ds: Dataset, keyword: str, file: Path) -> np.ndarray:
         raise ValueError(f"{file}: {keyword} is not a list of numbers; the file is corrupt") from None
 
 
-def _patient_affine(ds: Dataset, file: Path, step: np.ndarray) -> np.ndarray:
+def _patient_affine(ds: Dataset, file: Path | Frame, step: np.ndarray) -> np.ndarray:
     """4x4 voxel (i, j, k) -> LPS mm affine of a slice stack whose first sorted slice is ``ds``."""
     orientation = np.asarray(ds.ImageOrientationPatient, dtype=np.float64)
     row_spacing, column_spacing = _in_plane_spacing(ds, file)
@@ -471,14 +578,14 @@ def lps_to_ras(affine: np.ndarray) -> np.ndarray:
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
 
 
-def _planar_affine(ds: Dataset, file: Path) -> np.ndarray:
+def _planar_affine(ds: Dataset, file: Path | Frame) -> np.ndarray:
     """Affine of a 2D image without a patient frame: placed as an unrotated DICOM image (column index towards L,
     row index towards P: ImageOrientationPatient [1, 0, 0, 0, 1, 0]) at the origin; displays show row 0 on top."""
     row_spacing, column_spacing = _in_plane_spacing(ds, file)
     return lps_to_ras(np.diag([column_spacing, row_spacing, float(ds.get("SliceThickness") or 1.0), 1.0]))
 
 
-def _in_plane_spacing(ds: Dataset, file: Path) -> tuple[float, float]:
+def _in_plane_spacing(ds: Dataset, file: Path | Frame) -> tuple[float, float]:
     """(row spacing, column spacing) in mm: the distance between rows (along j) and between columns (along i).
 
     A size that is not positive and finite (some files store 0: unknown) is passed over for the next source."""
@@ -509,7 +616,7 @@ def _in_plane_spacing(ds: Dataset, file: Path) -> tuple[float, float]:
     )
 
 
-def _positive_pair(ds: Dataset, keyword: str, file: Path) -> tuple[float, float] | None:
+def _positive_pair(ds: Dataset, keyword: str, file: Path | Frame) -> tuple[float, float] | None:
     """A pixel size attribute's (rows, columns) in mm if both are positive and finite, else None."""
     pair = _values(ds, keyword, file)
     if pair.shape != (2,) or not (np.isfinite(pair).all() and (pair > 0).all()):
@@ -524,13 +631,14 @@ def _read(file: Path) -> Dataset:
         raise ValueError(f"{file}: cannot read DICOM file ({err}); the file may be truncated or corrupt") from err
 
 
-def _pixels(ds: Dataset, file: Path) -> np.ndarray:
-    """One slice in physical units, shape (Rows, Columns), float64; colour is reduced to luminance."""
+def _pixels(ds: Dataset, file: Path | Frame) -> np.ndarray:
+    """One slice in physical units, shape (Rows, Columns), float64; colour is reduced to luminance. ``ds`` is the
+    file read whole, or a frame's header (its pixels are then read from the file, that frame alone)."""
     with _quiet_value_warnings():
         return _decoded(ds, file)
 
 
-def _decoded(ds: Dataset, file: Path) -> np.ndarray:
+def _decoded(ds: Dataset, file: Path | Frame) -> np.ndarray:
     syntax = ds.file_meta.get("TransferSyntaxUID")
     if syntax is not None and syntax.is_compressed:
         try:
@@ -542,10 +650,14 @@ def _decoded(ds: Dataset, file: Path) -> np.ndarray:
                 f"{file}: cannot decode pixel data in transfer syntax {syntax.name} ({syntax}); install one of "
                 f"these decoders: {'; '.join(missing)}"
             )
-    if not any(keyword in ds for keyword in _PIXEL_KEYWORDS):
+    if not isinstance(file, Frame) and not any(keyword in ds for keyword in _PIXEL_KEYWORDS):
         raise ValueError(f"{file}: no pixel data; the file may be truncated or corrupt")
     try:
-        pixels = ds.pixel_array  # YBR colour comes back as RGB
+        if isinstance(file, Frame):  # pydicom reads a deflated data set whole (its inflated size was checked)
+            deflated = syntax == pydicom.uid.DeflatedExplicitVRLittleEndian
+            pixels = pixel_array(_read(file.file) if deflated else file.file, index=file.number - 1)
+        else:
+            pixels = ds.pixel_array  # YBR colour comes back as RGB
     except Exception as err:
         raise ValueError(f"{file}: cannot decode pixel data ({err}); the file may be truncated or corrupt") from err
 

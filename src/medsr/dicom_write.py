@@ -10,6 +10,9 @@ The inverse of ``dicom.py``'s reading: ``_slice_geometry`` runs the affine const
 [3] DICOM PS3.3 A.4 (MR Image IOD: no Modality LUT, so stored values are the values) and C.11.1.
 [4] DICOM PS3.3 C.7.6.1 (General Image: SourceImageSequence, DerivationDescription, DerivationCodeSequence, CID 7202
     and 7203), C.12.1 (SOP Common: ContributingEquipmentSequence, CID 7005), C.12.2 (Common Instance Reference).
+[5] DICOM PS3.3 C.7.6.16 and C.7.6.17 (Multi-frame Functional Groups and Dimension), A.70 and A.71 (Legacy
+    Converted Enhanced CT and MR Image IODs), C.8.15.3.1 (SourceImageEvidenceSequence, in the Enhanced CT Image
+    module and the MR Image and Spectroscopy Instance macro).
 """
 
 from __future__ import annotations
@@ -32,7 +35,11 @@ from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.uid import (
     CTImageStorage,
+    EnhancedCTImageStorage,
+    EnhancedMRImageStorage,
     ExplicitVRLittleEndian,
+    LegacyConvertedEnhancedCTImageStorage,
+    LegacyConvertedEnhancedMRImageStorage,
     MRImageStorage,
     SecondaryCaptureImageStorage,
     generate_uid,
@@ -43,7 +50,7 @@ from medsr.deidentify import Deidentifier, deidentify
 from medsr.dicom import SourceImage, code_item, lps_to_ras, medsr_equipment
 from medsr.intensity import percentiles
 from medsr.io import atomic_output
-from medsr.volume import Modality, Volume
+from medsr.volume import MAX_VOLUME_BYTES, Modality, Volume
 
 # Writing. Storage class of a series written without a source header, by modality.
 _STORAGE_CLASS = {Modality.CT: CTImageStorage, Modality.MR: MRImageStorage, Modality.OT: SecondaryCaptureImageStorage}
@@ -102,11 +109,32 @@ _SOURCE_ONLY = (
     "RealWorldValueMappingSequence",  # maps the source's stored values
     "ImagesInAcquisition",
     "DataSetTrailingPadding",
+    # an enhanced source's multi-frame attributes [5]: a frame's functional groups are at top level (dicom.Frame)
+    "NumberOfFrames",
+    "SharedFunctionalGroupsSequence",
+    "PerFrameFunctionalGroupsSequence",
+    "DimensionOrganizationSequence",
+    "DimensionIndexSequence",
+    "DimensionOrganizationType",
+    "ConcatenationUID",
+    "ConcatenationFrameOffsetNumber",
+    "InConcatenationNumber",
+    "InConcatenationTotalNumber",
+    "RepresentativeFrameNumber",
+    "SOPInstanceUIDOfConcatenationSource",
 )
+# The classic storage class of a slice of an enhanced CT or MR source, whose header is copied.
+_CLASSIC_CLASS = {
+    EnhancedCTImageStorage: CTImageStorage,
+    LegacyConvertedEnhancedCTImageStorage: CTImageStorage,
+    EnhancedMRImageStorage: MRImageStorage,
+    LegacyConvertedEnhancedMRImageStorage: MRImageStorage,
+}
 # MR values spanning fewer integers than this (normalised images, z-scores, maps in small units) are scaled by the
 # power of ten that makes them span at least _MR_LEVELS: rounding would cost them more than 3% of their range.
 _MR_FEW_LEVELS, _MR_LEVELS = 32, 1000
 _MARK = "MEDSR"  # ImplementationVersionName prefix of the files medsr writes: only such a folder is ever replaced
+_ENHANCED_NAME = "0001.dcm"  # the one file of an enhanced series: InstanceNumber 1, named as a classic slice is
 
 
 def write_series(
@@ -117,8 +145,10 @@ def write_series(
     anonymize: bool | Deidentifier = False,
     model: str | None = None,
     new_study: bool = False,
+    enhanced: bool = False,
 ) -> list[Path]:
-    """Write ``volume`` as a new derived DICOM series, one file per slice k, into the folder ``folder``.
+    """Write ``volume`` as a new derived DICOM series, one file per slice k (or one enhanced multi-frame file), into
+    the folder ``folder``.
 
     The inverse of :func:`read_dicom`: reading ``folder`` back gives the same affine (to DS precision, about 1e-10
     mm) and the same array to within half a stored step (see Intensities). Slice k holds
@@ -131,10 +161,13 @@ def write_series(
     tags and without what described the source's pixels or references; it keeps FrameOfReferenceUID (the same
     patient space) and, unless ``new_study``, StudyInstanceUID. Without a source header (a NIfTI or PNG input) a
     minimal header is built: CT and MR get their storage class, anything else (OT) Secondary Capture, with empty
-    patient attributes, Manufacturer "medsr", in a new study (as ``new_study`` makes). Either way the series gets a new
-    SeriesInstanceUID, one new SOPInstanceUID per file, SeriesNumber + 1000, SeriesDescription = ``description``,
-    the source's window (else the 0.5-99.5 percentile range), an empty Laterality unless the source has one (Type
-    2C: unknown) and geometry from the affine: PixelSpacing, SpacingBetweenSlices = the distance between slice
+    patient attributes, Manufacturer "medsr", in a new study (as ``new_study`` makes). The header of an enhanced CT or
+    MR source (a frame's, see :func:`read_dicom`) is copied without the multi-frame attributes, with the classic
+    storage class and the CT or MR attributes the minimal header has where it lacks them (an Enhanced MR header has
+    no ScanningSequence). Either way the series gets a new SeriesInstanceUID, one new SOPInstanceUID per file,
+    SeriesNumber + 1000, SeriesDescription = ``description``, the source's window (else the 0.5-99.5 percentile
+    range), an empty Laterality unless the source has it, ImageLaterality or FrameLaterality (Type 2C: unknown) and
+    geometry from the affine: PixelSpacing, SpacingBetweenSlices = the distance between slice
     planes, SliceLocation = IPP along the slice normal.
 
     What the slices of a DICOM source (``meta["dicom_images"]`` and ``meta["dicom_affine"]``) become:
@@ -159,6 +192,13 @@ def write_series(
     span 1000), see :func:`_mr_gain`: a power of ten, named in DerivationDescription and a warning, and a source
     window is replaced by the percentile window.
 
+    Enhanced (``enhanced``, CT and MR): the same slices, converted by highdicom into one Legacy Converted Enhanced
+    CT or MR Image [5] of the same series, ``folder/0001.dcm``: each slice is a frame, its own attributes in the
+    functional groups (position, references), the shared ones in SharedFunctionalGroupsSequence. The slices are
+    never stored, so the file references the source images, not them (no ConversionSourceAttributesSequence), and
+    lists them in SourceImageEvidenceSequence. It is built in memory: at most ``MAX_VOLUME_BYTES`` as float32, as
+    much as a whole-scan read.
+
     De-identification (``anonymize``): the shared header goes through :func:`medsr.deidentify.deidentify`, PS3.15
     Annex E's Basic Profile (Table E.1-1) or its pixels-only mode, before the new series' attributes above are set.
     Study and Frame of Reference UIDs get new UIDs from the Deidentifier's secret map: series written with one
@@ -180,14 +220,16 @@ def write_series(
             weights, e.g. "edsr_mr_x2 sha256:3f1c...".
         new_study: Put the series in a new study (new StudyInstanceUID, StudyID, StudyDate/Time now, empty
             AccessionNumber) instead of the source's; the patient and frame of reference stay.
+        enhanced: Write one enhanced multi-frame file instead of one file per slice (see above).
 
     Returns:
-        The written files, by k.
+        The written files, by k (enhanced: the one file).
 
     Raises:
         ValueError: Several channels, NaN/inf voxels, a modality without patient geometry (US, CR, DX), a source
-            header without ImageOrientationPatient, a sheared grid, a too long description, or ``folder`` is (in)
-            the source series. The message names the folder.
+            header without ImageOrientationPatient, a multi-frame source other than enhanced CT or MR, a sheared
+            grid, a too long description, ``folder`` is (in) the source series, or ``enhanced`` for another modality
+            than CT and MR or a volume over the limit. The message names the folder.
         FileExistsError: ``folder`` exists and holds something medsr did not write.
         FileNotFoundError: The parent folder of ``folder`` does not exist.
     """
@@ -198,7 +240,7 @@ def write_series(
             f"{folder}: a DICOM {volume.modality.value} series holds one value per voxel; got {channels} channels "
             "(RGB is not written); write .nii.gz instead"
         )
-    check_series_target(folder, volume.modality, volume.meta, description)
+    check_series_target(folder, volume.modality, volume.meta, description, enhanced=enhanced)
     values = volume.array[0].detach().float().cpu().numpy()  # (I, J, K)
     return write_series_slices(
         folder,
@@ -211,6 +253,7 @@ def write_series(
         anonymize=anonymize,
         model=model,
         new_study=new_study,
+        enhanced=enhanced,
     )
 
 
@@ -226,9 +269,10 @@ def write_series_slices(
     anonymize: bool | Deidentifier,
     model: str | None = None,
     new_study: bool = False,
+    enhanced: bool = False,
 ) -> list[Path]:
-    """:func:`write_series` for a volume given slice by slice, in memory bounded by a slice, to a target that
-    :func:`check_series_target` accepted.
+    """:func:`write_series` for a volume given slice by slice, in memory bounded by a slice (``enhanced``: by the
+    volume, see :func:`write_series`), to a target that :func:`check_series_target` accepted.
 
     ``slices()`` yields the ``depth`` slices (I, J) in k order, in physical units (float32), the same values every
     call. It is called three times: two passes for the value range and the window (exact percentiles, see
@@ -261,8 +305,15 @@ def write_series_slices(
     width = max(4, len(str(depth)))
     names = [f"{number:0{width}d}.dcm" for number in numbers]
     references = source is not None and deidentifier is None  # de-identified: the source's UIDs would identify it
+    frames = []  # enhanced: the slices, converted into one file at the end
     with atomic_output(folder, folder=True) as tmp:  # an existing folder: checked replaceable by the caller
         for k, (name, number, position, values) in enumerate(zip(names, numbers, positions, slices(), strict=True)):
+            if enhanced and 4 * values.size * depth > MAX_VOLUME_BYTES:
+                raise ValueError(
+                    f"{folder}: an enhanced file of {values.shape[0]} x {values.shape[1]} x {depth} voxels is built "
+                    f"in memory, over the {MAX_VOLUME_BYTES / 2**30:g} GiB limit of a whole scan as float32; write "
+                    "classic slices instead"
+                )
             header.SOPInstanceUID = header.file_meta.MediaStorageSOPInstanceUID = generate_uid()
             header.InstanceNumber = number
             header.ImagePositionPatient = [DSfloat(x, auto_format=True) for x in position]
@@ -271,23 +322,118 @@ def write_series_slices(
                 _reference(header, source.under(k, values.shape), meta["dicom"], new_study=new_study)
             stored = _stored(values.T, slope, intercept, dtype)  # (Rows, Columns)
             header.set_pixel_data(stored, photometric, 16, generate_instance_uid=False)
-            header.save_as(tmp / name, enforce_file_format=True)
-    return [folder / name for name in names]
+            if enhanced:
+                frames.append(copy.deepcopy(header))
+            else:
+                header.save_as(tmp / name, enforce_file_format=True)
+        if enhanced:
+            enhanced_image = _legacy_converted(frames, modality, meta.get("dicom"), references=references)
+            enhanced_image.save_as(tmp / _ENHANCED_NAME, enforce_file_format=True)
+    return [folder / _ENHANCED_NAME] if enhanced else [folder / name for name in names]
 
 
-def check_series_target(folder: Path, modality: Modality, meta: Mapping[str, Any], description: str) -> None:
+def _legacy_converted(
+    frames: list[Dataset], modality: Modality, source: Dataset | None, *, references: bool
+) -> Dataset:
+    """The classic slices ``frames`` of one new series as one Legacy Converted Enhanced CT or MR Image of that series
+    (highdicom) [5]; ``source`` heads the source series (None: none), whose images the slices reference if
+    ``references``."""
+    from highdicom.legacy import LegacyConvertedEnhancedCTImage, LegacyConvertedEnhancedMRImage  # a second to import
+
+    first = frames[0]
+    image_class = LegacyConvertedEnhancedCTImage if modality is Modality.CT else LegacyConvertedEnhancedMRImage
+    with warnings.catch_warnings():  # it copies an empty AcquisitionNumber (IS, Type 2) to FrameAcquisitionNumber (US)
+        warnings.filterwarnings("ignore", "A value of type 'str' cannot be assigned to a tag with VR US", UserWarning)
+        image = image_class(
+            frames,
+            series_instance_uid=first.SeriesInstanceUID,
+            series_number=first.SeriesNumber,
+            sop_instance_uid=generate_uid(),
+            instance_number=1,
+            series_description=first.SeriesDescription,
+        )
+    # highdicom gives a single frame 1 mm; the slices' distance between planes is what a reader steps along the normal
+    image.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SpacingBetweenSlices = first.SpacingBetweenSlices
+    # The slices are never stored: no reference to them, as the source of a frame or an instance of the series.
+    for item in image.PerFrameFunctionalGroupsSequence:
+        del item.ConversionSourceAttributesSequence
+        if "UnassignedPerFrameConvertedAttributesSequence" not in item:  # one item: all shared, as one slice's are
+            item.UnassignedPerFrameConvertedAttributesSequence = [Dataset()]
+    series = [
+        item for item in image.get("ReferencedSeriesSequence", []) if item.SeriesInstanceUID != first.SeriesInstanceUID
+    ]
+    if series:
+        image.ReferencedSeriesSequence = series
+    else:
+        del image.ReferencedSeriesSequence
+    if "Laterality" in first:  # General Series (Type 2C); highdicom leaves it among the unassigned attributes
+        image.Laterality = first.Laterality
+    if references:
+        image.SourceImageEvidenceSequence = [_evidence(frames, source)]
+    # The slices' content date and time (highdicom takes the acquisition's); de-identified, they have none, and these
+    # Type 1 ones get PS3.15's dummy values (action D), without highdicom's InstanceCreationDate/Time (now).
+    image.ContentDate, image.ContentTime = first.get("ContentDate") or "19000101", first.get("ContentTime") or "000000"
+    if not first.get("ContentDate"):
+        del image.InstanceCreationDate, image.InstanceCreationTime
+    if "ContrastBolusAgentSequence" in image:  # the source's; the Enhanced Contrast/Bolus module [5] needs their use
+        shared = (source.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
+        if "ContrastBolusUsageSequence" in shared:  # an enhanced source's, the same for all its frames
+            image.SharedFunctionalGroupsSequence[0].ContrastBolusUsageSequence = copy.deepcopy(
+                shared.ContrastBolusUsageSequence
+            )
+        else:
+            del image.ContrastBolusAgentSequence
+    image.file_meta.ImplementationVersionName = first.file_meta.ImplementationVersionName
+    return image
+
+
+def _evidence(frames: list[Dataset], source: Dataset) -> Dataset:
+    """An item of SourceImageEvidenceSequence [5]: the images of the series ``source`` heads that the
+    SourceImageSequence of ``frames`` references, by study and series (PS3.3 C.17.2.1, Hierarchical SOP Instance
+    Reference Macro)."""
+    referenced = dict.fromkeys(
+        (item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID)
+        for ds in frames
+        for item in ds.get("SourceImageSequence", [])
+    )
+    series = Dataset()
+    series.SeriesInstanceUID = source.SeriesInstanceUID
+    series.ReferencedSOPSequence = []
+    for sop_class, sop_instance in referenced:
+        instance = Dataset()
+        instance.ReferencedSOPClassUID, instance.ReferencedSOPInstanceUID = sop_class, sop_instance
+        series.ReferencedSOPSequence.append(instance)
+    study = Dataset()
+    study.StudyInstanceUID, study.ReferencedSeriesSequence = source.StudyInstanceUID, [series]
+    return study
+
+
+def check_series_target(
+    folder: Path, modality: Modality, meta: Mapping[str, Any], description: str, *, enhanced: bool = False
+) -> None:
     """Refuse, before writing anything, what :func:`write_series` cannot write faithfully or must not touch
-    (``modality`` and ``meta`` as in the volume to write)."""
+    (``modality``, ``meta`` and ``enhanced`` as in the volume to write and the call)."""
     if modality in (Modality.US, Modality.CR, Modality.DX):
         raise ValueError(
             f"{folder}: writing {modality.value} DICOM is not supported: its geometry is not a slice in the "
             "patient frame (ultrasound regions, projection radiographs); write .tif or .nii.gz instead"
+        )
+    if enhanced and modality not in (Modality.CT, Modality.MR):
+        raise ValueError(
+            f"{folder}: enhanced DICOM is written for CT and MR (Legacy Converted Enhanced CT/MR Image), not "
+            f"{modality.value}; write classic slices instead"
         )
     source = meta.get("dicom")
     if source is not None and "ImageOrientationPatient" not in source:
         raise ValueError(
             f"{folder}: the source header has no ImageOrientationPatient, so the image has no place in the patient "
             "frame to write back; write .tif or .nii.gz instead"
+        )
+    sop_class = source.get("SOPClassUID") if source is not None else None
+    if source is not None and "PerFrameFunctionalGroupsSequence" in source and sop_class not in _CLASSIC_CLASS:
+        raise ValueError(
+            f"{folder}: the source is a multi-frame {sop_class.name if sop_class else 'image'}; medsr derives DICOM "
+            "series from enhanced CT and MR only; write .nii.gz instead"
         )
     if not 0 < len(description) <= 64:
         raise ValueError(f"{folder}: description must have 1 to 64 characters (SeriesDescription), got {description!r}")
@@ -343,12 +489,16 @@ def _series_header(
     else:
         for element in source:
             # group length (gggg,0000) would be stale; overlays (60xx) are sized to the source's pixels
-            if element.tag.element != 0 and not 0x6000 <= element.tag.group <= 0x60FF:
+            stale = element.tag.element == 0 or 0x6000 <= element.tag.group <= 0x60FF
+            if not stale and element.keyword not in _SOURCE_ONLY:
                 ds.add(element)
         ds = copy.deepcopy(ds)
         ds.remove_private_tags()  # may hold identifiers and vendor scaling that no longer applies
-        for keyword in _SOURCE_ONLY:
-            ds.pop(keyword, None)
+        if ds.get("SOPClassUID") in _CLASSIC_CLASS:  # an enhanced source: some attributes are elsewhere, or absent
+            ds.SOPClassUID = _CLASSIC_CLASS[ds.SOPClassUID]
+            for keyword, value in _MODALITY_HEADER[modality].items():
+                if keyword not in ds:
+                    setattr(ds, keyword, value)
     ds.ImageType = _image_type(ds.get("ImageType"), modality)
     if deidentifier is not None:
         deidentify(ds, deidentifier)  # leaves dates and times empty
@@ -367,7 +517,7 @@ def _series_header(
     ds.SeriesInstanceUID = generate_uid()
     ds.SeriesNumber = 1000 + int(ds.get("SeriesNumber") or 0)  # a common convention for derived series
     ds.SeriesDescription = description
-    if "Laterality" not in ds:
+    if not any(keyword in ds for keyword in ("Laterality", "ImageLaterality", "FrameLaterality")):
         ds.Laterality = ""  # Type 2C: unknown whether the part is paired (dciodvfy asks for it)
     ds.DerivationDescription = f"{description} (medsr {version('medsr')}{f', model {model}' if model else ''})"
     ds.DerivationCodeSequence = [code_item(codes.DCM.SpatialResampling)]
@@ -408,8 +558,11 @@ class _SourceSlices:
         return bool(np.allclose(self.source_k[:2], 0, atol=1e-4) and whole and round(self.source_k[2]) != 0)
 
     def instance_numbers(self, depth: int) -> list[int]:
-        """1 to ``depth`` along k, or from ``depth`` down if the source's InstanceNumber runs against the new k."""
-        first, last = self.images[0].instance_number, self.images[-1].instance_number
+        """1 to ``depth`` along k, or from ``depth`` down if the source's InstanceNumber (a multi-frame source: its
+        frame number) runs against the new k."""
+        first, last = (
+            image.instance_number if image.frame is None else image.frame for image in (self.images[0], self.images[-1])
+        )
         against = first is not None and last is not None and (last - first) * self.source_k[2] < 0
         return list(range(depth, 0, -1)) if against else list(range(1, depth + 1))
 
@@ -432,7 +585,8 @@ def _reference(ds: Dataset, images: tuple[SourceImage, ...], source: Dataset, *,
     ds.SourceImageSequence = [_referenced(image, purpose=True) for image in images]
     series = Dataset()
     series.SeriesInstanceUID = source.SeriesInstanceUID
-    series.ReferencedInstanceSequence = [_referenced(image) for image in images]
+    instances = dict.fromkeys(image._replace(frame=None) for image in images)  # the frames of one file: one instance
+    series.ReferencedInstanceSequence = [_referenced(image) for image in instances]
     if new_study:
         study = Dataset()
         study.StudyInstanceUID, study.ReferencedSeriesSequence = source.StudyInstanceUID, [series]
@@ -442,9 +596,12 @@ def _reference(ds: Dataset, images: tuple[SourceImage, ...], source: Dataset, *,
 
 
 def _referenced(image: SourceImage, *, purpose: bool = False) -> Dataset:
-    """A reference to ``image`` (SOP class and instance), with purpose DCM 121322 (CID 7202) if ``purpose``."""
+    """A reference to ``image`` (SOP class and instance, and frame of a multi-frame file), with purpose DCM 121322
+    (CID 7202) if ``purpose``."""
     item = Dataset()
     item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = image.sop_class_uid, image.sop_instance_uid
+    if image.frame is not None:
+        item.ReferencedFrameNumber = image.frame
     if purpose:
         item.PurposeOfReferenceCodeSequence = [code_item(codes.DCM.SourceImageForImageProcessingOperation)]
     return item

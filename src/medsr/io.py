@@ -230,6 +230,7 @@ def write_volume(
     display_range: tuple[float, float] | None = None,
     model: str | None = None,
     new_study: bool = False,
+    enhanced: bool = False,
 ) -> None:
     """Write ``volume`` to ``path`` atomically, in the format its suffix names; an existing file is replaced.
 
@@ -255,8 +256,9 @@ def write_volume(
             overshoot beyond it (e.g. below 0 in uint8) is clipped.
         display_range: NIfTI only: (cal_min, cal_max), the values a viewer maps to black and white (e.g. the
             intensity window); None: (0, 0), none.
-        model, new_study: DICOM only: the model (name and checksum) recorded in the derivation, and whether the
-            series goes into a new study (see :func:`medsr.dicom_write.write_series`).
+        model, new_study, enhanced: DICOM only: the model (name and checksum) recorded in the derivation, whether
+            the series goes into a new study, and whether it is one enhanced multi-frame file instead of one file
+            per slice (see :func:`medsr.dicom_write.write_series`).
 
     >>> import tempfile, torch
     >>> path = Path(tempfile.mkdtemp()) / "sr.nii.gz"
@@ -273,7 +275,15 @@ def write_volume(
         _check_series_name(path)
         from medsr.dicom_write import write_series
 
-        write_series(volume, path, description=description, anonymize=anonymize, model=model, new_study=new_study)
+        write_series(
+            volume,
+            path,
+            description=description,
+            anonymize=anonymize,
+            model=model,
+            new_study=new_study,
+            enhanced=enhanced,
+        )
         return
     if kind == "image":
         _check_image(volume, path)
@@ -309,6 +319,7 @@ def volume_writer(
     display_range: tuple[float, float] | None = None,
     model: str | None = None,
     new_study: bool = False,
+    enhanced: bool = False,
 ) -> Iterator[Callable[[np.ndarray], None]]:
     """:func:`write_volume` for a single-channel volume that arrives slab by slab along k, in bounded memory.
 
@@ -327,7 +338,7 @@ def volume_writer(
         spatial_shape: (I, J, K) of the whole volume.
         affine, modality, meta: The Volume fields ``write_volume`` would use (``meta``: the DICOM source header,
             the source NIfTI's storage).
-        description, anonymize, dtype, display_range, model, new_study: As for :func:`write_volume`.
+        description, anonymize, dtype, display_range, model, new_study, enhanced: As for :func:`write_volume`.
     """
     path, modality, meta = Path(path), Modality(modality), meta or {}
     kind = file_format(path)
@@ -343,7 +354,7 @@ def volume_writer(
     _check_series_name(path)
     from medsr.dicom_write import check_series_target, write_series_slices
 
-    check_series_target(path, modality, meta, description)
+    check_series_target(path, modality, meta, description, enhanced=enhanced)
     with temporary_path(path.with_name(f"{path.name}.nii")) as staged:
         # Plain reads and writes, not a memory map: mapped pages would count as the process's memory.
         with _nifti_writer(staged, _nifti_header(affine, spatial_shape)) as write:
@@ -364,6 +375,7 @@ def volume_writer(
             anonymize=anonymize,
             model=model,
             new_study=new_study,
+            enhanced=enhanced,
         )
 
 

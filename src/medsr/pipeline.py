@@ -230,6 +230,7 @@ def upscale_file(
     dtype: str = "input",
     adapt: float = 0.0,
     new_study: bool = False,
+    enhanced: bool = False,
     command_line: str | None = None,
 ) -> Plan:
     """Super-resolve the scan at ``source`` into ``target`` (same format family), atomically; returns the plan.
@@ -250,6 +251,7 @@ def upscale_file(
         modality: Overrides the source's (NIfTI and PNG/TIFF name none).
         anonymize: DICOM target: de-identify the header.
         new_study: DICOM target: put the series in a new study (else the source's, beside the source series).
+        enhanced: DICOM target: one Legacy Converted Enhanced CT/MR file (highdicom) instead of one file per slice.
         dtype: NIfTI target: 'input' (the source NIfTI's integer type and scl_slope/scl_inter, values beyond the
             type's range clipped; float32 for float sources and DICOM series) or 'float32'.
         command_line: The command that asked for this, for the sidecar (``medsr upscale`` passes its own).
@@ -290,6 +292,7 @@ def upscale_file(
         dtype=dtype,
         adapt=adapt,
         new_study=new_study,
+        enhanced=enhanced,
         command_line=command_line,
     )
 
@@ -343,6 +346,7 @@ def _upscale_file(
     dtype: str = "input",
     adapt: float = 0.0,
     new_study: bool = False,
+    enhanced: bool = False,
     command_line: str | None = None,
 ) -> Plan:
     """:func:`upscale_file`, with ``models``: loaded models by name, shared over a folder's scans."""
@@ -352,6 +356,8 @@ def _upscale_file(
     where = resolve_device(device)
     check_output(target, [source], force=force)
     target_format = file_format(target)
+    if enhanced and target_format != "dicom":
+        raise ValueError(f"{target}: --enhanced is for DICOM output (a folder name without suffix)")
     if target_format != "dicom":
         check_output(sidecar_path(target), [source], force=force)
     scan = open_scan(source, modality=modality)
@@ -373,6 +379,7 @@ def _upscale_file(
         storage |= {
             "model": f"{Path(plan.model.name).name} sha256:{weights_digest(plan.model)}",
             "new_study": new_study,
+            "enhanced": enhanced,
         }
     if target_format == "dicom":  # the series records its derivation in its headers
         sidecar = nullcontext()

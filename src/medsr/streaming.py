@@ -53,6 +53,7 @@ def stream_upscale(
     display_range: tuple[float, float] | None = None,
     model: str | None = None,
     new_study: bool = False,
+    enhanced: bool = False,
     floor: float | None = None,
 ) -> None:
     """Super-resolve the scan at ``source`` into ``target`` holding only a slab of it in memory at a time.
@@ -84,7 +85,8 @@ def stream_upscale(
             slice (``consistency.kspace_consistency``, slice by slice as in memory); None: off.
         dtype, display_range: NIfTI target only, as for ``write_volume``: 'input' stores the source NIfTI's integer
             type and scaling (known from its header before the first slab), clipped to the type's range.
-        model, new_study: DICOM target only, as for ``write_volume``: the derivation's model, a new study.
+        model, new_study, enhanced: DICOM target only, as for ``write_volume``: the derivation's model, a new
+            study, one enhanced multi-frame file.
         floor: Output values below it (physical units) are raised to it before writing; None: none.
 
     Raises:
@@ -113,6 +115,7 @@ def stream_upscale(
         display_range=display_range,
         model=model,
         new_study=new_study,
+        enhanced=enhanced,
     ) as write:
         window = window or window_from_slices(
             volume.modality,
