@@ -5,23 +5,27 @@ The scan is the model's LR input; degraded once more by the model's own degradat
 (Shocher et al., "Zero-Shot Super-Resolution using Deep Internal Learning", CVPR 2018), started from the trained
 model instead of from scratch, as test-time adaptation does; the model then upscales the scan itself. It assumes
 the scan's structure looks alike one scale down (self-similarity), which holds better for texture than for
-anatomy: ``medsr evaluate --adapt`` measures whether it pays on a given kind of scan.
+anatomy, and a small scan is easily overfitted. So a part of the scan (``HOLD_OUT``: its last slices, or its last
+columns for a single slice) is kept out of the fine-tuning, and the adapted model is kept only if it predicts that
+part's LR from its LLR better than the model did (``medsr evaluate --adapt`` measures what that buys).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import time
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
-from medsr.data import PairDataset, prepare_scan
-from medsr.infer import resolve_precision
+from medsr.data import PairDataset, crop_to_multiple, degrade_normalised, prepare_scan
+from medsr.infer import model_predictor, predict_volume, resolve_precision
 from medsr.losses import LOSSES
 from medsr.progress import progress_bar
-from medsr.volume import Volume, integer_scale
+from medsr.volume import Volume, crop, integer_scale
 
 if TYPE_CHECKING:
     from medsr.zoo import SRModel
@@ -30,6 +34,9 @@ MAX_PATCH = 64  # LR-scale patch edge: small scans use what they have
 MIN_PATCH = 8  # per upscaled axis, in LLR voxels; smaller scans cannot be adapted on
 ADAPT_LR = 5e-5  # a tenth of the training rate: stay near the trained model
 BATCH = 8
+HOLD_OUT = 0.25  # share of the scan kept out of the fine-tuning to check it
+MIN_GAIN = 0.01  # relative error drop on the held-out part that the adapted model must show to be kept
+LOG = logging.getLogger("medsr")
 
 
 def adapt(
@@ -53,7 +60,8 @@ def adapt(
         precision: 'bf16' trains under bf16 autocast ('auto': where the CPU has it natively).
 
     Returns:
-        The adapted model, named ``<name>+adapted``, in eval mode.
+        The adapted model, named ``<name>+adapted``, in eval mode; ``model`` itself when the adapted one does not
+        predict the held-out part of the scan better (``MIN_GAIN``), which is logged.
 
     Raises:
         ValueError: The scan is too small along an upscaled axis to make LLR patches.
@@ -61,16 +69,17 @@ def adapt(
     >>> import medsr, torch
     >>> model = medsr.load_model("edsr_mr_x2")
     >>> scan = medsr.Volume(torch.rand(1, 40, 40, 2) * 100, torch.eye(4), medsr.Modality.MR)
-    >>> adapted = adapt(model, scan, max_steps=2)
-    >>> adapted.name, adapted.network is model.network
-    ('edsr_mr_x2+adapted', False)
+    >>> adapted = adapt(model, scan, max_steps=2)  # kept only if it predicts the held-out slices better
+    >>> (adapted.name, adapted.network is model.network) in {("edsr_mr_x2+adapted", False), ("edsr_mr_x2", True)}
+    True
     """
     degradation = model.degradation
     scale = integer_scale(degradation.factors)
     hr = prepare_scan(scan, degradation)  # the scan as HR: cropped to the scale, normalised with its LLR's window
-    patch = _patch(hr.spatial_shape, scale, model.spatial_dims, str(model.name))
+    tuned, held = _split(hr, scale, model.spatial_dims)
+    patch = _patch(tuned.spatial_shape, scale, model.spatial_dims, str(model.name))
     pairs = PairDataset(
-        [hr], degradation, slices=None, patch=patch, length=1024, seed=seed, spatial_dims=model.spatial_dims
+        [tuned], degradation, slices=None, patch=patch, length=1024, seed=seed, spatial_dims=model.spatial_dims
     )
     network = copy.deepcopy(model.network).float()
     optimizer = torch.optim.Adam(network.parameters(), lr=ADAPT_LR)
@@ -90,7 +99,35 @@ def adapt(
         step += 1
         bar.update()
     bar.close()
+    check = degrade_normalised(held, degradation, rng=np.random.default_rng(seed))
+    before, after = (_error(net, check, held, scale, model.spatial_dims) for net in (model.network, network))
+    if after > (1 - MIN_GAIN) * before:
+        LOG.info("%s: adaptation not kept: held-out error %.4g -> %.4g after %d steps", model.name, before, after, step)
+        return model
+    LOG.info("%s: adapted in %d steps: held-out error %.4g -> %.4g", model.name, step, before, after)
     return dataclasses.replace(model, name=f"{model.name}+adapted", network=network.eval())
+
+
+def _split(hr: Volume, scale: tuple[int, int, int], spatial_dims: int) -> tuple[Volume, Volume]:
+    """(part to fine-tune on, part to check on): the last ``HOLD_OUT`` of the slices along k for a 2D in-plane model
+    on 4 slices or more, else of the columns along i (cut at a multiple of the scale)."""
+    shape = hr.spatial_shape
+    axis = 2 if spatial_dims == 2 and scale[2] == 1 and shape[2] >= 4 else 0
+    cut = round(shape[axis] * (1 - HOLD_OUT)) // scale[axis] * scale[axis]
+    if not 0 < cut < shape[axis]:
+        raise ValueError(f"the scan has {shape[axis]} voxels along {'ijk'[axis]}: too few to adapt on and check")
+    stop = list(shape)
+    stop[axis], start = cut, [0, 0, 0]
+    tuned = crop(hr, (0, 0, 0), stop)
+    start[axis] = cut
+    return tuned, crop_to_multiple(crop(hr, start, shape), scale=scale)
+
+
+def _error(network: torch.nn.Module, lr: Volume, hr: Volume, scale, spatial_dims: int) -> float:
+    """Mean absolute error of ``network`` upsampling ``lr`` against ``hr`` (normalised units), in float32."""
+    predictor = model_predictor(network, precision="fp32")
+    sr = predict_volume(predictor, lr, scale=scale, spatial_dims=spatial_dims, progress=False)
+    return float((sr.array - hr.array).abs().mean())
 
 
 def _patch(shape: tuple[int, int, int], scale: tuple[int, int, int], spatial_dims: int, name: str) -> list[int]:

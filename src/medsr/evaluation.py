@@ -250,7 +250,8 @@ def evaluate(
         kspace_consistency: Score the model with the LR's k-space band put back, as ``medsr upscale`` runs it;
             None (default): as ``medsr upscale`` decides, i.e. for MR k-space models.
         adapt_seconds: Also score the model fine-tuned for this long on the LR slab itself (``adapt.adapt``, as
-            ``medsr upscale --adapt``), as ``<name>+adapted``; its wall time goes in its row (``adapt_seconds``).
+            ``medsr upscale --adapt``), as ``<name>+adapted``; its wall time and whether the fine-tuned model was
+            kept go in its row (``adapt_seconds``, ``adapt_kept``).
             A slab too small to adapt on is scored without (a warning says so).
 
     >>> result = evaluate("edsr_mr_x2", "colin27", (120, 124), precision="fp32")
@@ -304,7 +305,7 @@ def evaluate(
             LOG.warning("%s: not adapted: %s", path, error)
         else:
             took = time.monotonic() - start
-            models[adapted.name] = model_predictor(adapted.network, precision=precision)
+            models[f"{model.name}+adapted"] = model_predictor(adapted.network, precision=precision)
     comparison = compare_methods(
         hr,
         config.degradation,
@@ -315,6 +316,7 @@ def evaluate(
         axis=axis,
         kspace=kspace_applies(config.degradation) if kspace_consistency is None else kspace_consistency,
     )
-    if adapted is not None:
-        next(row for row in comparison.rows if row["method"] == adapted.name)["adapt_seconds"] = took
+    if adapted is not None:  # what --adapt gives: the fine-tuned model, or the model itself when it was not kept
+        row = next(row for row in comparison.rows if row["method"] == f"{model.name}+adapted")
+        row |= {"adapt_seconds": took, "adapt_kept": adapted is not model}
     return Evaluation(model.name, str(scan), config.degradation, Slab(*slices, axis), comparison)
