@@ -35,11 +35,11 @@ def test_adaptation_fits_the_scans_own_pairs_and_leaves_the_model_alone(t1_slice
     monkeypatch.setattr("medsr.adapt.MIN_GAIN", -np.inf)  # kept whatever the held-out check says
     model = medsr.load_model("edsr_mr_x2")
     before = {k: v.clone() for k, v in model.network.state_dict().items()}
-    adapted = adapt(model, t1_slices, max_steps=40)
+    adapted = adapt(model, t1_slices, max_steps=40).model
     assert adapted.name == "edsr_mr_x2+adapted" and adapted.path == model.path
     assert _pair_error(adapted, t1_slices) < 0.97 * _pair_error(model, t1_slices)
     assert all(torch.equal(before[k], v) for k, v in model.network.state_dict().items())
-    again = adapt(model, t1_slices, max_steps=40)  # steps, not seconds, decide: reproducible
+    again = adapt(model, t1_slices, max_steps=40).model  # steps, not seconds, decide: reproducible
     for a, b in zip(adapted.network.parameters(), again.network.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -50,7 +50,9 @@ def test_an_adaptation_that_does_not_help_the_held_out_part_is_not_kept(t1_slice
     monkeypatch.setattr("medsr.adapt.MIN_GAIN", np.inf)
     model = medsr.load_model("edsr_mr_x2")
     with caplog.at_level("INFO", logger="medsr"):
-        assert adapt(model, t1_slices, max_steps=2) is model
+        result = adapt(model, t1_slices, max_steps=2)
+    assert result.model is model and not result.kept and result.steps == 2
+    assert result.error_after > 0 and result.error_before > 0
     assert "adaptation not kept" in caplog.text
 
 
@@ -75,4 +77,4 @@ def test_upscale_and_evaluate_with_adapt(t1_slices, tmp_path, capsys):
     assert "edsr_mr_x2+adapted" in out and "zerofill" in out
     result = medsr.evaluate("edsr_mr_x2", source, precision="fp32", adapt_seconds=1)
     row = next(r for r in result.comparison.rows if r["method"] == "edsr_mr_x2+adapted")
-    assert 1.0 <= row["adapt_seconds"] < 30 and isinstance(row["adapt_kept"], bool)
+    assert 1.0 <= row["adapt_seconds"] < 30 and row["adapt_steps"] >= 1 and isinstance(row["adapt_kept"], bool)

@@ -16,7 +16,7 @@ import copy
 import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -39,6 +39,19 @@ MIN_GAIN = 0.01  # relative error drop on the held-out part that the adapted mod
 LOG = logging.getLogger("medsr")
 
 
+class Adaptation(NamedTuple):
+    """What :func:`adapt` did: the model to use (``model.name + '+adapted'`` if kept, else the model itself), whether
+    the fine-tuned one was kept, its steps and seconds, and the held-out part's error before and after
+    (mean absolute, normalised units)."""
+
+    model: SRModel
+    kept: bool
+    steps: int
+    seconds: float
+    error_before: float
+    error_after: float
+
+
 def adapt(
     model: SRModel,
     scan: Volume,
@@ -48,7 +61,7 @@ def adapt(
     seed: int = 0,
     precision: str = "auto",
     progress: bool = False,
-) -> SRModel:
+) -> Adaptation:
     """A copy of ``model`` fine-tuned on (LLR, LR) pairs of ``scan`` for ``seconds`` (or ``max_steps`` steps).
 
     Args:
@@ -60,8 +73,8 @@ def adapt(
         precision: 'bf16' trains under bf16 autocast ('auto': where the CPU has it natively).
 
     Returns:
-        The adapted model, named ``<name>+adapted``, in eval mode; ``model`` itself when the adapted one does not
-        predict the held-out part of the scan better (``MIN_GAIN``), which is logged.
+        The :class:`Adaptation`: its model is the adapted one, named ``<name>+adapted``, in eval mode; or ``model``
+        itself when the adapted one does not predict the held-out part of the scan better (``MIN_GAIN``).
 
     Raises:
         ValueError: The scan is too small along an upscaled axis to make LLR patches.
@@ -69,9 +82,9 @@ def adapt(
     >>> import medsr, torch
     >>> model = medsr.load_model("edsr_mr_x2")
     >>> scan = medsr.Volume(torch.rand(1, 40, 40, 2) * 100, torch.eye(4), medsr.Modality.MR)
-    >>> adapted = adapt(model, scan, max_steps=2)  # kept only if it predicts the held-out slices better
-    >>> (adapted.name, adapted.network is model.network) in {("edsr_mr_x2+adapted", False), ("edsr_mr_x2", True)}
-    True
+    >>> result = adapt(model, scan, max_steps=2)  # kept only if it predicts the held-out slices better
+    >>> result.steps, result.model.name == ("edsr_mr_x2+adapted" if result.kept else "edsr_mr_x2")
+    (2, True)
     """
     degradation = model.degradation
     scale = integer_scale(degradation.factors)
@@ -99,13 +112,21 @@ def adapt(
         step += 1
         bar.update()
     bar.close()
+    seconds = time.monotonic() - start
     check = degrade_normalised(held, degradation, rng=np.random.default_rng(seed))
     before, after = (_error(net, check, held, scale, model.spatial_dims) for net in (model.network, network))
-    if after > (1 - MIN_GAIN) * before:
-        LOG.info("%s: adaptation not kept: held-out error %.4g -> %.4g after %d steps", model.name, before, after, step)
-        return model
-    LOG.info("%s: adapted in %d steps: held-out error %.4g -> %.4g", model.name, step, before, after)
-    return dataclasses.replace(model, name=f"{model.name}+adapted", network=network.eval())
+    kept = after <= (1 - MIN_GAIN) * before
+    LOG.info(
+        "%s: %s after %d steps (%.0f s): held-out error %.4g -> %.4g",
+        model.name,
+        "adapted" if kept else "adaptation not kept",
+        step,
+        seconds,
+        before,
+        after,
+    )
+    chosen = dataclasses.replace(model, name=f"{model.name}+adapted", network=network.eval()) if kept else model
+    return Adaptation(chosen, kept, step, seconds, before, after)
 
 
 def _split(hr: Volume, scale: tuple[int, int, int], spatial_dims: int) -> tuple[Volume, Volume]:

@@ -9,7 +9,6 @@ air inflates both scores.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -250,8 +249,8 @@ def evaluate(
         kspace_consistency: Score the model with the LR's k-space band put back, as ``medsr upscale`` runs it;
             None (default): as ``medsr upscale`` decides, i.e. for MR k-space models.
         adapt_seconds: Also score the model fine-tuned for this long on the LR slab itself (``adapt.adapt``, as
-            ``medsr upscale --adapt``), as ``<name>+adapted``; its wall time and whether the fine-tuned model was
-            kept go in its row (``adapt_seconds``, ``adapt_kept``).
+            ``medsr upscale --adapt``), as ``<name>+adapted``; its time, steps and whether the fine-tuned model was
+            kept go in its row (``adapt_seconds``, ``adapt_steps``, ``adapt_kept``).
             A slab too small to adapt on is scored without (a warning says so).
 
     >>> result = evaluate("edsr_mr_x2", "colin27", (120, 124), precision="fp32")
@@ -298,14 +297,12 @@ def evaluate(
         from medsr.intensity import denormalize
 
         _, lr = degraded_slab(hr, config.degradation, slices=slices, axis=axis)
-        start = time.monotonic()
         try:
             adapted = adapt(model, denormalize(lr, hr.meta["window"]), seconds=adapt_seconds, precision=precision)
         except ValueError as error:  # too small to make LLR pairs from: scored without
             LOG.warning("%s: not adapted: %s", path, error)
         else:
-            took = time.monotonic() - start
-            models[f"{model.name}+adapted"] = model_predictor(adapted.network, precision=precision)
+            models[f"{model.name}+adapted"] = model_predictor(adapted.model.network, precision=precision)
     comparison = compare_methods(
         hr,
         config.degradation,
@@ -318,5 +315,5 @@ def evaluate(
     )
     if adapted is not None:  # what --adapt gives: the fine-tuned model, or the model itself when it was not kept
         row = next(row for row in comparison.rows if row["method"] == f"{model.name}+adapted")
-        row |= {"adapt_seconds": took, "adapt_kept": adapted is not model}
+        row |= {"adapt_seconds": adapted.seconds, "adapt_steps": adapted.steps, "adapt_kept": adapted.kept}
     return Evaluation(model.name, str(scan), config.degradation, Slab(*slices, axis), comparison)

@@ -441,13 +441,14 @@ def _on_device(plan: Plan, device: torch.device) -> Plan:
 
 
 def _adapted(plan: Plan, volume: Volume, seconds: float, precision: str, progress: bool) -> Plan:
-    """The plan with its model fine-tuned for ``seconds`` on the scan itself (``adapt.adapt``)."""
+    """The plan with its model fine-tuned for ``seconds`` on the scan itself (``adapt.adapt``; the model as it was
+    when the fine-tuned one does not predict a held-out part of the scan better)."""
     from medsr.adapt import adapt
 
-    model = adapt(
+    result = adapt(
         plan.model, volume.replace(modality=plan.modality), seconds=seconds, precision=precision, progress=progress
     )
-    return dataclasses.replace(plan, model=model)
+    return dataclasses.replace(plan, model=result.model)
 
 
 def weights_digest(model: SRModel) -> str:

@@ -208,16 +208,17 @@ def summary_rows(name: str, description: dict[str, Any]) -> list[dict[str, Any]]
         scores |= {"psnr_cubic": f"{psnr['cubic']:.2f}", "gain_db": f"{psnr[name] - best:+.2f}"}
         adapted = next((r for r in entry["rows"] if r["method"] == f"{name}+adapted"), None)
         if adapted is not None:  # scored with --adapt: the gain after fine-tuning on the scan, and its time
+            kept = "" if adapted.get("adapt_kept", True) else " (not kept)"
             scores |= {
-                "adapted_gain_db": f"{adapted['psnr'] - best:+.2f}",
-                "adapt_s": f"{adapted['adapt_seconds']:.0f}",
+                "adapted_gain_db": f"{adapted['psnr'] - best:+.2f}{kept}",
+                "adapt": f"{adapted['adapt_seconds']:.0f} s, {adapted.get('adapt_steps', '?')} steps",
             }
         rows.append(row | {"held_out": entry["data"]} | scores)
     return rows or [row | {"held_out": "not scored: medsr models --evaluate"}]
 
 
 SUMMARY_COLUMNS = ("model", "modality", "scale", "kind", "lr_spacing", "held_out", "psnr", "best_baseline", "gain_db")
-ADAPT_COLUMNS = ("adapted_gain_db", "adapt_s")  # shown when a model was scored with --adapt
+ADAPT_COLUMNS = ("adapted_gain_db", "adapt")  # shown when a model was scored with --adapt
 
 
 def summary_table(names: Sequence[str] | None = None) -> str:
@@ -225,7 +226,7 @@ def summary_table(names: Sequence[str] | None = None) -> str:
     the last two columns when the stored scores include the adapted model (``medsr models --evaluate --adapt``).
 
     >>> print(summary_table(["edsr_mr_x2"]).splitlines()[0].split()[-4:])
-    ['best_baseline', 'gain_db', 'adapted_gain_db', 'adapt_s']
+    ['best_baseline', 'gain_db', 'adapted_gain_db', 'adapt']
     """
     from medsr.report import format_table
 
