@@ -383,7 +383,124 @@ def test_samples_list_shows_the_new_samples(cache: Path, capsys: pytest.CaptureF
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
     for name in ["mr_t1_coronal", "mr_dwi_b0", "mr_fat_abdomen", "mr_kmeans_t1", "mr_rat_lung", "mr_epi_bold"]:
         assert "not installed" in lines[name]
+    for name in ["xray_cat", "us_aloka", "us_echo_cine"]:  # converted into the cache
+        assert "not installed" in lines[name]
     for name in ["mr_anatomical", "mr_emri_head", "ct_head_j2k"]:
         assert name in lines
     assert "not installed" not in lines["mr_anatomical"]  # used in place
     assert not cache.exists()  # listing installs nothing
+
+
+_DEID = "deid-data-0.0.20"
+_CAT = "deid_data/data/animals/cat.dcm"
+_CINE = "deid_data/data/ultrasounds/ultrasound-multiframe.dcm"
+
+
+def _fake_sdist(path: Path, members: dict[str, bytes], links: dict[str, str] | None = None) -> None:
+    """A .tar.gz holding ``members`` (full names) as regular files and ``links`` (name -> target) as symlinks."""
+    with tarfile.open(path, "w:gz") as sdist:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            sdist.addfile(info, io.BytesIO(data))
+        for name, target in (links or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            sdist.addfile(info)
+
+
+def test_sdist_members_extracted_with_a_pinned_hash(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    members = {f"{_DEID}/setup.py": b"", f"{_DEID}/{_CAT}": b"cat", f"{_DEID}/{_CINE}": b"cine" * 1000}
+    commands = []
+
+    def fake_run(command: list[str], package: str, *, cwd: Path | None = None) -> None:
+        commands.append(command)
+        folder = Path(command[command.index("--dest") + 1])
+        pinned = Path(command[command.index("-r") + 1]).read_text()
+        assert pinned == f"deid-data==0.0.20 --hash=sha256:{samples._SDISTS['deid-data==0.0.20']}\n"
+        _fake_sdist(folder / f"{_DEID}.tar.gz", members)
+
+    monkeypatch.setattr(samples, "_run", fake_run)
+
+    path = samples._source_file(samples._SAMPLES["xray_cat"])
+
+    assert len(commands) == 1 and {"--no-binary", "--require-hashes", "--no-deps"} <= set(commands[0])
+    assert "--only-binary" not in commands[0]
+    target = cache / "pypi" / _DEID
+    assert path == target / _CAT and path.read_bytes() == b"cat"
+    assert (target / _CINE).read_bytes() == b"cine" * 1000  # both samples' members from one download
+    assert sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file()) == [_CAT, _CINE]
+    assert sorted(p.name for p in (cache / "pypi").iterdir()) == [_DEID]  # no archive, no temporary folder
+    assert samples._find_source(samples._SAMPLES["us_echo_cine"]) == target / _CINE
+
+
+@pytest.mark.parametrize(
+    "members, links, message",
+    [
+        ({f"{_DEID}/../escape.txt": b"x"}, {}, "points outside the archive's folder"),
+        ({f"/{_DEID}/abs.txt": b"x"}, {}, "points outside the archive's folder"),
+        ({f"{_DEID}/{_CINE}": b"x"}, {f"{_DEID}/{_CAT}": "/etc/passwd"}, "cat.dcm is not a regular file"),
+        ({f"{_DEID}/{_CAT}": b"x" * 11, f"{_DEID}/{_CINE}": b"x"}, {}, "holds 11 bytes, over 10"),
+        ({f"{_DEID}/{_CAT}": b"x", f"other/{_CAT}": b"y", f"{_DEID}/{_CINE}": b""}, {}, "cat.dcm is there twice"),
+        ({f"{_DEID}/{_CAT}": b"x"}, {}, "does not contain deid_data/data/ultrasounds/ultrasound-multiframe.dcm"),
+    ],
+)
+def test_sdist_refuses_unsafe_or_missing_members(
+    cache: Path, monkeypatch: pytest.MonkeyPatch, members: dict, links: dict, message: str
+) -> None:
+    monkeypatch.setattr(samples, "_MAX_MEMBER_BYTES", 10)
+    monkeypatch.setattr(
+        samples, "_pip_download", lambda r, folder: _fake_sdist(folder / f"{_DEID}.tar.gz", members, links)
+    )
+    with pytest.raises(RuntimeError, match=f"{_DEID}.tar.gz.*{re.escape(message)}"):
+        samples.sample_path("xray_cat")
+    assert list((cache / "pypi").iterdir()) == []  # checked before anything is written; the archive is gone
+    assert not (cache.parent / "escape.txt").exists() and not samples.is_installed("xray_cat")
+
+
+def test_grey_frames_crop_and_colour_check(tmp_path: Path) -> None:
+    rgb = np.zeros((2, 6, 8, 3), dtype=np.uint8)  # (frames, rows, columns, RGB)
+    rgb[..., :] = np.arange(2 * 6 * 8, dtype=np.uint8).reshape(2, 6, 8, 1)
+    rgb[:, :, 6:, 0] = 255  # red marks right of the crop
+    rgb[1, 4, 3, 1] += 1  # off by one in the crop: within a tolerance of 1
+
+    grey = samples._grey_frames(rgb, (2, 6), (1, 5), 1.0, tmp_path / "us.dcm")
+
+    assert grey.shape == (2, 4, 4)
+    np.testing.assert_allclose(grey, rgb[:, 1:5, 2:6].mean(axis=-1))
+    with pytest.raises(ValueError, match=r"us.dcm: not grey: R, G and B differ by up to 1 \(more than 0\) in 1 pix"):
+        samples._grey_frames(rgb, (2, 6), (1, 5), 0.0, tmp_path / "us.dcm")
+    with pytest.raises(ValueError, match="not grey: R, G and B differ by up to 2"):
+        samples._grey_frames(rgb, (2, 7), (1, 5), 1.0, tmp_path / "us.dcm")  # reaches the red marks
+    with pytest.raises(ValueError, match="is outside its"):
+        samples._grey_frames(rgb, (2, 9), (1, 5), 1.0, tmp_path / "us.dcm")
+
+
+def test_cropped_keeps_the_world_position(tmp_path: Path) -> None:
+    pixels = np.arange(6 * 4, dtype=np.float32).reshape(6, 4, 1)  # (columns, rows, 1)
+    affine = np.diag([-0.14, -0.14, 1.0, 1.0])
+    nib.save(nib.Nifti1Image(pixels, affine), tmp_path / "dx.nii.gz")
+
+    volume = samples._cropped(tmp_path / "dx.nii.gz", (6, 4), (1, 5), (2, 4))
+
+    np.testing.assert_array_equal(volume.array[0].numpy(), pixels[1:5, 2:4])
+    np.testing.assert_allclose(volume.affine[:3, 3], affine[:3, :3] @ [1, 2, 0])
+    assert volume.meta == {}
+    with pytest.raises(ValueError, match=r"dx.nii.gz: expected a 6 x 5 image, got \(6, 4, 1\)"):
+        samples._cropped(tmp_path / "dx.nii.gz", (6, 5), (1, 5), (2, 4))
+
+
+def test_aloka_pane_converted_to_grey_levels(cache: Path) -> None:
+    import pydicom
+    from pydicom.pixels import apply_color_lut
+
+    source = samples._find_source(samples._SAMPLES["us_aloka"])
+    path = samples.sample_path("us_aloka")
+
+    assert path == cache / "us_aloka.nii.gz"
+    image = nib.load(path)
+    ds = pydicom.dcmread(source)
+    palette = apply_color_lut(ds.pixel_array, ds)[160:400, 338:618, 0] / 257  # the right pane's image area
+    np.testing.assert_array_equal(np.asarray(image.dataobj)[..., 0], palette.T)
+    assert image.shape == (280, 240, 1) and 0 < palette.min() and palette.max() <= 255  # no black outside the sector
+    np.testing.assert_allclose(image.header.get_zooms()[:2], (0.3827, 0.3827), atol=1e-4)

