@@ -117,6 +117,21 @@ def test_kspace_consistency_puts_the_measured_band_back(phantom):
         kspace_consistency(guess, lr, Degradation(factors=(2, 2, 1), modality="MR", kspace_window="hann"))
 
 
+@pytest.mark.parametrize("shape", [(24, 20), (22, 18), (30, 26)])  # LR sizes even/even, odd/odd, odd/odd at x2
+def test_kspace_consistency_is_exact_in_one_pass_at_the_nyquist_bins(shape, monkeypatch):
+    """The Nyquist bins of an even LR size (gain 1/2, 1/4 at the corner) are inverted in closed form: the measured
+    band comes back to float64 precision with no fallback pass."""
+    from medsr.consistency import kspace_consistency
+    from medsr.degrade.sampling import kspace_truncate
+
+    monkeypatch.setattr("medsr.consistency.KSPACE_ITERATIONS", 0)  # no fallback passes
+    generator = torch.Generator().manual_seed(1)
+    lr = Volume(torch.rand((1, shape[0] // 2, shape[1] // 2, 3), generator=generator, dtype=torch.float64), np.eye(4))
+    guess = Volume(torch.rand((1, *shape, 3), generator=generator, dtype=torch.float64), np.eye(4))
+    fixed = kspace_consistency(guess, lr, Degradation(factors=(2, 2, 1), modality="MR"))
+    assert float((kspace_truncate(fixed.array, (2, 2, 1)) - lr.array).abs().max()) < 1e-12
+
+
 def test_kspace_consistency_refuses_what_it_cannot_invert(phantom):
     from medsr.consistency import kspace_consistency
 

@@ -8,6 +8,7 @@ the k-space band the LR scan measured replaces the SR output's own (as in model-
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -54,10 +55,11 @@ def kspace_applies(degradation: Degradation) -> bool:
 def kspace_consistency(sr: Volume, lr: Volume, degradation: Degradation) -> Volume:
     """MRI: replace the in-plane k-space band the LR scan measured by the measured values.
 
-    ``sr + U(lr - T(sr))`` with T the k-space truncation of the degradation and U its zero-filling inverse,
-    repeated until ``T(sr) = lr`` (``T(U(x)) = x`` but for the Nyquist bin of an even LR size, which real signals
-    share between +-m/2: each pass halves its residual). The result degrades to ``lr`` and keeps the SR output's
-    frequencies beyond the LR band. Only for plain truncation (rect window, no PSF) of in-plane factors, where the
+    ``sr + U(G^-1 (lr - T(sr)))`` with T the k-space truncation of the degradation, U its zero-filling inverse and
+    G = T U, which is the identity but for the Nyquist bins of an even LR size (real signals share them between
+    +-m/2: gain 1/2, 1/4 at a corner). G is a Fourier multiplier on the LR grid, so it is inverted in one pass; the
+    result degrades to ``lr`` (checked, with plain passes as a fallback) and keeps the SR output's frequencies
+    beyond the LR band. Only for plain truncation (rect window, no PSF) of in-plane factors, where the
     band is known exactly.
     """
     d = degradation
@@ -79,9 +81,22 @@ def _consistent_slice(array: torch.Tensor, target: torch.Tensor, degradation: De
     """:func:`kspace_consistency` of one slice (C, I, J, 1), float64: slice by slice, a scan gives the same voxels
     in memory and streamed."""
     scale = float(target.abs().max()) or 1.0
-    for _ in range(KSPACE_ITERATIONS):  # an even LR size's Nyquist bin is only half restored per pass
+    gain = _band_gain(tuple(target.shape[1:3]), tuple(array.shape[1:3]), tuple(degradation.factors))
+    residual = target - kspace_truncate(array, degradation.factors)
+    inverted = torch.fft.ifft2(torch.fft.fft2(residual, dim=(1, 2)) / gain[:, :, None], dim=(1, 2)).real
+    array = array + kspace_upsample(inverted, array.shape[1:])
+    for _ in range(KSPACE_ITERATIONS):  # a fallback: plain passes, each halving what is left at the Nyquist bins
         residual = target - kspace_truncate(array, degradation.factors)
         if float(residual.abs().max()) <= KSPACE_TOLERANCE * scale:
             break
         array = array + kspace_upsample(residual, array.shape[1:])
     return array
+
+
+@functools.lru_cache(maxsize=16)
+def _band_gain(lr_shape: tuple[int, int], hr_shape: tuple[int, int], factors: tuple[float, ...]) -> torch.Tensor:
+    """G = T U on an (I, J) LR grid as its DFT (complex128, (I, J)): the transform of its impulse response."""
+    impulse = torch.zeros((1, *lr_shape, 1), dtype=torch.float64)
+    impulse[0, 0, 0, 0] = 1.0
+    response = kspace_truncate(kspace_upsample(impulse, (*hr_shape, 1)), factors)
+    return torch.fft.fft2(response[0, :, :, 0])
