@@ -212,3 +212,13 @@ def test_device_cuda_runs_on_a_gpu_or_is_a_clear_error(tmp_path, capsys):
     assert main(args) == 0
     on_cpu = medsr.upscale(scan, precision="fp32", device="cpu")
     torch.testing.assert_close(medsr.read_volume(tmp_path / "sr.nii.gz").array, on_cpu.array, atol=1e-3 * 300, rtol=0)
+
+
+def test_evaluate_on_a_device_this_machine_lacks_is_a_clear_error(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU: the error case cannot be checked here")
+    assert main(["evaluate", "--device", "cuda", "--slices", "120:122"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "no CUDA GPU" in lines[0]
+    result = medsr.evaluate("edsr_mr_x2", "colin27", (120, 122), precision="fp32", device="cpu")
+    assert [row["method"] for row in result.comparison.rows][-1] == "edsr_mr_x2"

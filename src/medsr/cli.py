@@ -169,7 +169,9 @@ def _interpolate(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     if args.out:
         check_output(args.out, force=args.force)
-    result = medsr.evaluate(args.model, args.scan, args.slices, precision=args.precision, adapt_seconds=args.adapt)
+    result = medsr.evaluate(
+        args.model, args.scan, args.slices, precision=args.precision, adapt_seconds=args.adapt, device=args.device
+    )
     print(scores_text(result))
     if args.out:
         write_evaluation(result, args.out)
@@ -355,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--slices", type=_slab, help="Held-out slab START:STOP along the model's split axis.")
     evaluate.add_argument("--out", type=Path, help="Folder for report.html, scores (CSV/JSON) and figures.")
     _adapt(evaluate, "Also score the model fine-tuned on the LR slab itself (as upscale --adapt).")
+    evaluate.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps or auto.")
     _common(evaluate, precision=True)
 
     models = _command(commands, "models", _models, "List the shipped models, print their cards, or score them.")

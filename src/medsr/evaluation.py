@@ -8,6 +8,7 @@ air inflates both scores.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,7 +21,7 @@ from medsr.consistency import kspace_applies, kspace_consistency, lr_rmse
 from medsr.data import FOREGROUND_LEVEL, crop_to_multiple, degrade_normalised, slice_range
 from medsr.degrade import Degradation
 from medsr.degrade.sampling import kspace_upsample
-from medsr.infer import Predictor, predict_volume
+from medsr.infer import Predictor, predict_volume, resolve_device
 from medsr.metrics import hf_energy_ratio, hfen, psnr, ssim
 from medsr.models.blocks import interpolate
 from medsr.volume import Volume, integer_scale
@@ -234,6 +235,7 @@ def evaluate(
     precision: str = "auto",
     kspace_consistency: bool | None = None,
     adapt_seconds: float = 0.0,
+    device: str = "cpu",
 ) -> Evaluation:
     """Score a trained model next to the interpolation baselines on held-out data of an HR scan: the scan is
     degraded as the model was trained (its ``degradation``), every method upsamples the same LR slab, and each is
@@ -252,6 +254,8 @@ def evaluate(
             ``medsr upscale --adapt``), as ``<name>+adapted``; its time, steps and whether the fine-tuned model was
             kept go in its row (``adapt_seconds``, ``adapt_steps``, ``adapt_kept``).
             A slab too small to adapt on is scored without (a warning says so).
+        device: Where the model runs ('cpu', 'cuda', 'cuda:N', 'mps' or 'auto'; ``infer.resolve_device``); the
+            adaptation itself trains on the CPU.
 
     >>> result = evaluate("edsr_mr_x2", "colin27", (120, 124), precision="fp32")
     >>> [row["method"] for row in result.comparison.rows], str(result.slab)
@@ -264,6 +268,7 @@ def evaluate(
     from medsr.train import training_scans
     from medsr.zoo import SRModel, load_model
 
+    where = resolve_device(device)  # a device this machine lacks: refused before any work
     model = model if isinstance(model, SRModel) else load_model(model)
     config = model.config
     path = resolve_scan(str(scan))
@@ -290,7 +295,13 @@ def evaluate(
         raise ValueError(
             f"{path}: has {hr.spatial_shape[axis]} voxels along {'ijk'[axis]}; choose a slab inside it with --slices"
         )
-    models = {model.name: model_predictor(model.network, precision=precision)}
+
+    def predictor(network: torch.nn.Module) -> Predictor:
+        return model_predictor(
+            copy.deepcopy(network).to(where) if where.type != "cpu" else network, precision=precision
+        )
+
+    models = {model.name: predictor(model.network)}
     adapted = None
     if adapt_seconds > 0:
         from medsr.adapt import adapt
@@ -302,7 +313,7 @@ def evaluate(
         except ValueError as error:  # too small to make LLR pairs from: scored without
             LOG.warning("%s: not adapted: %s", path, error)
         else:
-            models[f"{model.name}+adapted"] = model_predictor(adapted.model.network, precision=precision)
+            models[f"{model.name}+adapted"] = predictor(adapted.model.network)
     comparison = compare_methods(
         hr,
         config.degradation,
