@@ -8,7 +8,6 @@ air inflates both scores.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ from medsr.consistency import kspace_applies, kspace_consistency, lr_rmse
 from medsr.data import FOREGROUND_LEVEL, crop_to_multiple, degrade_normalised, slice_range
 from medsr.degrade import Degradation
 from medsr.degrade.sampling import kspace_upsample
-from medsr.infer import Predictor, predict_volume, resolve_device
+from medsr.infer import Predictor, on_device, predict_volume, resolve_device
 from medsr.metrics import hf_energy_ratio, hfen, psnr, ssim
 from medsr.models.blocks import interpolate
 from medsr.volume import Volume, integer_scale
@@ -297,9 +296,7 @@ def evaluate(
         )
 
     def predictor(network: torch.nn.Module) -> Predictor:
-        return model_predictor(
-            copy.deepcopy(network).to(where) if where.type != "cpu" else network, precision=precision
-        )
+        return model_predictor(on_device(network, where), precision=precision)
 
     models = {model.name: predictor(model.network)}
     adapted = None

@@ -162,6 +162,21 @@ def resolve_device(device: str = "auto") -> torch.device:
     return chosen
 
 
+def network_device(network: torch.nn.Module) -> torch.device:
+    """Where a network's weights are; the CPU for a parameterless one (an interpolation baseline)."""
+    return next(network.parameters(), torch.empty(0)).device
+
+
+def on_device(network: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``network`` if it is on ``device`` already, else a copy moved there (the caller's network stays put).
+
+    >>> net = torch.nn.Conv2d(1, 1, 3)
+    >>> on_device(net, torch.device("cpu")) is net
+    True
+    """
+    return network if network_device(network) == device else copy.deepcopy(network).to(device)
+
+
 def resolve_precision(precision: str, device: str | torch.device = "cpu") -> str:
     """'fp32' or 'bf16' for a requested 'auto', 'fp32' or 'bf16': 'auto' is bf16 where ``device`` runs it natively."""
     if precision not in PRECISIONS:
@@ -184,7 +199,7 @@ def model_predictor(model: torch.nn.Module, *, precision: str = "auto") -> Predi
     so build a new predictor after changing its weights.
     """
     model.eval()
-    device = next(model.parameters(), torch.empty(0)).device  # parameterless models (interpolation) run on CPU
+    device = network_device(model)
     bf16 = resolve_precision(precision, device) == "bf16"
     layouts = {}  # batch ndim -> a channels-last copy of the model (bf16 only)
 

@@ -12,7 +12,6 @@ The decision to stream is made up front from the formats and the factors; the so
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import logging
@@ -28,7 +27,15 @@ import torch
 
 from medsr.checkpoint import WEIGHTS
 from medsr.degrade import MAX_FACTOR
-from medsr.infer import model_plan, model_predictor, resolve_device, resolve_precision, super_resolve
+from medsr.infer import (
+    model_plan,
+    model_predictor,
+    network_device,
+    on_device,
+    resolve_device,
+    resolve_precision,
+    super_resolve,
+)
 from medsr.inputs import guess_modality, input_warnings
 from medsr.intensity import LOWER_PERCENTILE, UPPER_PERCENTILE, Window, percentiles, window_from_range
 from medsr.io import (
@@ -206,8 +213,8 @@ def upscale(
     """
     where = resolve_device(device)
     plan = plan_upscale(volume, model, scale=scale, spacing=spacing)
-    plan = _on_device(_adapted(plan, volume, adapt, precision, progress) if adapt else plan, where)
     kspace = _kspace(plan, kspace_consistency)
+    plan = _on_device(_adapted(plan, volume, adapt, precision, progress) if adapt else plan, where)
     return _run_in_memory(volume, plan, tile, overlap, precision, kspace, progress)
 
 
@@ -375,13 +382,12 @@ def _upscale_file(
     description = f"medsr SR x{factors} {Path(plan.model.name).name}"[:64]
     streams = isinstance(scan, VolumeFile) and target_format in ("nifti", "dicom") and not plan.resamples
     storage = {"description": description, "dtype": dtype, "display_range": (plan.window.lo, plan.window.hi)}
-    if target_format == "dicom":  # the derivation record names the model and its weights
+    if target_format == "dicom":  # the series records its derivation (model and weights) in its headers
         storage |= {
             "model": f"{Path(plan.model.name).name} sha256:{weights_digest(plan.model)}",
             "new_study": new_study,
             "enhanced": enhanced,
         }
-    if target_format == "dicom":  # the series records its derivation in its headers
         sidecar = nullcontext()
     else:
         sidecar = sidecar_output(target, _provenance(plan, source, description, precision, kspace, command_line))
@@ -432,12 +438,10 @@ def _run_in_memory(
 
 
 def _on_device(plan: Plan, device: torch.device) -> Plan:
-    """The plan with its network on ``device`` (a copy when it moves: the caller's model stays where it is)."""
-    current = next(plan.model.network.parameters(), torch.empty(0)).device
-    if current == device:
-        return plan
-    network = copy.deepcopy(plan.model.network).to(device)
-    return dataclasses.replace(plan, model=dataclasses.replace(plan.model, network=network))
+    """The plan with its network on ``device`` (``infer.on_device``: the caller's model stays where it is)."""
+    return dataclasses.replace(
+        plan, model=dataclasses.replace(plan.model, network=on_device(plan.model.network, device))
+    )
 
 
 def _adapted(plan: Plan, volume: Volume, seconds: float, precision: str, progress: bool) -> Plan:
@@ -462,7 +466,7 @@ def _provenance(
 ) -> dict:
     """The sidecar of an output file: what made it, from what, and how (see :func:`upscale_file`)."""
     digest = weights_digest(plan.model)
-    device = next(plan.model.network.parameters(), torch.empty(0)).device
+    device = network_device(plan.model.network)
     record = {"Description": description, "MedsrVersion": version("medsr")}
     if command_line is not None:
         record["CommandLine"] = command_line
