@@ -1,10 +1,16 @@
+import hashlib
+import json
+
 import numpy as np
 import pytest
 import torch
 
+import medsr
+from medsr.cli import main
 from medsr.degrade import Degradation
-from medsr.evaluation import best_baseline, body_mask, compare_methods
+from medsr.evaluation import best_baseline, body_mask, compare_methods, evaluate, evaluate_pair, scan_digest
 from medsr.models.blocks import interpolate
+from medsr.report import SCORE_COLUMNS
 from medsr.volume import Modality, Volume
 
 
@@ -142,3 +148,105 @@ def test_kspace_consistency_refuses_what_it_cannot_invert(phantom):
     ):
         with pytest.raises(ValueError, match="k-space consistency needs"):
             kspace_consistency(phantom, phantom, degradation)
+
+
+def test_errors_in_physical_units_are_the_normalised_errors_times_the_window_width(head):
+    from medsr.intensity import Window
+
+    hr = head.replace(meta={"window": Window(-100.0, 300.0)})
+    comparison = compare_methods(hr, Degradation((2, 2, 1)), {}, slices=(0, 12))
+    for row in comparison.slices:  # per slice: RMSE in the mask is what PSNR in the mask says, times the width
+        assert row["rmse_body"] == pytest.approx(400 * 10 ** (-row["psnr_body"] / 20), rel=1e-4)
+        assert 0 < row["mae_body"] <= row["rmse_body"]
+    assert "rmse_body" not in compare_methods(head, Degradation((2, 2, 1)), {}, slices=(0, 12)).rows[0]
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_scan_digest_is_sha256sum_of_a_file_and_of_a_folders_files_in_sorted_order(tmp_path):
+    (tmp_path / "series" / "b").mkdir(parents=True)
+    for name, data in (("b/1.dcm", b"third"), ("a-2.dcm", b"first"), ("a.dcm", b"second")):  # sorted: a-2, a., b/
+        (tmp_path / "series" / name).write_bytes(data)
+    assert scan_digest(tmp_path / "series") == hashlib.sha256(b"firstsecondthird").hexdigest()
+    assert scan_digest(tmp_path / "series" / "a.dcm") == hashlib.sha256(b"second").hexdigest()
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A real-looking LR/HR pair: a 120x120x4 crop of Colin27 (HR) and its LR simulated as edsr_mr_x2 was trained,
+    both written as float32 NIfTI."""
+    from medsr.samples import sample_path
+    from medsr.volume import crop
+
+    folder = tmp_path_factory.mktemp("pair")
+    scan = crop(medsr.read_volume(sample_path("colin27"), modality="MR"), (30, 40, 90), (150, 160, 94))
+    hr = scan.replace(array=scan.array.contiguous(), meta={})
+    medsr.write_volume(hr, folder / "hr.nii.gz")
+    medsr.write_volume(medsr.degrade(hr, medsr.load_model("edsr_mr_x2").degradation), folder / "lr.nii.gz")
+    return folder / "lr.nii.gz", folder / "hr.nii.gz"
+
+
+def test_a_real_pair_scores_as_the_lr_simulated_from_its_hr(pair):
+    """Nothing is simulated for a pair: given the LR the model's degradation makes, every score is what evaluate
+    gives on the HR alone (same window, same LR up to float rounding)."""
+    lr, hr = pair
+    real = evaluate_pair("edsr_mr_x2", lr, hr, precision="fp32")
+    simulated = evaluate("edsr_mr_x2", hr, precision="fp32")
+    assert real.lr == str(lr) and simulated.lr is None and real.slab == simulated.slab
+    assert (real.window.lo, real.window.hi) == pytest.approx((simulated.window.lo, simulated.window.hi))
+    assert [row["method"] for row in real.comparison.rows] == [row["method"] for row in simulated.comparison.rows]
+    for ours, theirs in zip(real.comparison.slices, simulated.comparison.slices, strict=True):
+        assert ours.keys() == theirs.keys() and ours["slice"] == theirs["slice"]
+        for key in ours.keys() - {"method", "slice"}:
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-3, abs=1e-4), (ours["method"], key)
+    assert {row["slice"] for row in real.comparison.slices} == {0, 1, 2, 3, "0..3"}  # slab-wide scores: one row
+    assert real.sources == {str(p.resolve()): _sha256(p) for p in (lr, hr)}
+    assert real.card.startswith("# Model card: edsr_mr_x2") and len(real.weights_sha256) == 64
+
+
+def test_evaluate_a_real_pair_from_the_command_line(pair, tmp_path, capsys):
+    lr, hr = pair
+    out = tmp_path / "report"
+    assert main(["evaluate", "--lr", str(lr), "--hr", str(hr), "--out", str(out), "--precision", "fp32"]) == 0
+    printed = capsys.readouterr().out
+    assert f"with its real LR {lr} (nothing simulated)" in printed and "rmse_body[a.u.]" in printed
+    scores = json.loads((out / "scores.json").read_text())
+    assert [row["method"] for row in scores][-1] == "edsr_mr_x2" and scores[0]["error_unit"] == "a.u."
+    assert (out / "scores.csv").read_text().startswith(",".join([*SCORE_COLUMNS, "error_unit"]) + "\n")
+    html = (out / "report.html").read_text()
+    for text in (
+        "the LR is a real acquisition",
+        "Misregistration or motion between the two acquisitions lowers every method",
+        f"medsr evaluate --lr {lr} --hr {hr} --out {out} --precision fp32",  # provenance
+        f"{_sha256(hr)}  {hr.resolve()}",
+        f"{_sha256(lr)}  {lr.resolve()}",
+        "Model weights SHA-256",
+        "# Model card: edsr_mr_x2",
+        "RMSE body (a.u.)",
+        "HF energy / HR",
+        "LR consistency RMSE",
+        "slices 0, 2, 3",  # the figures show three slices spread over the slab
+    ):
+        assert text in html, text
+
+
+def test_a_pair_that_does_not_share_a_field_of_view_is_a_one_line_error(pair, tmp_path, capsys):
+    lr, hr = pair
+    volume = medsr.read_volume(lr)
+    cut, moved = tmp_path / "cut.nii.gz", tmp_path / "moved.nii.gz"
+    medsr.write_volume(volume.replace(array=volume.array[:, :, 1:].contiguous()), cut)
+    shifted = volume.affine.copy()
+    shifted[:3, 3] += (3.0, 0.0, 0.0)  # 3 mm: more than half an HR voxel
+    medsr.write_volume(volume.replace(affine=shifted), moved)
+    for low, problem in (
+        (cut, "HR shape (120, 120, 4) is not LR shape (60, 59, 4) x scale = (120, 118, 4)"),
+        (moved, "fields of view 3 mm apart at a corner (tolerance 0.5 mm)"),
+    ):
+        assert main(["evaluate", "--lr", str(low), "--hr", str(hr), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err == f"medsr evaluate: error: LR {low} and HR {hr} are not a pair at scale 2x2x1: {problem}\n"
+    assert main(["evaluate", "--lr", str(lr)]) == 2
+    assert "needs both --lr and --hr" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -58,7 +58,7 @@ def test_the_esrgan_config_trains_both_phases_and_resumes_exactly(tmp_path, monk
     """The shipped recipe, shrunk: pixel pre-training (saved in psnr/), then adversarial steps; a run stopped
     after its second validation resumes to the weights of an uninterrupted run (discriminator state included)."""
     config = load_config(CONFIG, TINY_GAN)
-    fit(config, tmp_path / "clean", progress=False)
+    fit(config, tmp_path / "clean", progress=False, device="cpu")
     rows = [json.loads(line) for line in (tmp_path / "clean" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [2, 4, 6]
     assert "loss/d" not in rows[0] and "loss/d" in rows[1] and "loss/adversarial" in rows[2]
@@ -75,9 +75,9 @@ def test_the_esrgan_config_trains_both_phases_and_resumes_exactly(tmp_path, monk
 
     monkeypatch.setattr(medsr.train, "gan_step", stop_after_two)
     with pytest.raises(KeyboardInterrupt):
-        fit(config, tmp_path / "stopped", progress=False)
+        fit(config, tmp_path / "stopped", progress=False, device="cpu")
     monkeypatch.undo()
-    fit(None, tmp_path / "stopped", resume=True, progress=False)
+    fit(None, tmp_path / "stopped", resume=True, progress=False, device="cpu")
     resumed, clean = (load_file(tmp_path / run / "last" / "model.safetensors") for run in ("stopped", "clean"))
     assert all(torch.equal(resumed[key], clean[key]) for key in clean)
     resumed_state = torch.load(tmp_path / "stopped" / "last" / "training_state.pt", weights_only=True)

@@ -93,3 +93,27 @@ def test_error_map_and_profile_figures_write_pngs(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["errors.png", "profile.png"]
     with pytest.raises(ValueError, match=r"shifted: shape \(47, 40\) is not the HR grid \(48, 40\)"):
         error_map_figure(tmp_path / "x.png", hr, {"shifted": hr[1:]})
+
+
+def test_figures_of_several_slices_show_a_row_per_slice(tmp_path):
+    hr = _step().expand(3, -1, -1) + 0.05 * torch.rand(3, 48, 40)  # (S, I, J)
+    labels = ["slice 4", "slice 10", "slice 16"]
+    comparison_figure(tmp_path / "one.png", {"LR": hr[0, ::2, ::2], "HR": hr[0]})
+    comparison_figure(tmp_path / "three.png", {"LR": hr[:, ::2, ::2], "HR": hr}, labels=labels)
+    methods = {"blurred": torch.nn.functional.avg_pool2d(hr[:, None], 3, 1, 1)[:, 0], "shifted": hr.roll(1, 1)}
+    error_map_figure(tmp_path / "errors.png", hr, methods, labels=labels, unit="HU")
+    sizes = {}
+    for name in ("one.png", "three.png", "errors.png"):
+        with Image.open(tmp_path / name) as image:
+            assert image.format == "PNG"
+            sizes[name] = image.size
+    assert sizes["three.png"][1] > 2 * sizes["one.png"][1]  # three pairs of rows, each somewhat smaller
+    assert sizes["errors.png"][1] > sizes["errors.png"][0]  # three rows of two maps
+    with pytest.raises(ValueError, match=r"hr must be an \(I, J\) slice or \(S, I, J\) slices"):
+        error_map_figure(tmp_path / "x.png", hr[None], {})
+
+
+def test_format_table_prints_headings_in_place_of_names():
+    rows = [{"method": "cubic", "rmse_body": 12.345}]
+    lines = format_table(rows, ["method", "rmse_body"], ["method", "rmse_body[HU]"]).splitlines()
+    assert lines[0].split() == ["method", "rmse_body[HU]"] and lines[2].split() == ["cubic", "12.35"]

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from medsr.metrics import hfen, psnr, ssim
-from medsr.report import comparison_figure, error_map_figure, profile_figure, write_html_report
+from medsr.report import METRICS, comparison_figure, error_map_figure, profile_figure, write_html_report
 
 from .browser import install_browser
 
@@ -92,11 +92,59 @@ def report(tmp_path_factory) -> tuple[Path, list[dict[str, object]]]:
     return path, rows
 
 
+@pytest.fixture(scope="module")
+def full_report(report) -> Path:
+    """The report with every score an evaluation shows (RMSE and MAE in HU per slice, HF energy and LR consistency
+    of the slab), four baselines as an evaluation has, a model card and provenance: as wide as reports get."""
+    path, rows = report
+    full = []
+    for row in rows:
+        if "psnr" in row:
+            rmse = 4095 * 10 ** (-row["psnr_body"] / 20)
+            row = row | {"rmse_body": rmse, "mae_body": 0.7 * rmse}
+        else:
+            row = row | {"hf_ratio": 0.93, "lr_rmse": 0.0041}
+        full.append(row)
+        if row["method"] == "cubic":
+            full.append(row | {"method": "lanczos"})
+    full_path = path.parent / "full.html"
+    write_html_report(
+        full_path,
+        full,
+        model="model <x2>",
+        baselines=(*BASELINES, "lanczos"),
+        unit="slice",
+        degradation="2x2 average pooling",
+        data_range=1.0,
+        intensities="normalised to [0, 1] from -1024..3071 HU",
+        mask="HR > 0.05",
+        split="synthetic phantom slices 20..31",
+        figures={name: path.parent / f"{name}.png" for name in ("comparison", "errors", "profile")},
+        physical_unit="HU",
+        model_card="# Model card: <x2>\n\n- **Task**: MR & CT",
+        provenance={"Command line": "medsr evaluate --out 'a <b>'", "Model weights SHA-256": "ab" * 32},
+    )
+    return full_path
+
+
+def test_the_report_shows_every_score_with_its_unit_the_model_card_and_provenance(full_report):
+    html = full_report.read_text()
+    headings = re.findall(r"<th>(.*?)</th>", html.split("<h2>Scores", 1)[1].split("</tr>", 1)[0])
+    assert headings == ["method", "n", *(escape(heading.format(unit="HU")) for heading, _ in METRICS.values())]
+    assert "RMSE body (HU)" in headings and "in HU (the normalised error times the window" in html
+    summary = {row[0]: row for row in _cells(html, "Scores")}
+    assert summary["cubic"][headings.index("HF energy / HR")] == "0.930 (n=1)"  # the slab-wide scores are there
+    for text in ("# Model card: &lt;x2&gt;", "MR &amp; CT", "medsr evaluate --out &#x27;a &lt;b&gt;&#x27;", "ab" * 32):
+        assert text in html
+    assert re.search(r"<dt>medsr version</dt><dd>[^<]+</dd>\n<dt>Written</dt><dd>\d{4}-\d\d-\d\d ", html)
+
+
 def _cells(html: str, heading: str) -> list[list[str]]:
-    """The body cells of the table after the <h2> that starts with ``heading``."""
+    """The text of the body cells of the table after the <h2> that starts with ``heading``."""
     table = html.split(f"<h2>{heading}", 1)[1].split("</table>", 1)[0]
     body = table.split("<tbody>", 1)[1]
-    return [re.findall(r"<td>(.*?)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", body)]
+    rows = [re.findall(r"<td>(.*?)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", body)]
+    return [[re.sub(r"<[^>]*>", "", cell) for cell in row] for row in rows]
 
 
 def test_report_tables_hold_the_scores(report):
@@ -112,9 +160,11 @@ def test_report_tables_hold_the_scores(report):
     model = [r["psnr"] for r in rows if r["method"] == "model <x2>" and "psnr" in r]
     difference = np.subtract(model, cubic_psnr)
     low, high = scipy.stats.t.interval(0.95, 11, loc=difference.mean(), scale=scipy.stats.sem(difference))
-    differences = {row[0]: row for row in _cells(html, escape("model <x2>") + " minus")}
-    minus_cubic = differences[f"{escape('model <x2>')} \N{MINUS SIGN} cubic"]
-    assert minus_cubic[2] == f"{difference.mean():+.2f} [{low:+.2f}, {high:+.2f}]"
+    differences = {row[0]: row for row in _cells(html, escape("model <x2>") + " minus")}  # a column per baseline
+    assert differences["paired slices"] == ["paired slices", "12", "12", "12"]
+    minus_cubic = differences["PSNR (dB)"][1 + BASELINES.index("cubic")]
+    assert minus_cubic == f"{difference.mean():+.2f} [{low:+.2f}, {high:+.2f}]"
+    assert "3D SSIM" not in differences  # one value per method for the slab: nothing to pair
     assert low > 0  # the better "model" is significantly better, and the report says so
     per_slice = _cells(html, "Figures")  # the per-slice table is the only one after the figures
     first_cubic = next(k for k, r in enumerate(rows) if r["method"] == "cubic")
@@ -163,8 +213,9 @@ def browser():
 
 def _render(browser, page: Path, user_data: Path) -> tuple[str, str]:
     """Chromium's DOM after the load event (``<html ...>`` start tag) and its console log lines."""
+    window = f"--window-size={WINDOW[0]},{WINDOW[1]}"
     result = browser.run(
-        f"--user-data-dir={user_data}", "--enable-logging=stderr", "--v=0", "--dump-dom", page.as_uri()
+        f"--user-data-dir={user_data}", "--enable-logging=stderr", "--v=0", window, "--dump-dom", page.as_uri()
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return re.search(r"<html[^>]*>", result.stdout).group(0), "\n".join(re.findall(r".*:CONSOLE.*", result.stderr))
@@ -192,3 +243,12 @@ def test_report_renders_in_headless_chromium(browser, report, tmp_path):
         grey = np.asarray(image.convert("L"), dtype=np.float64)
     assert grey.std() > 20  # text, tables and figures, not a blank page
     assert (grey < 64).mean() > 0.02  # dark pixels: the black backgrounds of the figures made it to the screen
+
+
+@pytest.mark.slow
+def test_every_table_fits_the_page_in_headless_chromium(browser, full_report, tmp_path):
+    """Every score of four baselines and the model, and their paired differences, fit a 1000 pixel wide window:
+    no table scrolls sideways."""
+    root, console = _render(browser, full_report, tmp_path / "profile")
+    assert 'data-tables-clipped="0"' in root and 'data-images-loaded="3"' in root and "data-errors" not in root, root
+    assert console == ""

@@ -130,7 +130,7 @@ def test_an_identity_network_gives_the_bspline_interpolation_on_any_slice_axis(c
     settings = SelfSRSettings(tile=32)
     sr, _, log = fit_and_apply(colin_thick, acquisition, settings=settings, model=torch.nn.Identity(), progress=False)
     expected = interpolate_slices(colin_thick, 2, 48)
-    assert log == {"window": log["window"]} and sr.spatial_shape == (64, 72, 48)
+    assert log == {"window": log["window"], "device": "cpu"} and sr.spatial_shape == (64, 72, 48)  # no weights: CPU
     np.testing.assert_allclose(sr.affine, expected.affine, atol=1e-12)
     torch.testing.assert_close(sr.array, expected.array, atol=1e-3, rtol=1e-5)
     # the same scan with its slice axis first, or second
@@ -237,3 +237,25 @@ def test_cli_bad_options_are_clear_errors(colin_thick, tmp_path, capsys, options
     assert main(["selfsr", str(source), str(tmp_path / "out.nii"), "--steps", "1", *options]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out.nii").exists()
+
+
+def test_cli_on_cuda_or_a_clear_error_without_one(tmp_path, capsys):
+    """`medsr selfsr --device cuda` trains and runs on the GPU where torch has one, and the saved network records
+    it; elsewhere it stops with one line saying so, before writing anything (and a CPU run records the CPU)."""
+    import json
+
+    source = tmp_path / "thick.nii.gz"
+    write_volume(ramp_volume((1.0, 1.1, 3.0)), source)
+    args = ["selfsr", str(source), str(tmp_path / "out.nii.gz"), "--steps", "2", "--save-model", str(tmp_path / "net")]
+    if not torch.cuda.is_available():
+        assert main([*args, "--device", "cuda"]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "device 'cuda'" in lines[0] and "no CUDA GPU" in lines[0]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["thick.nii.gz"]
+        assert main([*args, "--device", "cpu"]) == 0 and "trained 2 steps" in capsys.readouterr().out
+        assert json.loads((tmp_path / "net" / "model.json").read_text())["device"] == "cpu"
+        pytest.skip("no CUDA GPU here: checked the error and the CPU record; the GPU run needs a machine with one")
+    assert main([*args, "--device", "cuda"]) == 0
+    assert " s on cuda:0; wrote " in capsys.readouterr().out
+    assert json.loads((tmp_path / "net" / "model.json").read_text())["device"] == "cuda:0"
+    assert read_volume(tmp_path / "out.nii.gz").spatial_shape == (10, 12, 42)

@@ -13,7 +13,7 @@ import pydicom
 import pytest
 import torch
 
-from medsr.infer import model_predictor, predict_volume
+from medsr.infer import footprint, model_predictor, predict_volume, volume_tiling
 from medsr.intensity import default_window, denormalize, normalize
 from medsr.io import open_volume, read_volume, volume_writer, write_volume
 from medsr.models import create_model
@@ -118,8 +118,8 @@ def test_nii_gz_target_decompresses_to_the_in_memory_file(tmp_path, mr_nifti):
     ids=["x2-isotropic", "through-plane", "one-slab"],
 )
 @pytest.mark.kernels
-def test_3d_slabs_blend_as_whole_volume_tiling(tmp_path, mr_nifti, scale, tile, overlap):
-    """Slabs overlap along k (16 slices, tiles of 6 or 8): blended as predict_tiled blends its tiles."""
+def test_3d_slabs_are_rows_of_the_whole_volume_tiles(tmp_path, mr_nifti, scale, tile, overlap):
+    """Slabs overlap along k (16 slices, tiles of 6 or 8) and keep what the whole volume's tiles keep there."""
     expected, streamed = both(
         tmp_path,
         mr_nifti,
@@ -131,9 +131,7 @@ def test_3d_slabs_blend_as_whole_volume_tiling(tmp_path, mr_nifti, scale, tile, 
         tile=tile,
         overlap=overlap,
     )
-    expected, streamed = nib.load(expected), nib.load(streamed)
-    np.testing.assert_array_equal(streamed.affine, expected.affine)
-    np.testing.assert_allclose(streamed.get_fdata(), expected.get_fdata(), rtol=1e-6, atol=1e-6 * 3000)
+    assert streamed.read_bytes() == expected.read_bytes()
 
 
 def test_2d_through_plane(tmp_path, mr_nifti):
@@ -143,23 +141,38 @@ def test_2d_through_plane(tmp_path, mr_nifti):
     np.testing.assert_allclose(nib.load(streamed).get_fdata(), nib.load(expected).get_fdata(), atol=1e-6 * 3000)
 
 
-@pytest.mark.parametrize("spatial_dims", [2, 3])
-def test_tiny_model(tmp_path, mr_nifti, spatial_dims):
+@pytest.fixture
+def large_nifti(tmp_path) -> Path:
+    """A 40 x 36 x 48 float32 MR-like volume: room for several tiles of a network's receptive field along k."""
+    path = tmp_path / "large.nii"
+    rng = np.random.default_rng(1)
+    i, j, k = np.meshgrid(*(np.linspace(-1, 1, n) for n in (40, 36, 48)), indexing="ij")
+    image = 900 * (i**2 + j**2 + k**2 < 0.8) + 300 * np.cos(6 * i) * np.sin(5 * k) + 20 * rng.standard_normal(i.shape)
+    nib.save(nib.Nifti1Image(image.astype(np.float32), oblique_affine()), path)
+    return path
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize(
+    ("spatial_dims", "model_scale", "scale"),
+    [(2, (2, 2), (2, 2, 1)), (2, (1, 2), (1, 1, 2)), (3, (2, 2, 2), (2, 2, 2))],
+    ids=["in-plane", "through-plane", "3d"],
+)
+def test_a_network_with_default_tiles_streams_as_in_memory(tmp_path, large_nifti, spatial_dims, model_scale, scale):
+    """edsr_tiny with the default tiles (overlap from its receptive radius) under a budget that cuts the volume into
+    several slabs: the streamed file is the in-memory file, byte for byte."""
     torch.manual_seed(0)
-    scale = (2,) * spatial_dims
-    predictor = model_predictor(create_model("edsr_tiny", spatial_dims=spatial_dims, scale=scale), precision="fp32")
-    expected, streamed = both(
-        tmp_path,
-        mr_nifti,
-        "sr.nii",
-        predictor,
-        scale=(2, 2, 2 if spatial_dims == 3 else 1),
-        spatial_dims=spatial_dims,
-        modality="MR",
-        tile=12,
-        overlap=4,
+    predictor = model_predictor(
+        create_model("edsr_tiny", spatial_dims=spatial_dims, scale=model_scale), precision="fp32"
     )
-    np.testing.assert_allclose(nib.load(streamed).get_fdata(), nib.load(expected).get_fdata(), atol=1e-5 * 3000)
+    memory = footprint(predictor, spatial_dims).bytes_per_voxel * 40 * 36 * 48 / (3 if spatial_dims == 3 else 80)
+    tiling = volume_tiling(
+        predictor, (1, 40, 36, 48), spatial_dims=spatial_dims, through_plane=scale[2] != 1, memory=memory
+    )
+    assert tiling.tile[2] < 48  # several slabs
+    options = {"scale": scale, "spatial_dims": spatial_dims, "modality": "MR", "memory": memory}
+    expected, streamed = both(tmp_path, large_nifti, "sr.nii", predictor, **options)
+    assert streamed.read_bytes() == expected.read_bytes()
 
 
 def test_real_mr_crop(tmp_path):

@@ -282,7 +282,7 @@ def test_a_run_killed_mid_way_resumes_to_the_weights_of_an_uninterrupted_run(tmp
     config_file.write_text(yaml.safe_dump(to_dict(load_config(overrides=overrides))))
     killed = tmp_path / "killed"
     process = subprocess.Popen(
-        [sys.executable, "-m", "medsr", "train", str(config_file), "--out", str(killed)],
+        [sys.executable, "-m", "medsr", "train", str(config_file), "--out", str(killed), "--device", "cpu"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -296,8 +296,8 @@ def test_a_run_killed_mid_way_resumes_to_the_weights_of_an_uninterrupted_run(tmp
     steps_done = [json.loads(line)["step"] for line in log.read_text().splitlines()]
     assert 150 <= steps_done[-1] < 600, "the run must be killed mid-way for this test to mean anything"
 
-    assert main(["train", "--resume", str(killed)]) == 0
-    fit(load_config(config_file), tmp_path / "clean", progress=False)
+    assert main(["train", "--resume", str(killed), "--device", "cpu"]) == 0
+    fit(load_config(config_file), tmp_path / "clean", progress=False, device="cpu")
     resumed, clean = (
         load_file(killed / "last" / "model.safetensors"),
         load_file(tmp_path / "clean" / "last" / "model.safetensors"),
@@ -321,9 +321,9 @@ def test_ddp_with_two_processes_follows_the_single_process_loss_curve(tmp_path):
     config_file = tmp_path / "tiny.yaml"
     config_file.write_text(yaml.safe_dump(to_dict(config)))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command = [*torchrun, "-m", "medsr", "train", str(config_file), "--out", str(tmp_path / "ddp")]
+    command = [*torchrun, "-m", "medsr", "train", str(config_file), "--out", str(tmp_path / "ddp"), "--device", "cpu"]
     subprocess.run(command, check=True, capture_output=True, timeout=300)
-    fit(config, tmp_path / "one", progress=False)
+    fit(config, tmp_path / "one", progress=False, device="cpu")
 
     def losses(run: str) -> list[float]:
         return [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
@@ -331,3 +331,32 @@ def test_ddp_with_two_processes_follows_the_single_process_loss_curve(tmp_path):
     assert losses("ddp") == pytest.approx(losses("one"), rel=1e-5)
     ddp, one = (load_file(tmp_path / run / "last" / "model.safetensors") for run in ("ddp", "one"))
     assert all(torch.allclose(ddp[name], one[name], atol=1e-6) for name in one)
+
+
+def test_train_on_cuda_or_a_clear_error_without_one(tmp_path, capsys):
+    """`medsr train --device cuda` trains on the GPU where torch has one (model, batches, validation; bf16 autocast
+    where the GPU has it natively), and each validation row records the device; elsewhere it stops with one line
+    saying so, before the run folder exists (and the CPU run records its device)."""
+    from medsr.cli import main
+
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(to_dict(load_config(overrides=[*TINY, "train.bf16=true"]))))
+    run = tmp_path / "run"
+    args = ["train", str(config_file), "--out", str(run), "--device", "cuda"]
+    if not torch.cuda.is_available():
+        assert main(args) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "device 'cuda'" in lines[0] and "no CUDA GPU" in lines[0]
+        assert not run.exists()
+        fit(load_config(config_file), run, progress=False, device="cpu")
+        row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+        assert (row["device"], row["processes"], row["precision"]) == ("cpu", 1, "bf16")  # the CPU keeps train.bf16
+        pytest.skip("no CUDA GPU here: checked the error and the CPU record; the GPU run needs a machine with one")
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    assert [(row["device"], row["precision"]) for row in rows] == [("cuda:0", precision)] * 2
+    assert all(math.isfinite(row["loss"]) and row["psnr"] > row["psnr_cubic"] - 10 for row in rows)
+    model, description = load_checkpoint(run / "best")  # saved from the GPU, loaded on the CPU
+    assert description["scores"]["validation"]["device"] == "cuda:0"
+    assert model(torch.rand(1, 1, 8, 8)).shape == (1, 1, 16, 16)

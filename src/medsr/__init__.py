@@ -9,9 +9,10 @@
 from importlib.metadata import version
 
 from medsr.degrade import Degradation, degrade
-from medsr.evaluation import Evaluation, evaluate
+from medsr.evaluation import Evaluation, evaluate, evaluate_pair
 from medsr.io import open_volume, read_volume, write_volume
-from medsr.pipeline import MedsrWarning, Plan, upscale, upscale_file, upscale_folder
+from medsr.pipeline import MedsrWarning, Plan, trust_maps, upscale, upscale_file, upscale_folder
+from medsr.uncertainty import TrustMaps
 from medsr.volume import Modality, Volume
 from medsr.zoo import SRModel, list_models, load_model
 
@@ -24,14 +25,17 @@ __all__ = [
     "Modality",
     "Plan",
     "SRModel",
+    "TrustMaps",
     "Volume",
     "__version__",
     "degrade",
     "evaluate",
+    "evaluate_pair",
     "list_models",
     "load_model",
     "open_volume",
     "read_volume",
+    "trust_maps",
     "upscale",
     "upscale_file",
     "upscale_folder",

@@ -68,7 +68,7 @@ def load_training_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict[
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path}: not a medsr checkpoint (not a torch zip archive); refused, nothing was unpickled")
     try:
-        state = torch.load(path, weights_only=True)
+        state = torch.load(path, weights_only=True, map_location="cpu")  # a GPU run resumes anywhere
     except pickle.UnpicklingError as error:
         raise ValueError(
             f"{path}: not a medsr checkpoint (it pickles objects other than tensors and numbers); refused, nothing "

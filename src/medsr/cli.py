@@ -20,11 +20,12 @@ import medsr
 from medsr.config import load_config, shipped_configs
 from medsr.data import crop_to_multiple, find_scans
 from medsr.degrade import acquisition, summary
-from medsr.infer import PRECISIONS
+from medsr.infer import DEFAULT_MEMORY, PRECISIONS, parse_memory
 from medsr.io import NIFTI_DTYPES, check_output, exit_on_sigterm, write_bytes
-from medsr.report import degradation_figure, scores_text, write_evaluation
+from medsr.report import degradation_figure, format_table, scores_text, write_evaluation
 from medsr.samples import cache_dir, install_samples, is_installed, list_samples, sample_path
 from medsr.selfsup import SelfSRSettings, selfsr_file
+from medsr.uncertainty import CALIBRATION_COLUMNS, MAPS, calibrate_shipped, calibration_rows, map_path
 from medsr.zoo import score_shipped, shipped_descriptions, summary_table
 
 DEFAULT_MODEL = "edsr_mr_x2"
@@ -50,6 +51,14 @@ def _at_least(low: int):
         return int(text)
 
     return parse
+
+
+def _memory(text: str) -> int:
+    """An argparse type: a size in bytes like 2G or 512M."""
+    try:
+        return parse_memory(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _slab(text: str) -> tuple[int, int]:
@@ -114,7 +123,7 @@ def _train(args: argparse.Namespace) -> int:
     else:
         config = load_config(args.config, args.set)
         run_dir = args.out or Path("runs") / args.config.stem
-    best = fit(config, run_dir, resume=bool(args.resume))
+    best = fit(config, run_dir, resume=bool(args.resume), device=args.device)
     if "step" in best:  # under torchrun only rank 0 validates
         print(f"best validation PSNR {best['psnr']:.2f} dB at step {best['step']}; checkpoints in {run_dir}")
     return 0
@@ -129,25 +138,34 @@ def _deidentifier(args: argparse.Namespace):
 
 def _upscale(args: argparse.Namespace) -> int:
     """One scan, or every scan under a folder (bad files are reported and skipped)."""
-    names = ("scale", "spacing", "modality", "tile", "overlap", "precision", "kspace_consistency", "force", "dtype")
-    names += ("adapt", "new_study", "enhanced", "device")
+    names = ("scale", "spacing", "modality", "tile", "overlap", "memory", "precision", "kspace_consistency", "force")
+    names += ("dtype", "adapt", "new_study", "enhanced", "device", "uncertainty")
     options = _pick(args, names) | {"anonymize": _deidentifier(args), "progress": True}
     options["command_line"] = shlex.join(["medsr", *args.argv])  # for the sidecar of each output file
     if args.input.is_dir() and find_scans(args.input) != [args.input]:  # not one DICOM series
-        written, failed = medsr.upscale_folder(args.input, args.output, args.model, **options)
-        print(f"upscaled {len(written)} of {len(written) + len(failed)} scans into {args.output}")
+        from medsr.shard import ranks
+
+        written, failed = medsr.upscale_folder(args.input, args.output, args.model, **options)  # of all processes
+        place = ranks()
+        processes = f" by {place.world_size} processes" if place.world_size > 1 else ""
+        if place.rank == 0:
+            print(f"upscaled {len(written)} of {len(written) + len(failed)} scans into {args.output}{processes}")
         return 1 if failed else 0
     medsr.upscale_file(args.input, args.output, args.model, **options)
-    print(f"wrote {args.output}")
+    maps = [
+        str(map_path(args.output, name)) for name in MAPS if args.uncertainty and map_path(args.output, name).exists()
+    ]
+    print(f"wrote {args.output}" + (f" and its maps {', '.join(maps)}" if maps else ""))
     return 0
 
 
 def _selfsr(args: argparse.Namespace) -> int:
-    given = {k: v for k, v in _pick(args, ("steps", "time_budget", "precision")).items() if v is not None}
-    names = ("slice_thickness", "slice_profile", "target_spacing", "modality", "model", "save_model", "force")
+    given = _pick(args, ("steps", "time_budget", "precision", "tile", "memory"))
+    given = {k: v for k, v in given.items() if v is not None}
+    names = ("slice_thickness", "slice_profile", "target_spacing", "modality", "model", "save_model", "force", "device")
     options = _pick(args, names) | {"settings": SelfSRSettings(**given), "anonymize": _deidentifier(args)}
     sr, _, log = selfsr_file(args.input, args.output, **options)
-    trained = f"trained {log['steps']} steps in {log['seconds']:.0f} s; " if "steps" in log else ""
+    trained = f"trained {log['steps']} steps in {log['seconds']:.0f} s on {log['device']}; " if "steps" in log else ""
     print(f"{trained}wrote {args.output}: {sr!r}")
     return 0
 
@@ -167,14 +185,23 @@ def _interpolate(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    """A simulated LR of a held-out HR scan (--scan), or a real LR/HR pair (--lr, --hr)."""
+    options = _pick(args, ("precision", "device", "uncertainty")) | {"adapt_seconds": args.adapt}
+    if args.lr or args.hr:
+        if not (args.lr and args.hr) or args.scan or args.slices:
+            raise ValueError("a real pair needs both --lr and --hr, and takes neither --scan nor --slices")
+        inputs = [args.lr, args.hr]
+    else:
+        inputs = [args.scan] if args.scan and Path(args.scan).exists() else []  # a path, not a sample name
     if args.out:
-        check_output(args.out, force=args.force)
-    result = medsr.evaluate(
-        args.model, args.scan, args.slices, precision=args.precision, adapt_seconds=args.adapt, device=args.device
-    )
+        check_output(args.out, inputs, force=args.force)
+    if args.lr:
+        result = medsr.evaluate_pair(args.model, args.lr, args.hr, **options)
+    else:
+        result = medsr.evaluate(args.model, args.scan or "colin27", args.slices, **options)
     print(scores_text(result))
     if args.out:
-        write_evaluation(result, args.out)
+        write_evaluation(result, args.out, command_line=shlex.join(["medsr", *args.argv]))
         print(
             f"\nwrote {args.out}/: report.html, scores.csv/json, per_slice.csv/json, comparison/error_map/profile.png"
         )
@@ -186,12 +213,22 @@ def _models(args: argparse.Namespace) -> int:
     shipped = shipped_descriptions()
     if unknown := sorted(set(args.names) - set(shipped)):
         raise ValueError(f"not shipped models: {unknown}; shipped: {', '.join(shipped)}")
-    if args.names and not args.evaluate:
+    if args.names and not (args.evaluate or args.calibrate):
         if args.table:
-            raise ValueError("--table writes the summary table: pass it without model names, or with --evaluate")
+            raise ValueError("--table writes a table: pass it without model names, or with --evaluate or --calibrate")
         print("\n".join(medsr.load_model(name).card for name in args.names))
         return 0
     names = args.names or list(shipped)
+    if args.calibrate:
+        if args.evaluate:
+            raise ValueError("--calibrate and --evaluate run one at a time")
+        rows = [row for n in names for row in calibration_rows(n, calibrate_shipped(n, precision=args.precision))]
+        table = format_table(rows, CALIBRATION_COLUMNS)
+        print(table)
+        if args.table:
+            write_bytes(args.table, f"```\n{table}\n```\n".encode())
+            print(f"wrote {args.table}")
+        return 0
     losing = [
         lost
         for name in names
@@ -314,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE", help="Override config values.")
     train.add_argument("--out", type=Path, help="Run folder (default runs/<config name>).")
     train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="Continue an interrupted run from its last/.")
+    train.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:N or mps.")
 
     upscale = _command(commands, "upscale", _upscale, "Super-resolve a scan; the output keeps its field of view.")
     upscale.add_argument("input", type=Path, help=f"{inputs} Or a folder of scans.")
@@ -322,8 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     upscale.add_argument("--scale", type=three, help="Output voxels per input voxel along i,j,k, e.g. 2,2,1.")
     upscale.add_argument("--spacing", type=three, help="Target spacing in mm along i,j,k (instead of --scale).")
     upscale.add_argument("--modality", help="Override the modality (NIfTI/PNG carry none).")
-    upscale.add_argument("--tile", type=_at_least(1), help="Tile edge in input voxels (128 in 2D, 48 in 3D).")
-    upscale.add_argument("--overlap", type=_at_least(0), default=8, help="Tile overlap in input voxels.")
+    upscale.add_argument("--tile", type=_at_least(1), help="Tile edge in input voxels (default: from --memory).")
+    upscale.add_argument("--overlap", type=_at_least(0), help="Tile overlap in voxels (default: 2x the model's reach).")
+    upscale.add_argument("--memory", type=_memory, default=DEFAULT_MEMORY, help="Working memory of one forward (2G).")
     upscale.add_argument(
         "--kspace-consistency",
         action=argparse.BooleanOptionalAction,
@@ -334,6 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
     upscale.add_argument("--new-study", action="store_true", help="DICOM output: put the series in a new study.")
     upscale.add_argument("--enhanced", action="store_true", help="DICOM output: one enhanced multi-frame file.")
     upscale.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:N or mps.")
+    upscale.add_argument(
+        "--uncertainty",
+        action="store_true",
+        help="Also write trust maps beside the output: uncertainty (SD), calibrated lower/upper bounds, and the "
+        "detail added (consistent with the input / contradicting it); about 10x the time.",
+    )
     _anonymize(upscale)
     _common(upscale, precision=True)
 
@@ -345,18 +390,26 @@ def build_parser() -> argparse.ArgumentParser:
     selfsr.add_argument("--target-spacing", type=float, help="Output slice spacing in mm (default: in-plane).")
     selfsr.add_argument("--time-budget", type=float, help="Training time in seconds at most (default 300).")
     selfsr.add_argument("--steps", type=int, help="Training steps at most (default 4000).")
+    selfsr.add_argument("--tile", type=_at_least(1), help="Inference tile edge in voxels (default: from --memory).")
+    selfsr.add_argument("--memory", type=_memory, help="Working memory of one forward (default 2G).")
     selfsr.add_argument("--modality", help="Override the modality (NIfTI carries none; sets the intensity window).")
     selfsr.add_argument("--save-model", type=Path, metavar="DIR", help="Save the trained network (safetensors+JSON).")
     selfsr.add_argument("--model", type=Path, metavar="DIR", help="Apply a network saved by --save-model.")
+    selfsr.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:N or mps.")
     _anonymize(selfsr)
     _common(selfsr, precision=True)
 
     evaluate = _command(commands, "evaluate", _evaluate, "Compare a model with interpolation on held-out data.")
     evaluate.add_argument("--model", default=DEFAULT_MODEL, help="Shipped model name or checkpoint folder.")
-    evaluate.add_argument("--scan", default="colin27", help="Sample name or path of an HR scan.")
+    evaluate.add_argument("--scan", help="Sample name or path of an HR scan, its LR simulated (default colin27).")
     evaluate.add_argument("--slices", type=_slab, help="Held-out slab START:STOP along the model's split axis.")
+    evaluate.add_argument("--lr", type=Path, help="A real LR scan (with --hr): scored as acquired, nothing simulated.")
+    evaluate.add_argument("--hr", type=Path, help="The HR scan of the same subject, at the model's scale of --lr.")
     evaluate.add_argument("--out", type=Path, help="Folder for report.html, scores (CSV/JSON) and figures.")
     _adapt(evaluate, "Also score the model fine-tuned on the LR slab itself (as upscale --adapt).")
+    evaluate.add_argument(
+        "--uncertainty", action="store_true", help="Also score the trust maps (as upscale --uncertainty) in the report."
+    )
     evaluate.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps or auto.")
     _common(evaluate, precision=True)
 
@@ -364,6 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("names", nargs="*", help="Models to show (their MODEL_CARD.md) or score; default: all.")
     models.add_argument("--evaluate", action="store_true", help="Score each on its held-out data; exit 1 if one loses.")
     models.add_argument("--table", type=Path, help="Also write the summary table to this file (Markdown).")
+    models.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="Calibrate each one's uncertainty interval on its held-out sets (stored with it); print coverage and "
+        "rank correlation per set (--table: write them).",
+    )
     _adapt(models, "With --evaluate: also score each model fine-tuned on each held-out LR (the table's last columns).")
     _common(models, force=False, precision=True)
 

@@ -1,13 +1,14 @@
 """Compare SR methods with interpolation baselines on held-out slices of HR scans.
 
-The HR slab is degraded with the known model, every method upsamples the same LR slab (baselines in 3D, so
-through-plane factors are interpolated too), and each is scored against HR slice by slice (2D PSNR/SSIM,
-``data_range = 1`` on normalised intensities), over the whole slice and over the body (foreground) mask, since
-air inflates both scores.
+The HR slab is degraded with the known model (or, for a real LR/HR pair, the LR is given), every method upsamples
+the same LR slab (baselines in 3D, so through-plane factors are interpolated too), and each is scored against HR
+slice by slice (2D PSNR/SSIM, ``data_range = 1`` on normalised intensities), over the whole slice and over the body
+(foreground) mask, since air inflates both scores; RMSE and MAE in the body also in physical units (HU for CT).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,11 +22,13 @@ from medsr.data import FOREGROUND_LEVEL, crop_to_multiple, degrade_normalised, s
 from medsr.degrade import Degradation
 from medsr.degrade.sampling import kspace_upsample
 from medsr.infer import Predictor, on_device, predict_volume, resolve_device
+from medsr.intensity import Window, default_window, normalize
 from medsr.metrics import hf_energy_ratio, hfen, psnr, ssim
 from medsr.models.blocks import interpolate
-from medsr.volume import Volume, integer_scale
+from medsr.volume import Volume, integer_scale, scale_affine
 
 if TYPE_CHECKING:
+    from medsr.uncertainty import Trust
     from medsr.zoo import SRModel
 
 LOG = logging.getLogger("medsr")
@@ -111,10 +114,14 @@ def body_mask(hr: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.max_pool2d(mask, kernel_size=5, stride=1, padding=2) > 0
 
 
-def score_slices(sr: torch.Tensor, hr: torch.Tensor, mask: torch.Tensor, *, extras: bool = False) -> dict:
+def score_slices(
+    sr: torch.Tensor, hr: torch.Tensor, mask: torch.Tensor, *, extras: bool = False, window: Window | None = None
+) -> dict:
     """Scores of every slice, whole and within ``mask``: name -> (K,) tensor. sr, hr: (K, C, I, J) in [0, 1].
 
-    With ``extras``, also HFEN per slice and 3D SSIM of the slab (a single value; slabs of 11 slices or more).
+    With ``window`` (what [0, 1] stands for), also RMSE and MAE within ``mask`` in its physical units
+    (``rmse_body``, ``mae_body``: a normalised difference times the window's width). With ``extras``, also HFEN
+    per slice and 3D SSIM of the slab (a single value; slabs of 11 slices or more).
     """
     scores = {
         "psnr": psnr(sr, hr, data_range=1.0),
@@ -122,6 +129,12 @@ def score_slices(sr: torch.Tensor, hr: torch.Tensor, mask: torch.Tensor, *, extr
         "psnr_body": psnr(sr, hr, data_range=1.0, mask=mask),
         "ssim_body": ssim(sr, hr, data_range=1.0, mask=mask),
     }
+    if window is not None:
+        error = (sr.double() - hr.double()).abs() * (window.hi - window.lo)
+        inside = mask.expand_as(error)
+        count = inside.flatten(1).sum(1)
+        scores["rmse_body"] = (torch.where(inside, error**2, 0).flatten(1).sum(1) / count).sqrt()
+        scores["mae_body"] = torch.where(inside, error, 0).flatten(1).sum(1) / count
     if extras:
         scores["hfen"] = hfen(sr, hr)
         if sr.shape[0] >= 11:  # (1, C, I, J, K): the slab as one volume
@@ -134,7 +147,8 @@ class Comparison(NamedTuple):
 
     rows: One per method: ``method`` and the mean of each score over the slab's slices.
     slices: One per method and slice: ``method``, ``slice`` (index in the scan) and the slice's scores; the
-        slab-wide ``ssim3d`` goes in one extra row per method whose ``slice`` is ``start..stop-1``.
+        slab-wide ones (``ssim3d``, ``hf_ratio``, ``lr_rmse``) go in one extra row per method whose ``slice`` is
+        ``start..stop-1``.
     images: Name -> (K, C, I, J), including ``lr`` (K / sk, C, I / si, J / sj) and ``hr``.
     """
 
@@ -164,7 +178,7 @@ def compare_methods(
     axis: int = 2,
     kspace: bool = False,
 ) -> Comparison:
-    """Score the baselines and ``models`` on the slab ``slices`` of ``hr``.
+    """Score the baselines and ``models`` on the slab ``slices`` of ``hr``, degraded with ``degradation``.
 
     Args:
         hr: HR volume from ``data.prepare_scan`` (normalised with its LR's window, cropped to the factors).
@@ -174,13 +188,43 @@ def compare_methods(
             factor; must not overlap the region the models trained on. Scores are per (i, j) slice either way.
         spatial_dims: 2 (the models run plane by plane, see ``infer.predict_volume``) or 3 (on the whole slab).
         seed: Seed of the LR noise draw (random degradations), so a comparison can be replayed.
+        extras: See :func:`score_methods`.
+        axis: The axis of ``slices``.
+        kspace: See :func:`score_methods`.
+    """
+    slab, lr = degraded_slab(hr, degradation, slices=slices, axis=axis, seed=seed)
+    where = Slab(*slices, axis)
+    return score_methods(slab, lr, degradation, models, where, spatial_dims=spatial_dims, extras=extras, kspace=kspace)
+
+
+def score_methods(
+    hr: Volume,
+    lr: Volume,
+    degradation: Degradation,
+    models: Mapping[str, Predictor],
+    where: Slab,
+    *,
+    spatial_dims: int = 2,
+    extras: bool = False,
+    kspace: bool = False,
+) -> Comparison:
+    """Score the baselines and ``models``, each upsampling ``lr`` to ``hr``'s grid, against ``hr``.
+
+    Args:
+        hr: The HR slab, normalised; with its window in ``meta['window']``, RMSE and MAE are scored in physical
+            units too (``score_slices``).
+        lr: Its LR over the same field of view, normalised alike: simulated (:func:`degraded_slab`) or acquired.
+        degradation: What made ``lr`` from ``hr``, or what the models assume did (a real pair): it sets the scale,
+            the strongest baseline, ``lr_rmse`` and the k-space consistency.
+        models: Name -> predictor taking ``spatial_dims`` (see ``infer.model_predictor``).
+        where: Which slab of the scan ``hr`` is (names the slices in the per-slice rows).
+        spatial_dims: 2 (the models run plane by plane, see ``infer.predict_volume``) or 3 (on the whole slab).
         extras: Also score HFEN, 3D SSIM and, for the whole slab, ``hf_ratio`` and ``lr_rmse`` (slower).
         kspace: Put the LR's measured k-space band back into each model's output (``consistency.kspace_consistency``),
             as ``medsr upscale`` does by default for MR k-space models.
     """
     scale = integer_scale(degradation.factors)
-    slab, lr = degraded_slab(hr, degradation, slices=slices, axis=axis, seed=seed)
-    images = {"lr": lr.array.permute(3, 0, 1, 2), "hr": slab.array.permute(3, 0, 1, 2)}  # (K, C, I, J)
+    images = {"lr": lr.array.permute(3, 0, 1, 2), "hr": hr.array.permute(3, 0, 1, 2)}  # (K, C, I, J)
     methods = baselines(degradation)
     for method in methods:
         images[method] = classical_upsample(lr, scale, method).permute(3, 0, 1, 2)
@@ -190,40 +234,74 @@ def compare_methods(
             sr = kspace_consistency(sr, lr, degradation)
         images[name] = sr.array.permute(3, 0, 1, 2)
     mask = body_mask(images["hr"])
-    where = Slab(*slices, axis)
+    window = hr.meta.get("window")
+    depth = hr.spatial_shape[2]
+    first, last = where.k_index(0), where.k_index(depth - 1)
     rows, per_slice = [], []
     for name in (*methods, *models):
-        scores = score_slices(images[name], images["hr"], mask, extras=extras)
-        output = slab.replace(array=images[name].permute(1, 2, 3, 0))  # (C, I, J, K)
-        slab_scores = (
-            {  # of the whole slab: detail beyond the LR band (vs HR), and fidelity to the LR input
-                "hf_ratio": float(hf_energy_ratio(output.array[None], slab.array[None], factors=scale)),
-                "lr_rmse": lr_rmse(output, lr, degradation),
-            }
-            if extras
-            else {}
-        )
+        scores = score_slices(images[name], images["hr"], mask, extras=extras, window=window)
+        slab_scores = {"ssim3d": float(scores.pop("ssim3d"))} if "ssim3d" in scores else {}
+        if extras:  # of the whole slab: detail beyond the LR band (vs HR), and fidelity to the LR input
+            output = hr.replace(array=images[name].permute(1, 2, 3, 0))  # (C, I, J, K)
+            slab_scores["hf_ratio"] = float(hf_energy_ratio(output.array[None], hr.array[None], factors=scale))
+            slab_scores["lr_rmse"] = lr_rmse(output, lr, degradation)
         rows.append({"method": name} | {key: float(values.mean()) for key, values in scores.items()} | slab_scores)
         per_slice += [
-            {"method": name, "slice": where.k_index(k)}
-            | {key: float(v[k]) for key, v in scores.items() if key != "ssim3d"}
-            for k in range(slab.spatial_shape[2])
+            {"method": name, "slice": where.k_index(k)} | {key: float(v[k]) for key, v in scores.items()}
+            for k in range(depth)
         ]
-        if "ssim3d" in scores:
-            first, last = where.k_index(0), where.k_index(slab.spatial_shape[2] - 1)
-            per_slice.append({"method": name, "slice": f"{first}..{last}", "ssim3d": float(scores["ssim3d"])})
+        if slab_scores:
+            per_slice.append({"method": name, "slice": f"{first}..{last}"} | slab_scores)
     return Comparison(rows, per_slice, images)
 
 
 class Evaluation(NamedTuple):
-    """What :func:`evaluate` measured: the model's name, the scan (sample name or path), the degradation that made
-    the LR slab, the slab, and the :class:`Comparison` (baselines and model)."""
+    """What :func:`evaluate` or :func:`evaluate_pair` measured.
+
+    model: The model's name. scan: The HR scan (sample name or path). degradation: What made the LR slab from HR;
+    for a real pair (``lr`` set), what the model assumes made it. slab: What was scored. comparison: The scores of
+    the baselines and the model. window: What the normalised [0, 1] stands for, in physical units (HU for CT).
+    lr: The real LR scan of a pair; None when the LR was simulated. sources: Each input file -> its SHA-256
+    (:func:`scan_digest`). weights_sha256: Of the model's weights file. card: The model card (Markdown).
+    trust: The model's trust maps and how they relate to its error (``uncertainty.Trust``), when asked for.
+    """
 
     model: str
     scan: str
     degradation: Degradation
     slab: Slab
     comparison: Comparison
+    window: Window
+    lr: str | None
+    sources: dict[str, str]
+    weights_sha256: str
+    card: str
+    trust: Trust | None = None
+
+
+def scan_digest(path: Path) -> str:
+    """SHA-256 (hex) of a scan file, or of a folder's files (a DICOM series) read one after another in sorted
+    order of their paths: ``find DIR -type f -print0 | LC_ALL=C sort -z | xargs -0 cat | sha256sum``."""
+    path = Path(path)
+    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for file in sorted(files, key=bytes):
+        with file.open("rb") as data:
+            while chunk := data.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _seen_scans(model: SRModel) -> tuple[list[Path], list[Path], list[Path]]:
+    """The scans ``model`` trained on, was validated on, and trained on whole (``data.extra_train_scans``). The split
+    fit() saved holds the training machine's paths; the config's split, rebuilt, this machine's: both count."""
+    from medsr.samples import resolve_scan
+    from medsr.train import training_scans
+
+    saved = model.description.get("scans", {})
+    here = training_scans(model.config)
+    train, val = ([Path(p) for p in saved.get(k, [])] + paths for k, paths in (("train", here[0]), ("val", here[1])))
+    return train, val, [resolve_scan(extra) for extra in model.config.data.extra_train_scans]
 
 
 def evaluate(
@@ -235,10 +313,11 @@ def evaluate(
     kspace_consistency: bool | None = None,
     adapt_seconds: float = 0.0,
     device: str = "cpu",
+    uncertainty: bool = False,
 ) -> Evaluation:
     """Score a trained model next to the interpolation baselines on held-out data of an HR scan: the scan is
     degraded as the model was trained (its ``degradation``), every method upsamples the same LR slab, and each is
-    scored against HR (HFEN, 3D SSIM, ``hf_ratio`` and ``lr_rmse`` included).
+    scored against HR (HFEN, 3D SSIM, ``hf_ratio``, ``lr_rmse`` and errors in physical units included).
 
     Args:
         model: A loaded model, a shipped name or a checkpoint folder.
@@ -255,27 +334,24 @@ def evaluate(
             A slab too small to adapt on is scored without (a warning says so).
         device: Where the model runs ('cpu', 'cuda', 'cuda:N', 'mps' or 'auto'; ``infer.resolve_device``); the
             adaptation itself trains on the CPU.
+        uncertainty: Also make the model's trust maps (``uncertainty.maps``: about 10x the model's time) and score
+            them against the truth (``Evaluation.trust``: rank correlation with the error, interval coverage).
 
     >>> result = evaluate("edsr_mr_x2", "colin27", (120, 124), precision="fp32")
     >>> [row["method"] for row in result.comparison.rows], str(result.slab)
     (['nearest', 'linear', 'cubic', 'zerofill', 'edsr_mr_x2'], 'k 120..123')
     """
     from medsr.data import prepare_scan
-    from medsr.infer import model_predictor
     from medsr.io import read_volume
     from medsr.samples import resolve_scan
-    from medsr.train import training_scans
     from medsr.zoo import SRModel, load_model
 
     where = resolve_device(device)  # a device this machine lacks: refused before any work
     model = model if isinstance(model, SRModel) else load_model(model)
     config = model.config
     path = resolve_scan(str(scan))
-    # The split fit() saved holds the training machine's paths; the config's split, rebuilt, this machine's.
-    saved = model.description.get("scans", {})
-    here = training_scans(config)
-    train, val = ([Path(p) for p in saved.get(k, [])] + paths for k, paths in (("train", here[0]), ("val", here[1])))
-    if path in {resolve_scan(extra) for extra in config.data.extra_train_scans}:
+    train, val, extra = _seen_scans(model)
+    if path in extra:
         raise ValueError(f"{path} is a scan {model.name} trained on (data.extra_train_scans); evaluate on another")
     if config.data.split == "scan" and path in train + val:  # validation picked the checkpoint: not held out
         raise ValueError(f"{path} is a scan {model.name} trained or was validated on; evaluate on a test scan")
@@ -294,34 +370,140 @@ def evaluate(
         raise ValueError(
             f"{path}: has {hr.spatial_shape[axis]} voxels along {'ijk'[axis]}; choose a slab inside it with --slices"
         )
+    slab, lr = degraded_slab(hr, config.degradation, slices=slices, axis=axis)
+    options = dict(precision=precision, kspace_consistency=kspace_consistency, adapt_seconds=adapt_seconds)
+    options |= {"uncertainty": uncertainty}
+    return _score_model(model, slab, lr, Slab(*slices, axis), scan=str(scan), sources=[path], device=where, **options)
+
+
+PAIR_TOLERANCE = 0.5  # HR voxels: how far apart the corners of an LR/HR pair's fields of view may be
+
+
+def check_pair(lr: Volume, hr: Volume, scale: Sequence[int], *, names: tuple[str, str] | None = None) -> None:
+    """Refuse an LR/HR pair that does not sample one field of view at ``scale``: the HR's shape must be the LR's
+    times ``scale``, and each corner of the LR's field of view (``volume.scale_affine``) must be within
+    ``PAIR_TOLERANCE`` times the largest HR voxel edge of the HR's. ``names``: of the LR and HR files, for the error.
+
+    >>> from medsr.volume import scale_affine
+    >>> lr = Volume(torch.zeros(1, 4, 4, 2), np.eye(4))
+    >>> check_pair(lr, Volume(torch.zeros(1, 8, 8, 2), scale_affine(np.eye(4), (2, 2, 1))), (2, 2, 1))
+    >>> check_pair(lr, Volume(torch.zeros(1, 8, 8, 2), np.eye(4)), (2, 2, 1))
+    Traceback (most recent call last):
+    ...
+    ValueError: LR and HR are not a pair at scale 2x2x1: fields of view 5.66 mm apart at a corner (tolerance 0.5 mm)
+    """
+    expected = tuple(n * s for n, s in zip(lr.spatial_shape, scale, strict=True))
+    files = "LR and HR" if names is None else f"LR {names[0]} and HR {names[1]}"
+    problem = f"{files} are not a pair at scale {'x'.join(map(str, scale))}: "
+    if hr.spatial_shape != expected:
+        raise ValueError(
+            f"{problem}HR shape {hr.spatial_shape} is not LR shape {lr.spatial_shape} x scale = {expected}"
+        )
+    edges = np.stack(np.meshgrid(*[(-0.5, n - 0.5) for n in hr.spatial_shape], indexing="ij"), -1).reshape(-1, 3)
+    corners = np.c_[edges, np.ones(len(edges))].T  # (4, 8) HR voxel indices of the field of view's corners
+    apart = float(np.linalg.norm(((scale_affine(lr.affine, scale) - hr.affine) @ corners)[:3], axis=0).max())
+    tolerance = PAIR_TOLERANCE * max(hr.spacing)
+    if apart > tolerance:
+        raise ValueError(f"{problem}fields of view {apart:.3g} mm apart at a corner (tolerance {tolerance:.3g} mm)")
+
+
+def evaluate_pair(
+    model: SRModel | str | Path,
+    lr: str | Path,
+    hr: str | Path,
+    *,
+    precision: str = "auto",
+    kspace_consistency: bool | None = None,
+    adapt_seconds: float = 0.0,
+    device: str = "cpu",
+    uncertainty: bool = False,
+) -> Evaluation:
+    """Score a model next to the baselines on a real LR/HR pair: two scans of one subject over the same field of
+    view, the HR at the model's scale. Nothing is simulated: every method upsamples the given LR to the HR grid
+    (:func:`check_pair`), both normalised with the LR's window (``intensity.default_window``, as ``medsr upscale``
+    normalises its input). Misregistration between the two acquisitions lowers every method's score alike.
+    The other arguments are those of :func:`evaluate`.
+
+    >>> import tempfile, medsr
+    >>> from medsr.samples import sample_path
+    >>> lr, hr = (Path(tempfile.mkdtemp()) / name for name in ("lr.nii.gz", "hr.nii.gz"))
+    >>> scan = medsr.read_volume(sample_path("mr_t1_coronal"), modality="MR")
+    >>> medsr.write_volume(medsr.degrade(scan, Degradation((2, 2, 1), modality="MR")), lr)
+    >>> medsr.write_volume(scan, hr)
+    >>> [row["method"] for row in evaluate_pair("edsr_mr_x2", lr, hr, precision="fp32").comparison.rows]
+    ['nearest', 'linear', 'cubic', 'zerofill', 'edsr_mr_x2']
+    """
+    from medsr.io import read_volume
+    from medsr.samples import resolve_scan
+    from medsr.zoo import SRModel, load_model
+
+    where = resolve_device(device)  # a device this machine lacks: refused before any work
+    model = model if isinstance(model, SRModel) else load_model(model)
+    paths = resolve_scan(str(lr)), resolve_scan(str(hr))
+    if paths[1] in {p for seen in _seen_scans(model) for p in seen}:
+        raise ValueError(f"{paths[1]} is a scan {model.name} trained or was validated on; evaluate on another")
+    low, high = (read_volume(path, modality=model.modality) for path in paths)
+    check_pair(low, high, model.scale, names=(str(lr), str(hr)))
+    window = default_window(low)
+    low, high = (normalize(v, window).replace(meta=v.meta | {"window": window}) for v in (low, high))
+    options = dict(precision=precision, kspace_consistency=kspace_consistency, adapt_seconds=adapt_seconds)
+    options |= {"uncertainty": uncertainty}
+    slab = Slab(0, high.spatial_shape[2], 2)
+    return _score_model(model, high, low, slab, scan=str(hr), lr_scan=str(lr), sources=paths, device=where, **options)
+
+
+def _score_model(
+    model: SRModel,
+    hr: Volume,
+    lr: Volume,
+    where: Slab,
+    *,
+    scan: str,
+    sources: Sequence[Path],
+    device: torch.device,
+    precision: str,
+    kspace_consistency: bool | None,
+    adapt_seconds: float,
+    uncertainty: bool,
+    lr_scan: str | None = None,
+) -> Evaluation:
+    """The model (and its copy adapted to ``lr``) next to the baselines on one slab: what :func:`evaluate` and
+    :func:`evaluate_pair` share."""
+    from medsr.infer import model_predictor
+    from medsr.pipeline import weights_digest
 
     def predictor(network: torch.nn.Module) -> Predictor:
-        return model_predictor(on_device(network, where), precision=precision)
+        return model_predictor(on_device(network, device), precision=precision)
 
+    degradation = model.degradation
     models = {model.name: predictor(model.network)}
     adapted = None
     if adapt_seconds > 0:
         from medsr.adapt import adapt
         from medsr.intensity import denormalize
 
-        _, lr = degraded_slab(hr, config.degradation, slices=slices, axis=axis)
         try:
             adapted = adapt(model, denormalize(lr, hr.meta["window"]), seconds=adapt_seconds, precision=precision)
         except ValueError as error:  # too small to make LLR pairs from: scored without
-            LOG.warning("%s: not adapted: %s", path, error)
+            LOG.warning("%s: not adapted: %s", scan, error)
         else:
             models[f"{model.name}+adapted"] = predictor(adapted.model.network)
-    comparison = compare_methods(
-        hr,
-        config.degradation,
-        models,
-        slices=slices,
-        spatial_dims=config.model.spatial_dims,
-        extras=True,
-        axis=axis,
-        kspace=kspace_applies(config.degradation) if kspace_consistency is None else kspace_consistency,
+    kspace = kspace_applies(degradation) if kspace_consistency is None else kspace_consistency
+    comparison = score_methods(
+        hr, lr, degradation, models, where, spatial_dims=model.config.model.spatial_dims, extras=True, kspace=kspace
     )
+    trusted = None
+    if uncertainty:
+        from medsr.uncertainty import maps, trust
+
+        scale = {"model_scale": model.model_scale, "scale": integer_scale(degradation.factors)}
+        result = maps(models[model.name], lr, degradation, consistency=kspace, progress=False, **scale)
+        trusted = trust(result, hr, model.description.get("uncertainty", {}).get("factors"))
     if adapted is not None:  # what --adapt gives: the fine-tuned model, or the model itself when it was not kept
         row = next(row for row in comparison.rows if row["method"] == f"{model.name}+adapted")
         row |= {"adapt_seconds": adapted.seconds, "adapt_steps": adapted.steps, "adapt_kept": adapted.kept}
-    return Evaluation(model.name, str(scan), config.degradation, Slab(*slices, axis), comparison)
+    digests = {str(path): scan_digest(path) for path in sources}
+    window, digest = hr.meta["window"], weights_digest(model)
+    return Evaluation(
+        model.name, scan, degradation, where, comparison, window, lr_scan, digests, digest, model.card, trusted
+    )

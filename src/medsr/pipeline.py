@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import logging
 import math
+import shutil
 import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -28,6 +29,7 @@ import torch
 from medsr.checkpoint import WEIGHTS
 from medsr.degrade import MAX_FACTOR
 from medsr.infer import (
+    DEFAULT_MEMORY,
     model_plan,
     model_predictor,
     network_device,
@@ -48,6 +50,7 @@ from medsr.io import (
     sidecar_path,
     write_volume,
 )
+from medsr.uncertainty import MAPS, TrustMaps, map_path, physical_maps
 from medsr.volume import Volume
 from medsr.zoo import SRModel, choose_model, is_through_plane, load_model, model_family
 
@@ -179,7 +182,8 @@ def upscale(
     scale: Sequence[float] | None = None,
     spacing: Sequence[float] | None = None,
     tile: int | None = None,
-    overlap: int = 8,
+    overlap: int | None = None,
+    memory: float = DEFAULT_MEMORY,
     precision: str = "auto",
     device: str = "auto",
     kspace_consistency: bool | None = None,
@@ -196,7 +200,9 @@ def upscale(
             model for the volume's modality and the factors (see :func:`plan_upscale`).
         scale, spacing: Output voxels per input voxel along (i, j, k), or a target spacing in mm (non-integer
             factors: the model, then linear resampling); default: the model's scale.
-        tile, overlap: Tiling of the input, in voxels (``infer.predict_volume``).
+        tile, overlap, memory: Tiles of the input in voxels, and the bytes one forward may use (default 2 GiB): by
+            default whole planes (2D models) or the whole volume (3D) when they fit, else the largest tiles that
+            fit, overlapping by twice the model's receptive radius (``infer.volume_tiling``).
         precision: 'auto', 'fp32' or 'bf16' (``infer.model_predictor``).
         device: Where the model runs: 'auto' (the GPU when there is one), 'cpu', 'cuda', 'cuda:N' or 'mps'
             (``infer.resolve_device``; a device this machine lacks is a ValueError before any work).
@@ -215,7 +221,43 @@ def upscale(
     plan = plan_upscale(volume, model, scale=scale, spacing=spacing)
     kspace = _kspace(plan, kspace_consistency)
     plan = _on_device(_adapted(plan, volume, adapt, precision, progress) if adapt else plan, where)
-    return _run_in_memory(volume, plan, tile, overlap, precision, kspace, progress)
+    return _run_in_memory(volume, plan, tile, overlap, memory, precision, kspace, progress)
+
+
+def trust_maps(
+    volume: Volume,
+    model: SRModel | str | Path | None = None,
+    *,
+    scale: Sequence[float] | None = None,
+    spacing: Sequence[float] | None = None,
+    tile: int | None = None,
+    overlap: int | None = None,
+    memory: float = DEFAULT_MEMORY,
+    precision: str = "auto",
+    device: str = "auto",
+    kspace_consistency: bool | None = None,
+    adapt: float = 0.0,
+    progress: bool = False,
+) -> TrustMaps:
+    """:func:`upscale` with the maps that say where its output can be trusted (``medsr.uncertainty``), each a
+    Volume on the output's grid in physical units: ``output`` (as :func:`upscale` gives it), ``spread`` and
+    ``sigma`` (standard deviations), ``consistent`` and ``residual`` (what the output adds beyond the best classical
+    upsampling, split into what the input cannot contradict and what contradicts it), and ``lower``/``upper``, the
+    calibrated interval (None for a model without calibration: ``medsr models NAME --calibrate``).
+
+    The arguments are those of :func:`upscale`.
+
+    >>> import medsr, torch
+    >>> scan = medsr.Volume(torch.rand(1, 24, 20, 3), np.diag([1.0, 1.0, 3.0, 1.0]), medsr.Modality.MR)
+    >>> maps = medsr.trust_maps(scan, precision="fp32")
+    >>> maps.sigma.spatial_shape, torch.equal(maps.output.array, medsr.upscale(scan, precision="fp32").array)
+    ((48, 40, 3), True)
+    """
+    where = resolve_device(device)
+    plan = plan_upscale(volume, model, scale=scale, spacing=spacing)
+    kspace = _kspace(plan, kspace_consistency)
+    plan = _on_device(_adapted(plan, volume, adapt, precision, progress) if adapt else plan, where)
+    return _maps_in_memory(volume, plan, tile, overlap, memory, precision, kspace, progress)
 
 
 def upscale_file(
@@ -227,7 +269,8 @@ def upscale_file(
     spacing: Sequence[float] | None = None,
     modality: str | None = None,
     tile: int | None = None,
-    overlap: int = 8,
+    overlap: int | None = None,
+    memory: float = DEFAULT_MEMORY,
     precision: str = "auto",
     device: str = "auto",
     kspace_consistency: bool | None = None,
@@ -238,6 +281,7 @@ def upscale_file(
     adapt: float = 0.0,
     new_study: bool = False,
     enhanced: bool = False,
+    uncertainty: bool = False,
     command_line: str | None = None,
 ) -> Plan:
     """Super-resolve the scan at ``source`` into ``target`` (same format family), atomically; returns the plan.
@@ -259,10 +303,14 @@ def upscale_file(
         anonymize: DICOM target: de-identify the header.
         new_study: DICOM target: put the series in a new study (else the source's, beside the source series).
         enhanced: DICOM target: one Legacy Converted Enhanced CT/MR file (highdicom) instead of one file per slice.
+        uncertainty: Also write the trust maps (:func:`trust_maps`) beside the target, float32 in the target's
+            format and geometry (``uncertainty.map_path``: ``sr_uncertainty.nii.gz``, ``sr_lower``, ``sr_upper``,
+            ``sr_consistent``, ``sr_residual``; PNG: float TIFF; DICOM: each its own derived series); the bounds
+            only for a model with a calibrated interval. Runs in memory; about 10x a plain upscale's time.
         dtype: NIfTI target: 'input' (the source NIfTI's integer type and scl_slope/scl_inter, values beyond the
             type's range clipped; float32 for float sources and DICOM series) or 'float32'.
         command_line: The command that asked for this, for the sidecar (``medsr upscale`` passes its own).
-        model, scale, spacing, tile, overlap, precision, device, kspace_consistency, adapt, progress: As for
+        model, scale, spacing, tile, overlap, memory, precision, device, kspace_consistency, adapt, progress: As for
             :func:`upscale` (with ``adapt`` the scan is read into memory once for the fine-tuning).
 
     The sidecar: Description (as descrip), MedsrVersion, CommandLine (when given), Sources (the source's absolute
@@ -290,6 +338,7 @@ def upscale_file(
         modality=modality,
         tile=tile,
         overlap=overlap,
+        memory=memory,
         precision=precision,
         device=device,
         kspace_consistency=kspace_consistency,
@@ -300,6 +349,7 @@ def upscale_file(
         adapt=adapt,
         new_study=new_study,
         enhanced=enhanced,
+        uncertainty=uncertainty,
         command_line=command_line,
     )
 
@@ -310,27 +360,38 @@ def upscale_folder(
     """:func:`upscale_file` for every scan under ``source`` (``data.find_scans``: files and DICOM series), into the
     same relative paths under ``target``. A scan that fails is reported and skipped; each model is loaded once.
 
+    Under ``torchrun`` each process upscales its share of the sorted scans (``shard.share``; 'auto' and 'cuda'
+    devices: the process's own GPU, ``shard.rank_device``), and every process returns the results of all.
+
     Returns (written targets, [(failed source, error message)]).
     """
+    import datetime
+
     from medsr.data import find_scans
     from medsr.progress import progress_bar
+    from medsr.shard import gather, process_group, rank_device, share
 
     source, target = Path(source), Path(target)
     if target.exists() and not target.is_dir():
         raise ValueError(f"{target}: upscaling a folder writes into a folder, and this is a file")
+    options["device"] = str(rank_device(options.get("device", "auto")))
     models: dict[str, SRModel] = {}
     written, failed = [], []
-    for scan in progress_bar(find_scans(source), desc="scans", unit="scan", disable=not options.get("progress")):
-        output = target / scan.relative_to(source)
-        try:
-            output.parent.mkdir(parents=True, exist_ok=True)
-            _upscale_file(scan, output, model, models, **options)
-        except (ValueError, OSError) as error:
-            failed.append((scan, str(error)))
-            LOG.warning("skipped %s: %s", scan, error)
-        else:
-            written.append(output)
-    return written, failed
+    with process_group(timeout=datetime.timedelta(days=1)) as place:  # a rank may wait long for the slowest one
+        options["progress"] = options.get("progress", False) and place.rank == 0
+        scans = share(find_scans(source), place)
+        for scan in progress_bar(scans, desc="scans", unit="scan", disable=not options["progress"]):
+            output = target / scan.relative_to(source)
+            try:
+                output.parent.mkdir(parents=True, exist_ok=True)
+                _upscale_file(scan, output, model, models, **options)
+            except (ValueError, OSError) as error:
+                failed.append((scan, str(error)))
+                LOG.warning("skipped %s: %s", scan, error)
+            else:
+                written.append(output)
+        results = gather((written, failed))
+    return sorted(path for done, _ in results for path in done), sorted(bad for _, lost in results for bad in lost)
 
 
 def _upscale_file(
@@ -343,7 +404,8 @@ def _upscale_file(
     spacing: Sequence[float] | None = None,
     modality: str | None = None,
     tile: int | None = None,
-    overlap: int = 8,
+    overlap: int | None = None,
+    memory: float = DEFAULT_MEMORY,
     precision: str = "auto",
     device: str = "auto",
     kspace_consistency: bool | None = None,
@@ -354,6 +416,7 @@ def _upscale_file(
     adapt: float = 0.0,
     new_study: bool = False,
     enhanced: bool = False,
+    uncertainty: bool = False,
     command_line: str | None = None,
 ) -> Plan:
     """:func:`upscale_file`, with ``models``: loaded models by name, shared over a folder's scans."""
@@ -367,6 +430,8 @@ def _upscale_file(
         raise ValueError(f"{target}: --enhanced is for DICOM output (a folder name without suffix)")
     if target_format != "dicom":
         check_output(sidecar_path(target), [source], force=force)
+    for name in MAPS if uncertainty else ():
+        check_output(map_path(target, name), [source], force=force)
     scan = open_scan(source, modality=modality)
     if isinstance(model, str | Path) and str(model) in models:
         model = models[str(model)]
@@ -388,10 +453,19 @@ def _upscale_file(
             "new_study": new_study,
             "enhanced": enhanced,
         }
+    trusted = None
+    if uncertainty:
+        volume = scan.read() if isinstance(scan, VolumeFile) else scan
+        trusted = _maps_in_memory(volume, plan, tile, overlap, memory, precision, kspace, progress)
+    if target_format == "dicom":
         sidecar = nullcontext()
     else:
-        sidecar = sidecar_output(target, _provenance(plan, source, description, precision, kspace, command_line))
+        record = _provenance(plan, source, description, precision, kspace, command_line)
+        sidecar = sidecar_output(target, record | ({} if trusted is None else _maps_record(trusted, target, plan)))
     with sidecar:
+        if trusted is not None:
+            _write_maps(trusted, target, anonymize=anonymize, **storage)  # in memory: the maps need the whole scan
+            return plan
         if streams:
             stream_upscale(
                 scan,
@@ -401,6 +475,7 @@ def _upscale_file(
                 spatial_dims=plan.model.spatial_dims,
                 tile=tile,
                 overlap=overlap,
+                memory=memory,
                 anonymize=anonymize,
                 window=plan.window,
                 modality=plan.modality,
@@ -411,13 +486,20 @@ def _upscale_file(
             )
         else:
             volume = scan.read() if isinstance(scan, VolumeFile) else scan
-            sr = _run_in_memory(volume, plan, tile, overlap, precision, kspace, progress)
+            sr = _run_in_memory(volume, plan, tile, overlap, memory, precision, kspace, progress)
             write_volume(sr, target, anonymize=anonymize, **storage)
     return plan
 
 
 def _run_in_memory(
-    volume: Volume, plan: Plan, tile: int | None, overlap: int, precision: str, kspace: bool, progress: bool
+    volume: Volume,
+    plan: Plan,
+    tile: int | None,
+    overlap: int | None,
+    memory: float,
+    precision: str,
+    kspace: bool,
+    progress: bool,
 ) -> Volume:
     volume = volume.replace(modality=plan.modality)
     sr = super_resolve(
@@ -427,6 +509,7 @@ def _run_in_memory(
         factors=plan.factors,
         tile=tile,
         overlap=overlap,
+        memory=memory,
         precision=precision,
         progress=progress,
         window=plan.window,
@@ -435,6 +518,77 @@ def _run_in_memory(
     if not torch.isfinite(sr.array).all():
         raise ValueError(f"{plan.model.name} gives NaN or infinite values (broken weights?); nothing written")
     return sr if plan.floor is None else sr.replace(array=sr.array.clamp(min=plan.floor))
+
+
+def _maps_in_memory(
+    volume: Volume,
+    plan: Plan,
+    tile: int | None,
+    overlap: int | None,
+    memory: float,
+    precision: str,
+    kspace: bool,
+    progress: bool,
+) -> TrustMaps:
+    """:func:`trust_maps` of a planned scan: ``uncertainty.physical_maps``, the output as :func:`_run_in_memory`."""
+    maps = physical_maps(
+        volume.replace(modality=plan.modality),
+        plan.model,
+        factors=plan.factors,
+        window=plan.window,
+        precision=precision,
+        consistency=kspace,
+        floor=plan.floor,
+        tile=tile,
+        overlap=overlap,
+        memory=memory,
+        progress=progress,
+    )
+    if not all(torch.isfinite(v.array).all() for v in maps[:-1] if v is not None):
+        raise ValueError(f"{plan.model.name} gives NaN or infinite values (broken weights?); nothing written")
+    return maps
+
+
+def _map_fields(maps: TrustMaps) -> dict[str, Volume]:
+    """The maps ``--uncertainty`` writes, by the name in their files (``uncertainty.MAPS``): sigma as uncertainty."""
+    fields = {"uncertainty": maps.sigma, "lower": maps.lower, "upper": maps.upper}
+    return {
+        name: v
+        for name, v in (fields | {"consistent": maps.consistent, "residual": maps.residual}).items()
+        if v is not None
+    }
+
+
+def _maps_record(maps: TrustMaps, target: Path, plan: Plan) -> dict:
+    """What an output's sidecar says of its maps: their files, sigma's fit and the interval's calibration."""
+    record = plan.model.description.get("uncertainty")
+    a, b = maps.fit
+    return {
+        "UncertaintyMaps": {name: map_path(target, name).name for name in _map_fields(maps)},
+        "UncertaintyFit": {"a": a, "b": b * (plan.window.hi - plan.window.lo)},  # sigma^2 = a^2 spread^2 + b^2
+        "IntervalFactor": None if record is None else record["factor"],
+        "IntervalCoverage": None if record is None else 1 - record["alpha"],
+    }
+
+
+def _write_maps(maps: TrustMaps, target: Path, *, anonymize: bool, **storage) -> None:
+    """Write the maps beside ``target`` (float32; DICOM: each its own derived series), then the output itself;
+    an error removes the maps already written, so the set appears complete or not at all."""
+    written: list[Path] = []
+    try:
+        for name, field in _map_fields(maps).items():
+            path = map_path(target, name)
+            description = f"medsr {name} {storage['description'][len('medsr ') :]}"[:64]
+            float_map = field.replace(meta={**field.meta, "pixel_dtype": "float32"})
+            write_volume(
+                float_map, path, anonymize=anonymize, **(storage | {"description": description, "dtype": "float32"})
+            )
+            written.append(path)
+        write_volume(maps.output, target, anonymize=anonymize, **storage)
+    except BaseException:
+        for path in written:
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        raise
 
 
 def _on_device(plan: Plan, device: torch.device) -> Plan:

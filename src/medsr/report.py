@@ -2,10 +2,11 @@
 
 * Text: ``format_table``; ``summary_rows`` (mean ± std per method) and ``difference_rows`` (model minus each
   baseline, paired, with a t confidence interval), which feed both the text table and the HTML report.
-* Figures (matplotlib, written atomically as PNG): ``comparison_figure`` (side by side with a zoomed detail),
-  ``error_map_figure`` (|method - HR| on one colour scale), ``profile_figure`` (intensities along a line across the
-  strongest edge), ``degradation_figure`` (HR | LR | difference).
-* ``write_html_report``: one self-contained HTML file with the setup, the tables and the figures.
+* Figures (matplotlib, written atomically as PNG): ``comparison_figure`` (side by side with a zoomed detail, one or
+  more slices), ``error_map_figure`` (|method - HR| on one colour scale, one or more slices), ``profile_figure``
+  (intensities along a line across the strongest edge), ``degradation_figure`` (HR | LR | difference).
+* ``write_html_report``: one self-contained HTML file with the setup, the tables, the figures, the model card and
+  the provenance; ``write_evaluation``: that report, the scores as CSV/JSON and the figures of an evaluation.
 """
 
 from __future__ import annotations
@@ -30,34 +31,54 @@ from medsr.evaluation import Evaluation, Slab, baselines, best_baseline, body_ma
 from medsr.inputs import PROJECTION
 from medsr.io import atomic_output, write_bytes
 from medsr.metrics import paired_difference
+from medsr.uncertainty import Trust
 from medsr.zoo import is_through_plane, upscaled_axes
 
-# The score columns medsr reports, in display order: name -> (heading, number format). HFEN is the only one for
-# which lower is better.
+# The score columns medsr reports, in display order: name -> (heading, number format); {unit} in a heading is the
+# intensities' physical unit (HU for CT). For the errors (RMSE, MAE, HFEN, LR consistency) lower is better.
 METRICS = {
     "psnr": ("PSNR (dB)", "{:.2f}"),
     "ssim": ("SSIM", "{:.4f}"),
     "psnr_body": ("PSNR body (dB)", "{:.2f}"),
     "ssim_body": ("SSIM body", "{:.4f}"),
+    "rmse_body": ("RMSE body ({unit})", "{:#.4g}"),
+    "mae_body": ("MAE body ({unit})", "{:#.4g}"),
     "ssim3d": ("3D SSIM", "{:.4f}"),
     "hfen": ("HFEN", "{:.4f}"),
     "hf_ratio": ("HF energy / HR", "{:.3f}"),  # detail energy relative to HR: 1 is as sharp as HR
     "lr_rmse": ("LR consistency RMSE", "{:.4f}"),  # the output degraded again, against its LR input
 }
+# What each score means, for the note under the report's tables (only the scores it shows).
+_EXPLAINED = {
+    "psnr": "PSNR and SSIM: higher is better.",
+    "rmse_body": "RMSE and MAE body: root-mean-square and mean absolute error inside the mask, in {unit} (the "
+    "normalised error times the window's width); lower is better.",
+    "hfen": "HFEN (high-frequency error norm, Ravishankar and Bresler 2011): relative error of the "
+    "Laplacian-of-Gaussian-filtered image, lower is better.",
+    "hf_ratio": "HF energy / HR: energy above the LR's band relative to HR's, over the slab; 1 is as much detail "
+    "as HR, below 1 blurred, above 1 noise or invented detail.",
+    "lr_rmse": "LR consistency RMSE: the output degraded again as the LR was made (or, for a real LR, as the model "
+    "assumes), against that LR, over the slab, normalised intensities; lower is more faithful to what was "
+    "measured.",
+}
 _MISSING = "\N{EN DASH}"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def format_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str]) -> str:
-    """A fixed-width text table; metric columns get their usual precision (PSNR 2 decimals, SSIM 4)."""
+def format_table(
+    rows: Sequence[Mapping[str, object]], columns: Sequence[str], headings: Sequence[str] | None = None
+) -> str:
+    """A fixed-width text table; metric columns get their usual precision (PSNR 2 decimals, SSIM 4). ``headings``:
+    what to print above each column instead of its name."""
 
     def cell(row: Mapping[str, object], column: str) -> str:
         value = row.get(column, _MISSING)
         return METRICS.get(column, (column, "{}"))[1].format(value) if isinstance(value, float) else str(value)
 
+    headings = list(columns if headings is None else headings)
     cells = [[cell(row, c) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(columns, widths, strict=True)))]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headings)]
+    lines = ["  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(headings, widths, strict=True)))]
     lines.append("  ".join("-" * w for w in widths))
     for r in cells:
         lines.append("  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths, strict=True))))
@@ -203,57 +224,80 @@ def detail_box(hr: torch.Tensor, size: int) -> tuple[int, int]:
     return int(i) * max(1, size // 4), int(j) * max(1, size // 4)
 
 
-def comparison_figure(path: Path, panels: Mapping[str, torch.Tensor], *, title: str = "") -> None:
-    """Side-by-side panels of one slice (top row) and the same zoomed detail of each (bottom row); atomic write.
+def _stack(image: torch.Tensor) -> torch.Tensor:
+    """An (I, J) slice as a stack of one, (1, I, J); an (S, I, J) stack as it is."""
+    return image[None] if image.ndim == 2 else image
+
+
+def comparison_figure(
+    path: Path, panels: Mapping[str, torch.Tensor], *, title: str = "", labels: Sequence[str] = ()
+) -> None:
+    """Side-by-side panels of one or more slices: per slice, a row of whole views above a row of the same zoomed
+    detail; atomic write.
 
     Args:
         path: PNG to write.
-        panels: Title -> (I, J) slice, all covering the same field of view (the first may be the coarser LR).
-            The last panel is taken as the reference (HR) for choosing the zoom box. Shown in the neurological
-            convention for RAS volumes: i (Right) to the right, j (Anterior) up.
-        title: Figure title (say the degradation, scale and slice).
+        panels: Title -> (I, J) slice, or (S, I, J) for S slices, all covering the same field of view (the first
+            may be the coarser LR). The last panel is taken as the reference (HR) for choosing each zoom box. Shown
+            in the neurological convention for RAS volumes: i (Right) to the right, j (Anterior) up.
+        title: Figure title (say the degradation and scale).
+        labels: One per slice, written beside its rows, e.g. "slice 12".
     """
     plt = _pyplot()
     from matplotlib.patches import Rectangle
 
-    reference = list(panels.values())[-1]
-    full_i, full_j = reference.shape
+    stacks = {name: _stack(image) for name, image in panels.items()}
+    reference = list(stacks.values())[-1]
+    count, full_i, full_j = reference.shape
     size = max(8, min(full_i, full_j) // 4)
-    box_i, box_j = detail_box(reference, size)
-    low, high = np.percentile(reference.numpy(), [0.5, 99.5])
+    inches = 3.0 if count == 1 else 2.3  # per panel: three slices stay about one screen high
     figure, axes = plt.subplots(
-        2,
-        len(panels),
-        figsize=(3.0 * len(panels), 6.4),
+        2 * count,
+        len(stacks),
+        figsize=(inches * len(stacks), inches * count * (full_j / full_i + 1) + 0.4),
         squeeze=False,
-        gridspec_kw={"height_ratios": [full_j / full_i, 1]},
+        gridspec_kw={"height_ratios": [full_j / full_i, 1] * count},
     )
-    for column, (name, image) in enumerate(panels.items()):
+    for row in range(count):
+        box_i, box_j = detail_box(reference[row], size)
+        low, high = np.percentile(reference[row].numpy(), [0.5, 99.5])
         # Every panel spans the same field of view, whatever its voxel count (the LR has fewer).
         shown = dict(cmap="gray", vmin=low, vmax=high, extent=(0, full_i, 0, full_j))
-        whole, zoom = axes[0, column], axes[1, column]
-        _show(whole, image, **shown)
-        whole.add_patch(Rectangle((box_i, box_j), size, size, fill=False, edgecolor="yellow", linewidth=1))
-        whole.set_title(f"{name} ({image.shape[0]}x{image.shape[1]})", fontsize=9)
-        _show(zoom, image, **shown)
-        zoom.set_xlim(box_i, box_i + size)
-        zoom.set_ylim(box_j, box_j + size)
-        zoom.set_title(f"{name}, zoom x{full_i / size:.0f}", fontsize=8)
-        for spine in zoom.spines.values():
-            spine.set_edgecolor("yellow")
+        for column, (name, stack) in enumerate(stacks.items()):
+            whole, zoom = axes[2 * row, column], axes[2 * row + 1, column]
+            _show(whole, stack[row], **shown)
+            whole.add_patch(Rectangle((box_i, box_j), size, size, fill=False, edgecolor="yellow", linewidth=1))
+            _show(zoom, stack[row], **shown)
+            zoom.set_xlim(box_i, box_i + size)
+            zoom.set_ylim(box_j, box_j + size)
+            for spine in zoom.spines.values():
+                spine.set_edgecolor("yellow")
+            if row == 0:
+                whole.set_title(f"{name} ({stack.shape[1]}x{stack.shape[2]})", fontsize=9)
+                zoom.set_title(f"{name}, zoom x{full_i / size:.0f}", fontsize=8)
+        if labels:
+            axes[2 * row, 0].set_ylabel(labels[row], fontsize=9)
     _save(figure, path, title)
 
 
 def _check_same_grid(hr: torch.Tensor, methods: Mapping[str, torch.Tensor]) -> None:
-    if hr.ndim != 2:
-        raise ValueError(f"hr must be one (I, J) slice, got shape {tuple(hr.shape)}")
+    if hr.ndim not in (2, 3):
+        raise ValueError(f"hr must be an (I, J) slice or (S, I, J) slices, got shape {tuple(hr.shape)}")
     for name, image in methods.items():
         if image.shape != hr.shape:
             raise ValueError(f"{name}: shape {tuple(image.shape)} is not the HR grid {tuple(hr.shape)}")
 
 
-def error_map_figure(path: Path, hr: torch.Tensor, methods: Mapping[str, torch.Tensor], *, title: str = "") -> None:
-    """|method - HR| of one slice per method, all on one colour scale with one colourbar; atomic write.
+def error_map_figure(
+    path: Path,
+    hr: torch.Tensor,
+    methods: Mapping[str, torch.Tensor],
+    *,
+    title: str = "",
+    labels: Sequence[str] = (),
+    unit: str = "image intensity units",
+) -> None:
+    """|method - HR| per method (columns) and slice (rows), all on one colour scale with one colourbar; atomic write.
 
     The scale runs from 0 to the 99.5th percentile of all the errors pooled, so that a few hot voxels do not wash
     out every map; larger errors show in the top colour (the colourbar's arrow). Same view as
@@ -261,23 +305,32 @@ def error_map_figure(path: Path, hr: torch.Tensor, methods: Mapping[str, torch.T
 
     Args:
         path: PNG to write.
-        hr: (I, J) reference slice.
-        methods: Name -> (I, J) slice on the HR grid (baselines and model), in display order.
-        title: Figure title (say the slice and the degradation).
+        hr: (I, J) reference slice, or (S, I, J) slices.
+        methods: Name -> slices on the HR grid, shaped as ``hr`` (baselines and model), in display order.
+        title: Figure title (say the degradation).
+        labels: One per slice, written beside its row, e.g. "slice 12".
+        unit: Of the intensities (e.g. "HU"), named on the colourbar.
     """
     _check_same_grid(hr, methods)
     plt = _pyplot()
-    errors = {name: (image.double() - hr.double()).abs() for name, image in methods.items()}
+    reference = _stack(hr).double()
+    errors = {name: (_stack(image).double() - reference).abs() for name, image in methods.items()}
     vmax = float(np.percentile(torch.cat([e.flatten() for e in errors.values()]).numpy(), 99.5)) or 1.0
+    count, full_i, full_j = reference.shape
+    inches = 2.6 if count == 1 else 2.2
     figure, axes = plt.subplots(
-        1, len(errors), figsize=(2.6 * len(errors) + 1.0, 3.0 * hr.shape[1] / hr.shape[0] + 0.6), squeeze=False
+        count, len(errors), figsize=(inches * len(errors) + 1.0, count * inches * full_j / full_i + 0.8), squeeze=False
     )
     figure.set_layout_engine("constrained")
-    for ax, (name, error) in zip(axes[0], errors.items(), strict=True):
-        shown = _show(ax, error, cmap="inferno", vmin=0.0, vmax=vmax)
-        ax.set_title(f"|{name} \N{MINUS SIGN} HR|", fontsize=9)
-    colourbar = figure.colorbar(shown, ax=axes[0].tolist(), extend="max", shrink=0.9)
-    colourbar.set_label("absolute error (image intensity units)", fontsize=8)
+    for row in range(count):
+        for ax, (name, error) in zip(axes[row], errors.items(), strict=True):
+            shown = _show(ax, error[row], cmap="inferno", vmin=0.0, vmax=vmax)
+            if row == 0:
+                ax.set_title(f"|{name} \N{MINUS SIGN} HR|", fontsize=9)
+        if labels:
+            axes[row, 0].set_ylabel(labels[row], fontsize=9)
+    colourbar = figure.colorbar(shown, ax=axes.ravel().tolist(), extend="max", shrink=0.9)
+    colourbar.set_label(f"absolute error ({unit})", fontsize=8)
     colourbar.ax.tick_params(labelsize=7)
     _save(figure, path, title)
 
@@ -319,6 +372,7 @@ def profile_figure(
     *,
     mask: torch.Tensor | None = None,
     title: str = "",
+    unit: str = "",
 ) -> None:
     """Intensity profiles of HR and each method along the line of ``profile_line``, beside the HR slice showing
     where the line is; atomic write. Blurred edges show as shallow ramps, ringing as over- and undershoots.
@@ -329,6 +383,7 @@ def profile_figure(
         methods: Name -> (I, J) slice on the HR grid (baselines and model), in display order.
         mask: Optional (I, J) boolean body mask in which to look for the edge.
         title: Figure title.
+        unit: Of the intensities (e.g. "HU"), named on the axis.
     """
     _check_same_grid(hr, methods)
     plt = _pyplot()
@@ -347,7 +402,7 @@ def profile_figure(
     for name, image in methods.items():
         plot.plot(positions, image[line].numpy(), linewidth=1.2, marker=".", markersize=4, label=name)
     plot.set_xlabel(f"{'ij'[along]} (voxels), at {'ji'[along]} = {fixed}", fontsize=8)
-    plot.set_ylabel("intensity", fontsize=8)
+    plot.set_ylabel(f"intensity ({unit})" if unit else "intensity", fontsize=8)
     plot.tick_params(labelsize=7)
     plot.legend(fontsize=8)
     plot.grid(alpha=0.3)
@@ -432,7 +487,7 @@ Inference in {precision} (`--precision auto` picks bf16 on CPUs with bf16 instru
 
 {tables}
 
-## Intended use and limits
+{_uncertainty_section(name, description.get("uncertainty"))}## Intended use and limits
 
 - {config.card.intended_use or "See the degradation above: the model inverts that and nothing else."}{limits}
 - Not a diagnostic device. Super-resolution adds no information the scanner did not measure; the scores above
@@ -440,6 +495,28 @@ Inference in {precision} (`--precision auto` picks bf16 on CPUs with bf16 instru
 
 Reproduce: `medsr train configs/{name}.yaml --out runs/{name}`, copy `runs/{name}/best` to
 `src/medsr/weights/{name}`, then `medsr models --evaluate {name}` (scores, this card).
+"""
+
+
+def _uncertainty_section(name: str, record: Mapping | None) -> str:
+    """The model card's account of its calibrated uncertainty (``uncertainty.calibrate``), or nothing."""
+    if record is None:
+        return ""
+    from medsr.uncertainty import CALIBRATION_COLUMNS, calibration_rows
+
+    table = format_table(calibration_rows(name, record), CALIBRATION_COLUMNS[1:])
+    return f"""## Uncertainty (`medsr upscale --uncertainty`)
+
+sigma = sqrt(a^2 spread^2 + b^2): the spread of the prediction under flips and quarter turns, scaled on each scan
+one scale down (its LR degraded once more). The {1 - record["alpha"]:.0%} interval is output +- {record["factor"]:.3g}
+sigma, the split-conformal factor over all voxels of the sets below (equal weight each). Coverage of each set: with
+the factor calibrated on the other sets (leave one out); Spearman: rank correlation of sigma with the true error
+(the ceiling: that of the true local error, which the HR's own noise limits).
+
+```
+{table}
+```
+
 """
 
 
@@ -514,31 +591,41 @@ def degradation_figure(path: Path, hr, lr, *, title: str = "") -> None:
     _save(figure, path, title)
 
 
-# Sets data-images-loaded and data-errors on <html> for automated checks (tests/test_report_html.py): how many
-# images decoded, and how many error events (failed image loads, script errors; captured, as they do not bubble).
+# Sets data-images-loaded, data-tables-clipped and data-errors on <html> for automated checks
+# (tests/test_report_html.py): how many images decoded, how many shown tables are wider than the page (they scroll),
+# and how many error events (failed image loads, script errors; captured, as they do not bubble).
 _CHECK_SCRIPT = """addEventListener("error", () => {
   const data = document.documentElement.dataset;
   data.errors = Number(data.errors || 0) + 1;
 }, true);
 addEventListener("load", () => {
-  document.documentElement.dataset.imagesLoaded = [...document.images].filter((i) => i.naturalWidth > 0).length;
+  const data = document.documentElement.dataset;
+  data.imagesLoaded = [...document.images].filter((i) => i.naturalWidth > 0).length;
+  data.tablesClipped = [...document.querySelectorAll(".scroll")].filter((d) => d.scrollWidth > d.clientWidth).length;
 });"""
 
 _STYLE = """body { font: 14px/1.45 system-ui, sans-serif; color: #222; max-width: 1200px; margin: 2em auto; }
 body { padding: 0 1em; } .scroll { overflow-x: auto; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
 dl.setup { display: grid; grid-template-columns: max-content 1fr; gap: 0.2em 1em; }
-dl.setup dt { font-weight: 600; } dl.setup dd { margin: 0; }
+dl.setup dt { font-weight: 600; } dl.setup dd { margin: 0; white-space: pre-line; overflow-wrap: anywhere; }
 table { border-collapse: collapse; font-variant-numeric: tabular-nums; margin: 0.5em 0; }
-th, td { padding: 0.25em 0.7em; border-bottom: 1px solid #e4e4e4; text-align: right; white-space: nowrap; }
+th, td { padding: 0.25em 0.7em; border-bottom: 1px solid #e4e4e4; text-align: right; vertical-align: top; }
+th { vertical-align: bottom; }
 th:first-child, td:first-child { text-align: left; } thead th { border-bottom: 2px solid #999; }
+td span { white-space: nowrap; } table.stacked td span { display: block; }
 .note { color: #555; font-size: 0.9em; max-width: 60em; }
 figure { margin: 1.2em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
-figcaption { color: #555; font-size: 0.9em; } footer { margin-top: 3em; color: #777; font-size: 0.85em; }"""
+figcaption { color: #555; font-size: 0.9em; }
+pre.card { white-space: pre-wrap; background: #f7f7f7; padding: 0.8em 1em; font-size: 0.85em; }"""
 
 
-def _html_table(columns: Sequence[str], headings: Sequence[str], rows: Sequence[Mapping[str, object]]) -> str:
-    """An HTML table of text cells (escaped); numbers are formatted as in ``format_table``, missing cells a dash."""
+def _html_table(
+    columns: Sequence[str], headings: Sequence[str], rows: Sequence[Mapping[str, object]], *, stacked: bool = False
+) -> str:
+    """An HTML table of text cells (escaped); numbers are formatted as in ``format_table``, missing cells a dash.
+    Cells wrap after their first word only, so that a table fits the page ("42.31" above "± 0.95"); ``stacked``
+    cells always do."""
 
     def cell(row: Mapping[str, object], column: str) -> str:
         if column not in row:
@@ -546,9 +633,14 @@ def _html_table(columns: Sequence[str], headings: Sequence[str], rows: Sequence[
         value = row[column]
         return METRICS[column][1].format(value) if column in METRICS and isinstance(value, float) else str(value)
 
+    def wrapping(text: str) -> str:  # a narrow window breaks a cell only after its first word: 42.31 | ± 0.95
+        first, space, rest = text.partition(" ")
+        return escape(first) + (f" <span>{escape(rest)}</span>" if space else "")
+
     head = "".join(f"<th>{escape(h)}</th>" for h in headings)
-    body = "\n".join("<tr>" + "".join(f"<td>{escape(cell(row, c))}</td>" for c in columns) + "</tr>" for row in rows)
-    return f'<div class="scroll"><table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table></div>'
+    body = "\n".join("<tr>" + "".join(f"<td>{wrapping(cell(row, c))}</td>" for c in columns) + "</tr>" for row in rows)
+    table = '<table class="stacked">' if stacked else "<table>"
+    return f'<div class="scroll">{table}\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table></div>'
 
 
 def _figure_html(caption: str, path: Path) -> str:
@@ -576,18 +668,23 @@ def write_html_report(
     figures: Mapping[str, Path] | None = None,
     confidence: float = 0.95,
     title: str = "medsr evaluation",
+    physical_unit: str = "physical units",
+    model_card: str | None = None,
+    provenance: Mapping[str, str] | None = None,
 ) -> None:
     """Write one self-contained HTML report (figures embedded as PNG data URIs), atomically.
 
     It states what was evaluated (the honesty rules of the design: model, baselines on the same data, degradation,
     data range, mask, held-out split), then a table of mean ± std per method, model minus each baseline paired by
-    ``unit`` with a Student t interval, the figures, and every row. All text is HTML-escaped.
+    ``unit`` with a Student t interval, the figures, every row, the model card and the provenance (``provenance``,
+    then the medsr version and the date). All text is HTML-escaped.
 
     Args:
         path: HTML file to write.
         rows: One row per method and item: ``method``, the ``unit`` column naming the item (e.g. a slice index or
             a scan name) and scores named as in ``METRICS`` (``psnr``, ``ssim``, ``psnr_body``, ``ssim_body``,
-            ``ssim3d``, ``hfen``). A score may be missing from some rows (e.g. ``ssim3d`` only on a slab row).
+            ``rmse_body``, ``mae_body``, ``ssim3d``, ``hfen``, ``hf_ratio``, ``lr_rmse``). A score may be missing
+            from some rows (e.g. the slab-wide ``ssim3d`` only on a slab row).
         model: The method under test; must appear in ``rows``.
         baselines: Methods it is compared with, e.g. ``("nearest", "linear", "cubic")``; each must appear in ``rows``.
         unit: Column that identifies the items the scores are paired on: ``"scan"``, ``"slice"``, ...
@@ -600,6 +697,9 @@ def write_html_report(
         figures: Caption -> PNG file, in display order.
         confidence: Coverage of the difference intervals.
         title: Page title.
+        physical_unit: Unit of ``rmse_body`` and ``mae_body``, e.g. "HU".
+        model_card: The model card (Markdown), shown as it is.
+        provenance: What made the report, e.g. ``{"Command line": ..., "Model weights SHA-256": ...}``.
     """
     incomplete = [row for row in rows if "method" not in row or unit not in row]
     if incomplete:
@@ -612,7 +712,7 @@ def write_html_report(
     if unknown:
         raise ValueError(f"unknown columns {unknown} in rows; expected method, {unit} and scores among {list(METRICS)}")
     metrics = [m for m in METRICS if any(m in row for row in rows)]
-    headings = [METRICS[m][0] for m in metrics]
+    headings = [METRICS[m][0].format(unit=physical_unit) for m in metrics]
     order = [*baselines, model]  # then any other methods in the rows, as they come (sorted is stable)
     summary = sorted(
         summary_rows(rows, metrics), key=lambda r: order.index(r["method"]) if r["method"] in order else len(order)
@@ -638,6 +738,8 @@ def write_html_report(
             f"slices of one scan are not, so for slices the interval understates the uncertainty)"
         ),
     }
+    explained = [text.format(unit=physical_unit) for metric, text in _EXPLAINED.items() if metric in metrics]
+    made = {**(provenance or {}), "medsr version": version, "Written": written}
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en">',
@@ -648,95 +750,321 @@ def write_html_report(
         f"<script>\n{_CHECK_SCRIPT}\n</script>",
         "</head>\n<body>",
         f"<h1>{escape(title)}</h1>",
-        '<dl class="setup">',
-        *(f"<dt>{escape(key)}</dt><dd>{escape(value)}</dd>" for key, value in setup.items()),
-        "</dl>",
+        _definitions(setup),
         "<h2>Scores: mean ± std</h2>",
-        _html_table(["method", "n", *metrics], ["method", "n", *headings], summary),
+        _html_table(["method", "n", *metrics], ["method", "n", *headings], summary, stacked=True),
         f"<h2>{escape(model)} minus each baseline: mean [{confidence:.0%} CI]</h2>",
-        _html_table(["method", "n", *metrics], ["difference", "n", *headings], differences),
-        '<p class="note">PSNR and SSIM: higher is better. HFEN (high-frequency error norm, Ravishankar and Bresler '
-        "2011): relative error of the Laplacian-of-Gaussian-filtered image, lower is better. An interval that "
-        f"excludes 0 means the difference is unlikely to be chance variation between {escape(unit)}s (under the "
-        "independence assumption above).</p>",
+        _differences_html(differences, metrics, headings, unit),
+        f'<p class="note">{escape(" ".join(explained))} An interval that excludes 0 means the difference is '
+        f"unlikely to be chance variation between {escape(unit)}s (under the independence assumption above).</p>",
         *(["<h2>Figures</h2>", *(_figure_html(caption, file) for caption, file in figures.items())] if figures else []),
         f"<details>\n<summary>Scores per {escape(unit)} ({len(rows)} rows)</summary>",
         _html_table(["method", unit, *metrics], ["method", unit, *headings], rows),
         "</details>",
-        f"<footer>Written by medsr {escape(version)} on {written}.</footer>",
+        *([f'<h2>Model card</h2>\n<pre class="card">{escape(model_card)}</pre>'] if model_card else []),
+        "<h2>Provenance</h2>",
+        _definitions(made),
         "</body>\n</html>\n",
     ]
     write_bytes(Path(path), "\n".join(parts).encode("utf-8"))
 
 
-SCORE_COLUMNS = ("method", "psnr", "ssim", "psnr_body", "ssim_body", "ssim3d", "hfen", "hf_ratio", "lr_rmse")
+def _differences_html(
+    differences: Sequence[Mapping[str, str]], metrics: Sequence[str], headings: Sequence[str], unit: str
+) -> str:
+    """``difference_rows`` as a table with one row per score (that has pairs) and a column per baseline, so that
+    it stays as narrow as the page however many scores there are."""
+    columns = [row["method"] for row in differences]
+    scores = [
+        {"score": heading} | {row["method"]: row[metric] for row in differences}
+        for metric, heading in zip(metrics, headings, strict=True)
+        if any(not row[metric].startswith(_MISSING) for row in differences)
+    ]
+    if not scores:
+        return f'<p class="note">Fewer than two {escape(unit)}s were scored, so there are no paired differences.</p>'
+    paired = {"score": f"paired {unit}s"} | {row["method"]: row["n"] for row in differences}
+    return _html_table(["score", *columns], ["score", *columns], [paired, *scores])
+
+
+def _definitions(items: Mapping[str, str]) -> str:
+    """A two-column list of names and (escaped) values."""
+    return "\n".join(
+        ['<dl class="setup">', *(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in items.items()), "</dl>"]
+    )
+
+
+SCORE_COLUMNS = (
+    "method",
+    "psnr",
+    "ssim",
+    "psnr_body",
+    "ssim_body",
+    "rmse_body",
+    "mae_body",
+    "ssim3d",
+    "hfen",
+    "hf_ratio",
+    "lr_rmse",
+)
+_PHYSICAL = ("rmse_body", "mae_body")  # the scores in physical units (HU for CT)
+
+
+def intensity_unit(modality: str) -> str:
+    """The unit of a modality's intensities: HU for CT, else the scanner's own arbitrary units as stored (MR signal,
+    ultrasound grey level, X-ray pixel value).
+
+    >>> intensity_unit("CT"), intensity_unit("MR")
+    ('HU', 'a.u.')
+    """
+    return "HU" if modality == "CT" else "a.u."
+
+
+def _intensities(evaluation: Evaluation) -> str:
+    """How the scores' intensities were normalised: the window, in physical units, and where it came from."""
+    window, unit = evaluation.window, intensity_unit(evaluation.degradation.modality)
+    lr = "real LR scan" if evaluation.lr else "simulated LR"
+    source = (
+        f"CT's fixed window; below {window.floor:g} HU raised to it"
+        if window.floor is not None
+        else f"the {lr}'s 0.5th..99.9th percentiles"
+    )
+    return f"normalised to [0, 1] from {window.lo:.4g}..{window.hi:.4g} {unit} ({source})"
+
+
+def _data(evaluation: Evaluation) -> str:
+    """The scan, slab and LR in a few words, for captions."""
+    if evaluation.lr:
+        return f"{evaluation.scan}, {evaluation.slab}, with its real LR {evaluation.lr} (nothing simulated)"
+    return f"{evaluation.scan}, held-out slab {evaluation.slab}, LR simulated: {summary(evaluation.degradation)}"
 
 
 def scores_text(evaluation: Evaluation) -> str:
-    """The printed table of an :func:`~medsr.evaluation.evaluate` result, under a caption naming the scan, slab,
-    degradation, data range and mask."""
+    """The printed table of an :func:`~medsr.evaluation.evaluate` or :func:`~medsr.evaluation.evaluate_pair`
+    result, under a caption naming the scan, slab, LR, data range, intensity window and mask."""
+    unit = intensity_unit(evaluation.degradation.modality)
     caption = (
-        f"{evaluation.scan}, held-out slab {evaluation.slab}, {summary(evaluation.degradation)}; PSNR/SSIM/HFEN "
-        "per 2D slice, SSIM 3D over the slab, data_range 1 on intensities normalised by the LR scan's 0.5..99.9th "
-        "percentiles; *_body: within the dilated foreground mask"
+        f"{_data(evaluation)}; PSNR/SSIM/HFEN per 2D slice, SSIM 3D over the slab, data_range 1 on intensities "
+        f"{_intensities(evaluation)}; *_body: within the dilated foreground mask, rmse/mae in {unit}"
     )
     rows = evaluation.comparison.rows
+    headings = [f"{c}[{unit}]" if c in _PHYSICAL else c for c in SCORE_COLUMNS]
+    table = format_table(rows, SCORE_COLUMNS, headings)
+    text = f"\n{caption}\n\n{table}\n{evaluation.model}: {gain_text(evaluation.model, rows)}"
+    return text if evaluation.trust is None else f"{text}\n{trust_text(evaluation.trust)}"
+
+
+def trust_text(trusted: Trust) -> str:
+    """One line: how the uncertainty map ranks the true error, and the calibrated 90 % interval's coverage."""
+    coverage = trusted.coverage.get("0.9")
+    interval = (
+        f"the calibrated 90 % interval holds {coverage:.1%} of the voxels"
+        if coverage is not None
+        else "no calibrated interval (the model has no calibration: medsr models NAME --calibrate)"
+    )
     return (
-        f"\n{caption}\n\n{format_table(rows, SCORE_COLUMNS)}\n{evaluation.model}: {gain_text(evaluation.model, rows)}"
+        f"uncertainty: Spearman(sigma, |error|) {trusted.spearman:.2f} over all voxels, {trusted.spearman_body:.2f} "
+        f"in the body mask (ceiling from the true local error {trusted.spearman_ceiling:.2f}); {interval}"
     )
 
 
-def write_evaluation(evaluation: Evaluation, directory: Path) -> None:
-    """scores.csv/json (means per method), per_slice.csv/json, three figures and report.html: a new ``directory``
-    that appears complete or not at all (an existing one is replaced as a whole)."""
+def write_evaluation(evaluation: Evaluation, directory: Path, *, command_line: str | None = None) -> None:
+    """scores.csv/json (means per method), per_slice.csv/json, the figures and report.html: a new ``directory``
+    that appears complete or not at all (an existing one is replaced as a whole). ``command_line``: what ran it,
+    for the report's provenance (None: called from Python)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(directory, folder=True) as tmp:
-        _write_evaluation(evaluation, tmp)
+        _write_evaluation(evaluation, tmp, command_line)
 
 
-def _write_evaluation(evaluation: Evaluation, directory: Path) -> None:
-    model, scan, degradation, slab, comparison = evaluation
-    for name, rows, columns in (
-        ("scores", comparison.rows, SCORE_COLUMNS),
-        ("per_slice", comparison.slices, ("method", "slice", *SCORE_COLUMNS[1:-2])),  # hf_ratio, lr_rmse: slab-wide
-    ):
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-        write_bytes(directory / f"{name}.csv", text.getvalue().encode())
-        write_bytes(directory / f"{name}.json", (json.dumps(rows, indent=2) + "\n").encode())
-    images = comparison.images
-    middle = images["hr"].shape[0] // 2
-    hr = images["hr"][middle, 0]
+def _write_scores(path: Path, rows: Sequence[Mapping[str, object]], columns: Sequence[str]) -> None:
+    """``rows`` as ``path``.csv (``columns`` first, then any others as they come) and ``path``.json."""
+    columns = list(dict.fromkeys([*columns, *(key for row in rows for key in row)]))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_bytes(path.with_suffix(".csv"), text.getvalue().encode())
+    write_bytes(path.with_suffix(".json"), (json.dumps(rows, indent=2) + "\n").encode())
+
+
+FIGURE_SLICES = 3  # slices shown in the comparison and error figures, spread over the slab
+
+
+def figure_slices(depth: int) -> list[int]:
+    """Which of a slab's ``depth`` slices the figures show: the middles of its thirds (fewer for thin slabs).
+
+    >>> figure_slices(1), figure_slices(40)
+    ([0], [6, 20, 33])
+    """
+    return sorted({(2 * n + 1) * depth // (2 * FIGURE_SLICES) for n in range(FIGURE_SLICES)})
+
+
+def evaluation_figures(evaluation: Evaluation, directory: Path) -> dict[str, Path]:
+    """Write the figures of an evaluation into ``directory``: caption -> PNG, in display order (the comparison
+    and the error maps on ``figure_slices`` of the slab, the profile on its middle slice)."""
+    degradation, slab, images = evaluation.degradation, evaluation.slab, evaluation.comparison.images
+    depth = images["hr"].shape[0]
+    shown = figure_slices(depth)
+    labels = [f"slice {slab.k_index(k)}" for k in shown]
     strongest = strongest_baseline(degradation)
-    methods = {name: images[name][middle, 0] for name in (strongest, model)}
-    title = f"slice {slab.k_index(middle)}, {summary(degradation)}"
+    methods = [strongest, *(m for m in images if m not in ("lr", "hr", *baselines(degradation)))]
+    lr_shown = [k * images["lr"].shape[0] // depth for k in shown]  # the thick slice holding each
+    unit = intensity_unit(degradation.modality)
+    title = f"{evaluation.scan}: {'real LR' if evaluation.lr else summary(degradation)}"
+    where = f"slice{'s' * (len(shown) > 1)} {', '.join(str(slab.k_index(k)) for k in shown)}"
     figures = {
-        "Side by side, with a zoomed detail": directory / "comparison.png",
-        "Absolute error against HR": directory / "error_map.png",
-        "Intensity profile across the strongest edge": directory / "profile.png",
+        f"Side by side, each slice with a zoomed detail ({where})": directory / "comparison.png",
+        f"Absolute error against HR in {unit} ({where})": directory / "error_map.png",
+        f"Intensity profile across the strongest edge (slice {slab.k_index(depth // 2)})": directory / "profile.png",
     }
-    lr_middle = middle * images["lr"].shape[0] // images["hr"].shape[0]  # the thick slice holding it
-    panels = {"LR": images["lr"][lr_middle, 0]} | {
-        name: images[key][middle, 0] for name, key in ((strongest, strongest), (model, model), ("HR", "hr"))
-    }
-    comparison_figure(figures["Side by side, with a zoomed detail"], panels, title=title)
-    error_map_figure(figures["Absolute error against HR"], hr, methods, title=title)
+    paths = iter(figures.values())
+    panels = {"LR": images["lr"][lr_shown, 0]} | {name: images[name][shown, 0] for name in methods}
+    comparison_figure(next(paths), panels | {"HR": images["hr"][shown, 0]}, title=title, labels=labels)
+    hr = evaluation.window.to_physical(images["hr"][:, 0])  # (K, I, J) in physical units
+    physical = {name: evaluation.window.to_physical(images[name][:, 0]) for name in methods}
+    at = {name: image[shown] for name, image in physical.items()}
+    error_map_figure(next(paths), hr[shown], at, title=title, labels=labels, unit=unit)
+    middle = depth // 2
     mask = body_mask(images["hr"][middle : middle + 1])[0, 0]
-    profile_figure(figures["Intensity profile across the strongest edge"], hr, methods, mask=mask, title=title)
+    at = {name: image[middle] for name, image in physical.items()}
+    profile_figure(next(paths), hr[middle], at, mask=mask, title=title, unit=unit)
+    return figures
+
+
+def trust_figure(
+    path: Path, maps: Mapping[str, torch.Tensor], *, title: str = "", labels: Sequence[str] = (), unit: str
+) -> None:
+    """The trust maps beside the true error, per slice (rows): |error| and sigma on one colour scale (0 to the 99.5th
+    percentile of both), the consistent and the contradicting detail on one signed scale; atomic write.
+
+    Args:
+        maps: ``error``, ``sigma``, ``consistent``, ``residual``: (S, I, J) each, in ``unit``.
+        labels: One per slice, e.g. "slice 12".
+    """
+    plt = _pyplot()
+    count, full_i, full_j = maps["error"].shape
+    top = float(np.percentile(torch.cat([maps[k].flatten() for k in ("error", "sigma")]).numpy(), 99.5)) or 1.0
+    signed = float(
+        np.percentile(torch.cat([maps[k].abs().flatten() for k in ("consistent", "residual")]).numpy(), 99.5)
+    )
+    panels = {
+        "error": ("|output \N{MINUS SIGN} HR|", "inferno", 0.0, top),
+        "sigma": ("uncertainty (sigma)", "inferno", 0.0, top),
+        "consistent": ("added, consistent", "RdBu_r", -(signed or 1.0), signed or 1.0),
+        "residual": ("contradicts the input", "RdBu_r", -(signed or 1.0), signed or 1.0),
+    }
+    inches = 2.2
+    figure, axes = plt.subplots(
+        count, 4, figsize=(inches * 4 + 1.6, count * inches * full_j / full_i + 0.8), squeeze=False
+    )
+    figure.set_layout_engine("constrained")
+    shown = {}
+    for row in range(count):
+        for ax, (key, (heading, cmap, low, high)) in zip(axes[row], panels.items(), strict=True):
+            shown[key] = _show(ax, maps[key][row], cmap=cmap, vmin=low, vmax=high)
+            if row == 0:
+                ax.set_title(heading, fontsize=9)
+        if labels:
+            axes[row, 0].set_ylabel(labels[row], fontsize=9)
+    for keys, label in ((("error", "sigma"), f"{unit}"), (("consistent", "residual"), f"signed ({unit})")):
+        bar = figure.colorbar(
+            shown[keys[0]], ax=axes[:, [list(panels).index(k) for k in keys]].ravel().tolist(), extend="max", shrink=0.9
+        )
+        bar.set_label(label, fontsize=8)
+        bar.ax.tick_params(labelsize=7)
+    _save(figure, path, title)
+
+
+def calibration_figure(path: Path, coverage: Mapping[str, float], *, title: str = "") -> None:
+    """Observed against expected coverage of the calibrated intervals (the diagonal is perfect calibration);
+    ``coverage``: {expected level as text, e.g. "0.9": observed share of voxels inside}. Atomic write."""
+    plt = _pyplot()
+    expected = [float(level) for level in coverage]
+    figure, ax = plt.subplots(figsize=(3.6, 3.4))
+    figure.set_layout_engine("constrained")
+    ax.plot([0, 1], [0, 1], color="0.6", lw=1, label="perfect calibration")
+    ax.plot(expected, list(coverage.values()), "o-", color="C3", label="this scan")
+    ax.set(xlim=(0.4, 1.0), ylim=(0.4, 1.0), xlabel="expected coverage", ylabel="observed coverage")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(figure, path, title)
+
+
+def trust_figures(evaluation: Evaluation, directory: Path) -> dict[str, Path]:
+    """The trust maps beside the error (:func:`trust_figure`) and, for a calibrated model, the calibration plot;
+    captions carry the rank correlation of sigma with the error and the 90 % interval's coverage."""
+    trusted, slab = evaluation.trust, evaluation.slab
+    shown = figure_slices(trusted.maps["error"].shape[3])
+    labels = [f"slice {slab.k_index(k)}" for k in shown]
+    width = evaluation.window.hi - evaluation.window.lo
+    unit = intensity_unit(evaluation.degradation.modality)
+    at = {
+        key: trusted.maps[key][0][..., shown].permute(2, 0, 1) * width
+        for key in ("error", "sigma", "consistent", "residual")
+    }
+    rho = (
+        f"Spearman rank correlation of sigma with |output - HR| over all voxels {trusted.spearman:.2f}, within the "
+        f"body mask {trusted.spearman_body:.2f} (the true local error, its 5 x 5 neighbours' RMS, reaches "
+        f"{trusted.spearman_ceiling:.2f}: the HR's own noise limits any map)"
+    )
+    figures = {f"Trust maps beside the true error, in {unit}. {rho}": directory / "trust_maps.png"}
+    trust_figure(
+        figures[next(iter(figures))], at, title=f"{evaluation.scan}: {evaluation.model}", labels=labels, unit=unit
+    )
+    if trusted.coverage:
+        covered = trusted.coverage.get("0.9")
+        caption = (
+            "Calibration: the share of voxels inside output +- factor x sigma, for the model's conformal factor of "
+            f"each expected coverage (calibrated on its held-out sets by medsr models --calibrate); 90 %: {covered:.1%}"
+        )
+        figures[caption] = directory / "calibration.png"
+        calibration_figure(figures[caption], trusted.coverage, title=f"{evaluation.scan}: {evaluation.model}")
+    return figures
+
+
+def _write_evaluation(evaluation: Evaluation, directory: Path, command_line: str | None) -> None:
+    model, degradation, comparison = evaluation.model, evaluation.degradation, evaluation.comparison
+    unit = intensity_unit(degradation.modality)
+    rows, per_slice = ([row | {"error_unit": unit} for row in r] for r in (comparison.rows, comparison.slices))
+    _write_scores(directory / "scores", rows, SCORE_COLUMNS)
+    _write_scores(directory / "per_slice", per_slice, ("method", "slice", *SCORE_COLUMNS[1:]))
+    if evaluation.lr:
+        made = (
+            f"none simulated: the LR is a real acquisition ({evaluation.lr}), which every method upsamples to the HR "
+            "grid. Misregistration or motion between the two acquisitions lowers every method's score alike. "
+            f"The model was trained for: {explain(degradation)}"
+        )
+        split = f"{evaluation.scan} and its real LR {evaluation.lr}, {evaluation.slab}, not scans the model saw"
+    else:
+        made = f"simulated from HR as the model was trained: {explain(degradation)}"
+        split = f"{evaluation.scan}, {evaluation.slab}, held out from training and validation"
+    provenance = {
+        "Command line": command_line or "(none: called from Python)",
+        "Model weights SHA-256": evaluation.weights_sha256,
+        "Inputs: SHA-256, path": "\n".join(
+            f"{digest}  {path}" + (" (its files one after another, in sorted order)" if Path(path).is_dir() else "")
+            for path, digest in evaluation.sources.items()
+        ),
+    }
+    figures = evaluation_figures(evaluation, directory)  # caption -> PNG
+    if evaluation.trust is not None:
+        figures |= trust_figures(evaluation, directory)
     write_html_report(
         directory / "report.html",
         comparison.slices,
         model=model,
         baselines=baselines(degradation),
         unit="slice",
-        degradation=summary(degradation),
+        degradation=made,
         data_range=1.0,
-        intensities="normalised by the LR scan's 0.5..99.9th percentiles (CT: -1024..3071 HU) to [0, 1]",
+        intensities=_intensities(evaluation),
         mask="foreground (> 5 % of the window), dilated by 2 voxels in-plane",
-        split=f"{scan}, {slab}, held out from training and validation",
+        split=split,
         figures=figures,
-        title=f"medsr evaluation: {model} on {scan}",
+        title=f"medsr evaluation: {model} on {evaluation.scan}"
+        + (", real LR (nothing simulated)" if evaluation.lr else ""),
+        physical_unit=unit,
+        model_card=evaluation.card,
+        provenance=provenance,
     )

@@ -30,7 +30,16 @@ from torch import nn
 
 from medsr.data import FOREGROUND_LEVEL, Pair
 from medsr.degrade.sampling import PROFILES, apply_along_axis, profile_weights
-from medsr.infer import DEFAULT_TILE, model_predictor, predict_orthogonal_planes, resample, resolve_precision
+from medsr.infer import (
+    DEFAULT_MEMORY,
+    model_predictor,
+    network_device,
+    on_device,
+    predict_orthogonal_planes,
+    resample,
+    resolve_device,
+    resolve_precision,
+)
 from medsr.intensity import default_window, denormalize, normalize
 from medsr.losses import l1
 from medsr.models import create_model
@@ -205,7 +214,8 @@ class SelfSRSettings:
         time_budget: Seconds of training at most.
         patch, batch_size, lr: Patch edge (voxels), patches per step, Adam learning rate.
         precision: 'auto' (bf16 where the CPU has it), 'fp32' or 'bf16', for training and inference.
-        tile: Inference tile edge (voxels) of the planes.
+        tile, memory: Inference tiles of the planes (voxels) and the bytes one forward may use; default tiles: from
+            the memory (``infer.volume_tiling``).
         seed: Seeds the weights and every patch draw.
     """
 
@@ -216,13 +226,16 @@ class SelfSRSettings:
     batch_size: int = 16
     lr: float = 1e-3
     precision: str = "auto"
-    tile: int = DEFAULT_TILE[2]
+    tile: int | None = None
+    memory: float = DEFAULT_MEMORY
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if min(self.steps, self.batch_size, self.tile) < 1 or self.patch < 8 or not self.time_budget > 0:
+        sizes = (self.steps, self.batch_size, self.tile or 1, self.memory)
+        if min(sizes) < 1 or self.patch < 8 or not self.time_budget > 0:
             raise ValueError(
-                f"steps, batch_size and tile must be >= 1, patch >= 8 voxels and time_budget > 0 s; got {self}"
+                f"steps, batch_size and tile must be >= 1, memory >= 1 byte, patch >= 8 voxels and time_budget > 0 s; "
+                f"got {self}"
             )
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0; got {self.lr}")
@@ -236,18 +249,21 @@ def train_model(
     settings: SelfSRSettings,
     *,
     progress: bool = True,
+    device: str | torch.device = "auto",
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Train a restoration network on in-plane pairs of one normalised scan (slice axis last, (C, I, J, K)).
+    """Train a restoration network on in-plane pairs of one normalised scan (slice axis last, (C, I, J, K)), on
+    ``device`` (``infer.resolve_device``; the pairs are drawn on the CPU).
 
-    Returns the model (eval mode) and a log: model name and kwargs (what ``create_model`` needs), steps,
-    seconds, final mean L1 over the last 50 steps."""
+    Returns the model (eval mode, on ``device``) and a log: model name and kwargs (what ``create_model`` needs),
+    steps, seconds, final mean L1 over the last 50 steps."""
+    where = resolve_device(str(device))
     pairs = InPlanePairs(array, in_plane, acquisition, patch=settings.patch, rng=np.random.default_rng(settings.seed))
     kwargs = {"spatial_dims": 2, "scale": [1, 1], "in_channels": array.shape[0]}
     with torch.random.fork_rng():  # seeded weights without touching the caller's global RNG
         torch.manual_seed(settings.seed)
-        model = create_model(settings.model, **kwargs)
+        model = create_model(settings.model, **kwargs).to(where)  # made on the CPU: the same weights everywhere
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
-    bf16 = resolve_precision(settings.precision) == "bf16"
+    bf16 = resolve_precision(settings.precision, where) == "bf16"
     losses: list[float] = []
     start = time.monotonic()
     bar = progress_bar(total=settings.steps, desc="self-supervised training", unit="step", disable=not progress)
@@ -257,7 +273,8 @@ def train_model(
             break
         for group in optimizer.param_groups:  # cosine decay (Loshchilov & Hutter 2017) over steps or time
             group["lr"] = settings.lr * 0.5 * (1 + math.cos(math.pi * done))
-        losses.append(train_step(model, optimizer, pairs.batch(settings.batch_size), l1, bf16=bf16)["loss"])
+        batch = Pair._make(t.to(where) for t in pairs.batch(settings.batch_size))
+        losses.append(train_step(model, optimizer, batch, l1, bf16=bf16)["loss"])
         bar.update()
         bar.set_postfix(l1=f"{np.mean(losses[-50:]):.4f}", refresh=False)
     bar.close()
@@ -274,6 +291,7 @@ def fit_and_apply(
     settings: SelfSRSettings = SelfSRSettings(),
     model: nn.Module | None = None,
     progress: bool = True,
+    device: str | torch.device = "auto",
 ) -> tuple[Volume, nn.Module, dict[str, Any]]:
     """Super-resolve a scan's slice axis by learning from its own in-plane data.
 
@@ -285,11 +303,14 @@ def fit_and_apply(
             the field of view); another target is reached by linear resampling from it.
         settings: See :class:`SelfSRSettings`.
         model: A network trained before on a scan of the same protocol (:func:`train_model`): skips training.
+        device: Where the network trains and runs: 'auto' (the GPU when there is one), 'cpu', 'cuda', 'cuda:N' or
+            'mps' (``infer.resolve_device``; a device this machine lacks is a ValueError before any work).
 
     Returns:
         The SR volume over the same field of view in physical units, the trained network, and a log: training
-        steps, seconds, final L1, the intensity window.
+        steps, seconds, final L1, the intensity window, the device.
     """
+    where = resolve_device(str(device))
     if target_spacing is not None and not 0 < target_spacing <= acquisition.spacing:
         raise ValueError(
             f"target spacing must be > 0 mm and at most the slice spacing ({acquisition.spacing:.3g} mm), "
@@ -302,16 +323,18 @@ def fit_and_apply(
     unit = normalize(moved, window)
     log = {}
     if model is None:
-        model, log = train_model(unit.array, in_plane, acquisition, settings, progress=progress)
+        model, log = train_model(unit.array, in_plane, acquisition, settings, progress=progress, device=where)
+    else:
+        model = on_device(model, where)
 
     slices = moved.spatial_shape[2]
     fine = interpolate_slices(unit, 2, max(slices, round(slices * moved.spacing[2] / min(in_plane))))
-    run = {"tile": settings.tile, "overlap": 8, "batch_size": 4, "progress": progress}
+    run = {"tile": settings.tile, "memory": settings.memory, "progress": progress}
     predictor = model_predictor(model, precision=settings.precision)
     sr = fine.replace(array=predict_orthogonal_planes(predictor, fine.array, 1, **run))
     if target_spacing is not None:
         sr = resample(sr, (*sr.spatial_shape[:2], max(1, round(slices * moved.spacing[2] / target_spacing))))
-    log |= {"window": dataclasses.asdict(window)}
+    log |= {"window": dataclasses.asdict(window), "device": str(network_device(model))}
     return permute_axes(denormalize(sr, window), np.argsort(order).tolist()), model, log
 
 
@@ -329,6 +352,7 @@ def selfsr_file(
     anonymize: bool | Deidentifier = False,
     force: bool = False,
     progress: bool = True,
+    device: str = "auto",
 ) -> tuple[Volume, SliceAcquisition, dict[str, Any]]:
     """``medsr selfsr``: read a thick-slice scan, super-resolve its slice axis (:func:`fit_and_apply`), write it
     in the source's format (DICOM: a new derived series), and optionally save the trained network.
@@ -338,7 +362,7 @@ def selfsr_file(
         model: A folder saved before with ``save_model``: applied without training (a warning when it learnt
             another slice acquisition: quality drops).
         save_model: A new folder for the trained network (safetensors + JSON).
-        target_spacing, settings, modality, anonymize, force, progress: See :func:`fit_and_apply` and
+        target_spacing, settings, modality, anonymize, force, progress, device: See :func:`fit_and_apply` and
             :func:`medsr.upscale_file`.
 
     Returns the SR volume, the slice acquisition and the training log.
@@ -347,6 +371,7 @@ def selfsr_file(
     from medsr.io import check_output, read_volume, write_volume
 
     source, target = Path(source), Path(target)
+    where = resolve_device(device)  # before any work
     check_output(target, [source], force=force)
     if save_model and model:
         raise ValueError("model applies a saved network; save_model saves a newly trained one: pass one")
@@ -372,9 +397,8 @@ def selfsr_file(
                 f"{dataclasses.asdict(acquisition)}; expect poorer results",
                 stacklevel=2,
             )
-    sr, network, log = fit_and_apply(
-        volume, acquisition, target_spacing=target_spacing, settings=settings, model=network, progress=progress
-    )
+    options = {"target_spacing": target_spacing, "settings": settings, "progress": progress, "device": where}
+    sr, network, log = fit_and_apply(volume, acquisition, model=network, **options)
     text = f"medsr selfsr {acquisition.spacing:.3g}mm to {sr.spacing[acquisition.axis]:.3g}mm"
     write_volume(sr, target, description=text, anonymize=anonymize)
     if save_model:

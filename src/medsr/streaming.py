@@ -2,14 +2,13 @@
 
 The result is the in-memory path's, ``write_volume(super_resolve(read_volume(source), ...), target)``, for
 integer scales: the same window (``window_from_slices``: exact percentiles over all voxels, in two passes over the
-source), the same tiles and blending (``predict_volume`` runs on each slab), the same affine (``scale_affine``)
-and the same writers (``volume_writer``). Voxels are equal bit for bit for 2D models upsampling in-plane (each
-slice is independent), and to float32 rounding where tiles overlap along k (3D models, and 2D models run
-through-plane), because there the slabs' outputs are rounded to float32 before they are blended.
+source), the same tiles (``infer.volume_tiling`` of the whole volume), the same affine (``scale_affine``) and the
+same writers (``volume_writer``).
 
-Why it is exact along k: ``predict_tiled``'s blending weights are separable, so the tiles sharing a k-range give,
-once normalised, one slab prediction with weight 1 along k; the whole-volume output is the slabs' outputs blended
-with the k-weights ``predict_tiled`` gives those tile rows, divided by their sum.
+Why it is exact: a slab is one row of the whole volume's tiles along k (for a 2D model upsampling in-plane, the
+planes ``predict_volume`` stacks into one call), and ``predict_volume`` on the slab makes the very predictor calls
+it makes for that row on the whole volume (``infer._predict_stack`` goes row by row along the last axis). Each slab
+keeps along k what that row of tiles keeps (``infer.tile_bounds``), so the voxels are the in-memory ones bit for bit.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ import torch
 
 from medsr.consistency import kspace_consistency
 from medsr.degrade import Degradation
-from medsr.infer import DEFAULT_TILE, Predictor, blend_weights, predict_volume, tile_starts
+from medsr.infer import DEFAULT_MEMORY, Predictor, Tiling, predict_volume, tile_bounds, tile_starts, volume_tiling
 from medsr.intensity import Window, window_from_slices
 from medsr.io import VolumeFile, check_output, open_volume, volume_writer
 from medsr.progress import progress_bar
@@ -42,8 +41,8 @@ def stream_upscale(
     spatial_dims: int,
     modality: Modality | str | None = None,
     tile: int | None = None,
-    overlap: int = 8,
-    batch_size: int = 4,
+    overlap: int | None = None,
+    memory: float = DEFAULT_MEMORY,
     description: str = "super-resolved by medsr",
     anonymize: bool | Deidentifier = False,
     progress: bool = True,
@@ -58,9 +57,9 @@ def stream_upscale(
 ) -> None:
     """Super-resolve the scan at ``source`` into ``target`` holding only a slab of it in memory at a time.
 
-    Memory: a 2D model upsampling in-plane holds one input slice and its output; a 3D model, or a 2D model run
-    through-plane, a slab of ``tile`` slices (the tile's depth along k) and its output, so a smaller ``tile``
-    lowers the peak there. The source is read three times for MR and other non-CT modalities (twice for the
+    Memory: one forward works within ``memory``; besides, a slab of input slices and its output are held: for a 2D
+    model upsampling in-plane the planes stacked into one call, else one row of tiles along k (the tile's depth),
+    whatever K is. The source is read three times for MR and other non-CT modalities (twice for the
     window), once for CT. A DICOM target also needs I * J * K * 4 bytes of temporary disk beside it (see
     :func:`medsr.io.volume_writer`).
 
@@ -74,8 +73,8 @@ def stream_upscale(
         scale: Integer factor per voxel axis (i, j, k) as applied to the volume (``infer.model_plan``).
         spatial_dims: 2 or 3, what the predictor takes; a 2D one runs in-plane, or through-plane for (1, 1, s).
         modality: Overrides the source's (NIfTI has none, reads as OT); it picks the window rule.
-        tile, overlap: As for :func:`medsr.infer.predict_volume` (tiles default to 128^2 in 2D, 48^3 in 3D).
-        batch_size: Tiles per predictor call.
+        tile, overlap, memory: As for :func:`medsr.infer.predict_volume`: tiles from the memory budget, chosen for
+            the whole volume, overlapping by twice the model's receptive radius.
         description, anonymize: As for ``write_volume``: what made the output (DICOM SeriesDescription, NIfTI
             descrip); de-identification of a DICOM target.
         progress: Show tqdm bars over the window passes and the slabs.
@@ -123,15 +122,23 @@ def stream_upscale(
                 volume.slices(), desc="window", total=volume.spatial_shape[2], leave=False, disable=not progress
             ),
         )
+        tiling = volume_tiling(
+            predictor,
+            (1, *volume.spatial_shape),
+            spatial_dims=spatial_dims,
+            through_plane=spatial_dims == 2 and scale[2] != 1,
+            tile=tile,
+            overlap=overlap,
+            memory=memory,
+        )
         planes = _predict_slabs(
             predictor,
             volume,
             window,
             scale=scale,
             spatial_dims=spatial_dims,
-            tile=tile or DEFAULT_TILE[spatial_dims],
-            overlap=overlap,
-            batch_size=batch_size,
+            tiling=tiling,
+            memory=memory,
             progress=progress,
             consistency=consistency,
         )
@@ -151,50 +158,38 @@ def _predict_slabs(
     *,
     scale: tuple[int, int, int],
     spatial_dims: int,
-    tile: int,
-    overlap: int,
-    batch_size: int,
+    tiling: Tiling,
+    memory: float,
     progress: bool,
     consistency: Degradation | None = None,
 ) -> Iterator[torch.Tensor]:
-    """``predict_volume`` of the normalised volume, run slab by slab along k.
+    """``predict_volume`` of the normalised volume, run slab by slab along k with the whole volume's ``tiling``.
 
-    Slabs are the rows of tiles along k that ``predict_tiled`` would use on the whole volume: one slice each for a
-    2D model upsampling in-plane, else ``min(tile, K)`` slices overlapping by ``overlap``. Each input slice is read
-    once, in k order.
+    Slabs are ``tiling.tile[2]`` slices: disjoint for a 2D model upsampling in-plane (the planes of one call), else
+    the rows of tiles along k, overlapping by ``tiling.overlap[2]``. Each input slice is read once, in k order.
 
     Yields:
-        Output planes (C, I * si, J * sj, n) float32 in [0, 1] window units, in k order, each as soon as no later
-        slab reaches it.
+        Output planes (C, I * si, J * sj, n) float32 in [0, 1] window units, in k order.
     """
-    size = volume.spatial_shape[2]
-    depth, slab_overlap = (1, 0) if spatial_dims == 2 and scale[2] == 1 else (min(tile, size), overlap)
-    starts = tile_starts(size, depth, slab_overlap)
+    size, depth, overlap = volume.spatial_shape[2], tiling.tile[2], tiling.overlap[2]
+    starts = list(range(0, size, depth)) if overlap == 0 else tile_starts(size, depth, overlap)
+    bounds = [*starts, size] if overlap == 0 else tile_bounds(starts, depth, size)
     lr, held = torch.zeros((1, *volume.spatial_shape[:2], 0)), 0  # normalised input slices [held, held + n)
-    total = weight = None  # blended output (C, I', J', n) and k-weights (n,) of the planes from start * sk on
     for index, start in enumerate(progress_bar(starts, desc="upscale", unit="slab", disable=not progress)):
+        stop = min(start + depth, size)
         lr = lr[..., start - held :]  # slabs overlap: keep what this one shares with the last, read the rest
-        new = torch.from_numpy(volume.read_slab(start + lr.shape[3], start + depth))
+        new = torch.from_numpy(volume.read_slab(start + lr.shape[3], stop))
         lr, held = torch.cat([lr, window.to_unit(new)[None]], dim=-1), start
         sr = predict_volume(
             predictor,
             Volume(lr, volume.affine, volume.modality),
             scale=scale,
             spatial_dims=spatial_dims,
-            tile=tile,
-            overlap=overlap,
-            batch_size=batch_size,
+            tile=tiling.tile,
+            overlap=tiling.overlap,
+            memory=memory,
             progress=False,
         ).array
-        if consistency is not None:  # in-plane: one slice per slab, whole planes
+        if consistency is not None:  # in-plane: whole planes
             sr = kspace_consistency(Volume(sr, volume.affine), Volume(lr, volume.affine), consistency).array
-        sr = sr.to(torch.float64)
-        weights = blend_weights(sr.shape[3], slab_overlap * scale[2], fade_in=start > 0, fade_out=start + depth < size)
-        if total is None:
-            total, weight = sr[..., :0], weights[:0]
-        pad = sr.shape[3] - total.shape[3]  # planes this slab reaches first
-        total = torch.cat([total, total.new_zeros((*total.shape[:3], pad))], -1) + sr * weights
-        weight = torch.cat([weight, weight.new_zeros(pad)]) + weights
-        ready = ((starts[index + 1] if index + 1 < len(starts) else size) - start) * scale[2]
-        yield (total[..., :ready] / weight[:ready]).to(torch.float32)
-        total, weight = total[..., ready:], weight[ready:]
+        yield sr[..., (bounds[index] - start) * scale[2] : (bounds[index + 1] - start) * scale[2]]

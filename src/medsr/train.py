@@ -29,7 +29,7 @@ from medsr.config import Config, load_config, problem, short, to_dict
 from medsr.data import Pair, PairDataset, find_scans, gamma_copies, prepare_scan, split_scans
 from medsr.degrade import Degradation
 from medsr.evaluation import compare_methods
-from medsr.infer import model_predictor
+from medsr.infer import model_predictor, network_device, resolve_precision
 from medsr.inputs import training_inputs
 from medsr.io import read_volume, write_bytes
 from medsr.losses import ADVERSARIAL, LOSSES, combined, discriminator_loss, generator_loss
@@ -39,6 +39,7 @@ from medsr.models.registry import check_kwargs, check_signature
 from medsr.perceptual import PerceptualLoss
 from medsr.progress import progress_bar
 from medsr.samples import resolve_scan
+from medsr.shard import process_group, rank_device, ranks
 from medsr.volume import Volume, integer_scale
 
 EPOCH_LENGTH = 1024  # patches per dataset epoch; an epoch only changes the patch seeds
@@ -58,11 +59,11 @@ def train_step(
 
     Args:
         clip_grad_norm: Rescale gradients whose global norm exceeds this (0: off).
-        bf16: Run the forward pass under bfloat16 autocast; the loss is computed in float32.
+        bf16: Run the forward pass under bfloat16 autocast (on the batch's device); the loss is computed in float32.
         ema: Averaged copy of the model, updated after the step.
     """
     model.train()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(batch.lr.device.type, dtype=torch.bfloat16, enabled=bf16):
         sr = model(batch.lr)
     loss = loss_fn(sr.float(), batch.hr)
     norm = _update(model, optimizer, loss, clip_grad_norm=clip_grad_norm, ema=ema)
@@ -110,7 +111,8 @@ def gan_step(
     """
     generator.train()
     discriminator.train()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    autocast = torch.autocast(batch.lr.device.type, dtype=torch.bfloat16, enabled=bf16)
+    with autocast:
         sr = generator(batch.lr).float()
         # Generator: be close to HR and fool D. D's weights get gradients here but are not stepped.
         fake_logits = discriminator(sr).float()
@@ -126,7 +128,7 @@ def gan_step(
         logs["loss/perceptual"] = perceptual_term.item()
     norm = _update(generator, g_optimizer, total, clip_grad_norm=clip_grad_norm, ema=ema)
     # Discriminator: real HR -> real, generated (detached, so G gets no gradient) -> fake.
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with autocast:
         real_logits, fake_logits = discriminator(batch.hr).float(), discriminator(sr.detach()).float()
     d_loss = discriminator_loss(real_logits, fake_logits, adversarial)
     d_optimizer.zero_grad(set_to_none=True)  # also clears the gradients G's loss left on D
@@ -290,14 +292,6 @@ def batches(
         yield default_collate(items)
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size); under ``torchrun`` (WORLD_SIZE > 1) this joins the process group (gloo on CPU)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), world_size) if world_size > 1 else (0, 1)
-
-
 def describe(
     config: Config,
     step: int,
@@ -334,7 +328,9 @@ def describe(
     }
 
 
-def fit(config: Config | None, run_dir: Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def fit(
+    config: Config | None, run_dir: Path, *, resume: bool = False, progress: bool = True, device: str = "auto"
+) -> dict[str, Any]:
     """Train into ``run_dir``, from scratch or resuming its last checkpoint; returns the best validation row.
 
     Validation runs every ``train.val_every`` steps on held-out data (the ``data.val_slices`` region, or the
@@ -352,7 +348,11 @@ def fit(config: Config | None, run_dir: Path, *, resume: bool = False, progress:
         config: The run's config; ignored when resuming (the run's own ``config.yaml`` is used).
         run_dir: The run folder.
         resume: Continue the run in ``run_dir``.
+        device: 'auto' (the GPU when there is one), 'cpu', 'cuda', 'cuda:N' or 'mps'; under ``torchrun``, 'auto'
+            and 'cuda' are each process's own GPU (``shard.rank_device``). DDP joins with NCCL on CUDA, gloo
+            elsewhere. ``train.bf16`` holds on the CPU, and on a GPU where it runs bfloat16 natively.
     """
+    where = rank_device(device)  # a device this machine lacks: refused before any work
     if resume:
         config = load_config(run_dir / "config.yaml")
     elif (run_dir / "metrics.jsonl").exists():
@@ -360,48 +360,50 @@ def fit(config: Config | None, run_dir: Path, *, resume: bool = False, progress:
     check_config(config)
     last = run_dir / "last" if (run_dir / "last").exists() else run_dir / "last.old"  # see _save_last
     resumed = load_training_state(last) if resume else None  # a broken or hostile state: refused before any work
-    rank, world_size = _distributed()
-    if config.data.batch_size % world_size:
-        raise ValueError(f"data.batch_size {config.data.batch_size} must divide among {world_size} processes")
-    if config.train.threads:
-        torch.set_num_threads(config.train.threads)
-    torch.manual_seed(config.train.seed)
-    data = _training_data(config)
-    nets = _networks(config, world_size)
-    # The folder is made only now: a config, scan or model that fails above leaves nothing behind.
-    with _run_folder(run_dir, config, resume=resume, rank=rank):
-        start, best = _restore(last, *resumed, nets, rank=rank) if resume else (0, {"psnr": -math.inf})
-        # DDP averages gradients over processes: with equal shares of the global batch, the same update as one process.
-        trained = nn.parallel.DistributedDataParallel(nets.model) if world_size > 1 else nets.model
-        loss_fn = combined(config.train.loss_terms) if config.train.loss_terms else LOSSES[config.train.loss]
-        stream = batches(data.dataset, config.data.batch_size, start, rank=rank, world_size=world_size)
-        steps = range(start + 1, config.train.steps + 1)
-        bar = progress_bar(
-            steps, desc="train", unit="step", initial=start, total=config.train.steps, disable=not progress or rank > 0
-        )
-        with _log_file(run_dir, resume, rank) as log:
-            for step in bar:
-                adversarial_phase = nets.discriminator is not None and step > config.gan.pretrain_steps
-                logs = _step(trained, nets, next(stream), loss_fn, config, adversarial=adversarial_phase)
-                nets.schedule.step()
-                if nets.discriminator is not None and step == config.gan.pretrain_steps and rank == 0:  # PSNR-oriented
-                    save_checkpoint(run_dir / "psnr", nets.final, describe(config, step, {}, data.split, data.inputs))
-                bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
-                if world_size > 1:  # log the global batch's loss, as one process would see it
-                    loss = torch.tensor(logs["loss"])
-                    dist.all_reduce(loss)
-                    logs["loss"] = float(loss) / world_size
-                if step % config.train.val_every and step != config.train.steps:
-                    continue
-                if rank == 0:
-                    row, best = _validate_and_save(
-                        run_dir, nets, data, config, step, logs, best, log, adversarial_phase
-                    )
-                    bar.write(f"step {step}: val PSNR {row['psnr']:.2f} dB (bicubic {row['psnr_cubic']:.2f})")
-                if world_size > 1:
-                    dist.barrier()  # the other ranks wait while rank 0 validates and saves
-    if world_size > 1:
-        dist.destroy_process_group()
+    if where.type == "cuda":
+        torch.cuda.set_device(where)  # NCCL's device for this process
+    with process_group("nccl" if where.type == "cuda" else "gloo") as place:
+        rank, world_size = place.rank, place.world_size
+        if config.data.batch_size % world_size:
+            raise ValueError(f"data.batch_size {config.data.batch_size} must divide among {world_size} processes")
+        if config.train.threads:
+            torch.set_num_threads(config.train.threads)
+        torch.manual_seed(config.train.seed)
+        data = _training_data(config)
+        nets = _networks(config, world_size, where)
+        # The folder is made only now: a config, scan or model that fails above leaves nothing behind.
+        with _run_folder(run_dir, config, resume=resume, rank=rank):
+            start, best = _restore(last, *resumed, nets, rank=rank) if resume else (0, {"psnr": -math.inf})
+            # DDP averages gradients over processes: with equal shares of the global batch, one process's update.
+            ids = [where.index] if where.type == "cuda" else None
+            trained = nn.parallel.DistributedDataParallel(nets.model, ids) if world_size > 1 else nets.model
+            loss_fn = combined(config.train.loss_terms) if config.train.loss_terms else LOSSES[config.train.loss]
+            stream = batches(data.dataset, config.data.batch_size, start, rank=rank, world_size=world_size)
+            steps, quiet = range(start + 1, config.train.steps + 1), not progress or rank > 0
+            bar = progress_bar(steps, desc="train", unit="step", initial=start, total=config.train.steps, disable=quiet)
+            with _log_file(run_dir, resume, rank) as log:
+                for step in bar:
+                    adversarial_phase = nets.discriminator is not None and step > config.gan.pretrain_steps
+                    batch = Pair._make(tensor.to(where) for tensor in next(stream))
+                    logs = _step(trained, nets, batch, loss_fn, config, adversarial=adversarial_phase)
+                    nets.schedule.step()
+                    if nets.discriminator is not None and step == config.gan.pretrain_steps and rank == 0:  # PSNR
+                        description = describe(config, step, {}, data.split, data.inputs)
+                        save_checkpoint(run_dir / "psnr", nets.final, description)
+                    bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
+                    if world_size > 1:  # log the global batch's loss, as one process would see it
+                        loss = torch.tensor(logs["loss"], device=where)
+                        dist.all_reduce(loss)
+                        logs["loss"] = float(loss) / world_size
+                    if step % config.train.val_every and step != config.train.steps:
+                        continue
+                    if rank == 0:
+                        row, best = _validate_and_save(
+                            run_dir, nets, data, config, step, logs, best, log, adversarial_phase
+                        )
+                        bar.write(f"step {step}: val PSNR {row['psnr']:.2f} dB (bicubic {row['psnr_cubic']:.2f})")
+                    if world_size > 1:
+                        dist.barrier()  # the other ranks wait while rank 0 validates and saves
     return best
 
 
@@ -455,11 +457,13 @@ def _training_data(config: Config) -> _Data:
 @dataclasses.dataclass
 class _Networks:
     """What a run trains: the model, its optimiser, schedule and EMA, and for a GAN the discriminator, its optimiser
-    and the perceptual loss. ``final`` is what is validated and saved (the EMA average when there is one)."""
+    and the perceptual loss. ``final`` is what is validated and saved (the EMA average when there is one). ``bf16``:
+    whether forward passes run under bfloat16 autocast (``train.bf16`` where the device runs it natively)."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LambdaLR
+    bf16: bool = False
     ema: AveragedModel | None = None
     discriminator: nn.Module | None = None
     d_optimizer: torch.optim.Optimizer | None = None
@@ -470,15 +474,19 @@ class _Networks:
         return self.ema.module if self.ema is not None else self.model
 
 
-def _networks(config: Config, world_size: int) -> _Networks:
-    """Build the networks and optimisers of a run (in this order: the seeded initial weights depend on it)."""
+def _networks(config: Config, world_size: int, device: torch.device) -> _Networks:
+    """Build the networks and optimisers of a run on ``device`` (in this order: the seeded initial weights depend on
+    it; they are made on the CPU, so they are the same on every device)."""
     model = create_model(
         config.model.name, spatial_dims=config.model.spatial_dims, scale=config.model.scale, **config.model.kwargs
     )
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"model {config.model.name!r} has no trainable parameters (an interpolation baseline)")
+    model = model.to(device)
     optimizer = _optimizer(model, config)
-    nets = _Networks(model, optimizer, _schedule(optimizer, config))
+    # On the CPU train.bf16 holds as configured (the recipe's precision on any CPU); on a GPU where it is native.
+    native = device.type == "cpu" or resolve_precision("auto", device) == "bf16"
+    nets = _Networks(model, optimizer, _schedule(optimizer, config), bf16=config.train.bf16 and native)
     if config.train.ema_decay:
         nets.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.train.ema_decay))
     gan = config.gan
@@ -488,16 +496,16 @@ def _networks(config: Config, world_size: int) -> _Networks:
         channels = config.model.kwargs.get("in_channels", 1)
         nets.discriminator = create_discriminator(
             gan.discriminator, config.model.spatial_dims, in_channels=channels, **gan.discriminator_kwargs
-        )
+        ).to(device)
         nets.d_optimizer = torch.optim.Adam(nets.discriminator.parameters(), lr=gan.d_lr, betas=(0.9, 0.99))  # ESRGAN
         if gan.perceptual_weights:
-            nets.perceptual = PerceptualLoss(gan.perceptual_weights, layer=gan.perceptual_layer)
+            nets.perceptual = PerceptualLoss(gan.perceptual_weights, layer=gan.perceptual_layer).to(device)
     return nets
 
 
 def _step(trained: nn.Module, nets: _Networks, batch: Pair, loss_fn: Callable, config: Config, *, adversarial: bool):
     """One :func:`gan_step` (adversarial phase) or :func:`train_step` of ``trained`` (the model, or its DDP wrapper)."""
-    common = {"clip_grad_norm": config.train.clip_grad_norm, "bf16": config.train.bf16, "ema": nets.ema}
+    common = {"clip_grad_norm": config.train.clip_grad_norm, "bf16": nets.bf16, "ema": nets.ema}
     if not adversarial:
         return train_step(trained, nets.optimizer, batch, loss_fn, **common)
     gan = config.gan
@@ -535,10 +543,12 @@ def _validate_and_save(
         config.degradation,
         data.val_slices,
         config.model.spatial_dims,
-        bf16=config.train.bf16,
+        bf16=nets.bf16,
         axis=config.data.split_axis,
     )
     row.update(step=step, loss=logs["loss"], lr=nets.schedule.get_last_lr()[0])
+    precision = "bf16" if nets.bf16 else "fp32"
+    row.update(device=str(network_device(nets.model)), processes=ranks().world_size, precision=precision)
     row.update({key: value for key, value in logs.items() if key.startswith("loss/")})
     log.write(json.dumps(row) + "\n")
     log.flush()
