@@ -1,6 +1,6 @@
 """What tiled upscaling costs over the model's own compute, and what memory it takes; ratios from one run here.
 
-    python benchmarks/overhead.py              # about 5 minutes on 2 cores
+    python benchmarks/overhead.py              # about 6 minutes on 2 quiet cores
     python benchmarks/overhead.py --repeats 1  # quicker, noisier
 
 1. 2D, edsr_mr_x2 on volumes of K slices of 128^2, 256^2 and 512^2 (K * slice = 2^20 voxels): the wall time of
@@ -10,9 +10,9 @@
    model on the planes stacked as upscale stacks them, and ``medsr.upscale`` (its defaults: it also computes the
    window's percentiles, checks the inputs and puts back the measured k-space band) over the same denominator.
 2. 3D, untrained edsr_tiny x (2, 2, 2) on 160^3: ``super_resolve`` over the pure compute of the work it does: the
-   whole volume's forward when it fits in the budget; else ``model_predictor`` on exactly the tiles it runs, batched
-   as it batches them (their minimum work), with the tiles' redundancy (voxels computed / volume voxels). A second
-   row with a 256 MiB budget forces tiles.
+   whole volume's forward when it fits in the budget (8 GiB; the default 2 GiB does not hold its estimated 4 GiB);
+   else ``model_predictor`` on exactly the tiles it runs, batched as it batches them (the tiles' minimum work), with
+   the tiles' redundancy (voxels computed / volume voxels); budgets of 8 GiB, 2 GiB (default) and 256 MiB.
 3. The memory estimate, ``footprint(...).bytes_per_voxel`` x voxels, against one forward's measured peak resident
    memory (a child process each: its peak resident memory during the forward, ``VmHWM``, minus before it).
 4. Streaming peak memory with edsr_mr_x2 at K = 100 and 600 slices of 256^2 (``benchmarks/memory.py``'s children):
@@ -133,7 +133,7 @@ def rows_3d(repeats: int, peaks: dict[str, float]) -> list[str]:
     volume = medsr.Volume(phantom((SIDE_3D,) * 3), np.eye(4), medsr.Modality.MR)
     unit = volume.array / 1000
     lines = []
-    for memory in (DEFAULT_MEMORY, 2**28):
+    for memory in (2**33, DEFAULT_MEMORY, 2**28):
         tiling = volume_tiling(predict, volume.array.shape, spatial_dims=3, memory=memory)
         voxels, run = tiles_compute(predict, unit, tiling.tile, tiling.overlap, tiling.batch)
         upscale = median_seconds(

@@ -217,10 +217,9 @@ def upscale(
     >>> medsr.upscale(scan, scale=(2, 2, 1)).spatial_shape
     (48, 40, 3)
     """
-    where = resolve_device(device)
-    plan = plan_upscale(volume, model, scale=scale, spacing=spacing)
-    kspace = _kspace(plan, kspace_consistency)
-    plan = _on_device(_adapted(plan, volume, adapt, precision, progress) if adapt else plan, where)
+    plan, kspace = _plan_in_memory(
+        volume, model, scale, spacing, device, kspace_consistency, adapt, precision, progress
+    )
     return _run_in_memory(volume, plan, tile, overlap, memory, precision, kspace, progress)
 
 
@@ -253,10 +252,9 @@ def trust_maps(
     >>> maps.sigma.spatial_shape, torch.equal(maps.output.array, medsr.upscale(scan, precision="fp32").array)
     ((48, 40, 3), True)
     """
-    where = resolve_device(device)
-    plan = plan_upscale(volume, model, scale=scale, spacing=spacing)
-    kspace = _kspace(plan, kspace_consistency)
-    plan = _on_device(_adapted(plan, volume, adapt, precision, progress) if adapt else plan, where)
+    plan, kspace = _plan_in_memory(
+        volume, model, scale, spacing, device, kspace_consistency, adapt, precision, progress
+    )
     return _maps_in_memory(volume, plan, tile, overlap, memory, precision, kspace, progress)
 
 
@@ -489,6 +487,25 @@ def _upscale_file(
             sr = _run_in_memory(volume, plan, tile, overlap, memory, precision, kspace, progress)
             write_volume(sr, target, anonymize=anonymize, **storage)
     return plan
+
+
+def _plan_in_memory(
+    volume: Volume,
+    model: SRModel | str | Path | None,
+    scale: Sequence[float] | None,
+    spacing: Sequence[float] | None,
+    device: str,
+    kspace_consistency: bool | None,
+    adapt: float,
+    precision: str,
+    progress: bool,
+) -> tuple[Plan, bool]:
+    """(plan, k-space consistency on) of :func:`upscale` and :func:`trust_maps`: the device and the k-space request
+    checked before any work, the model fine-tuned on the scan first with ``adapt``, then moved to the device."""
+    where = resolve_device(device)
+    plan = plan_upscale(volume, model, scale=scale, spacing=spacing)
+    kspace = _kspace(plan, kspace_consistency)
+    return _on_device(_adapted(plan, volume, adapt, precision, progress) if adapt else plan, where), kspace
 
 
 def _run_in_memory(

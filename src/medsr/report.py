@@ -861,10 +861,15 @@ def trust_text(trusted: Trust) -> str:
         if coverage is not None
         else "no calibrated interval (the model has no calibration: medsr models NAME --calibrate)"
     )
+    rho = [_correlation(v) for v in (trusted.spearman, trusted.spearman_body, trusted.spearman_ceiling)]
     return (
-        f"uncertainty: Spearman(sigma, |error|) {trusted.spearman:.2f} over all voxels, {trusted.spearman_body:.2f} "
-        f"in the body mask (ceiling from the true local error {trusted.spearman_ceiling:.2f}); {interval}"
+        f"uncertainty: Spearman(sigma, |error|) {rho[0]} over all voxels, {rho[1]} in the body mask (ceiling from "
+        f"the true local error {rho[2]}); {interval}"
     )
+
+
+def _correlation(value: float | None) -> str:
+    return "- (constant)" if value is None else f"{value:.2f}"
 
 
 def write_evaluation(evaluation: Evaluation, directory: Path, *, command_line: str | None = None) -> None:
@@ -1004,9 +1009,9 @@ def trust_figures(evaluation: Evaluation, directory: Path) -> dict[str, Path]:
         for key in ("error", "sigma", "consistent", "residual")
     }
     rho = (
-        f"Spearman rank correlation of sigma with |output - HR| over all voxels {trusted.spearman:.2f}, within the "
-        f"body mask {trusted.spearman_body:.2f} (the true local error, its 5 x 5 neighbours' RMS, reaches "
-        f"{trusted.spearman_ceiling:.2f}: the HR's own noise limits any map)"
+        f"Spearman rank correlation of sigma with |output - HR| over all voxels {_correlation(trusted.spearman)}, "
+        f"within the body mask {_correlation(trusted.spearman_body)} (the true local error, its 5 x 5 neighbours' "
+        f"RMS, reaches {_correlation(trusted.spearman_ceiling)}: the HR's own noise limits any map)"
     )
     figures = {f"Trust maps beside the true error, in {unit}. {rho}": directory / "trust_maps.png"}
     trust_figure(

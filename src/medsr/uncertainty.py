@@ -322,17 +322,17 @@ class Trust(NamedTuple):
     """How one set's maps relate to its true error (``|output - HR|``): what an evaluation reports.
 
     maps: error, sigma, consistent, residual as (C, I, J, K) tensors in [0, 1] units, and the body mask (bool).
-    spearman, spearman_body:
-    rank correlation of sigma with the error over all / body voxels. spearman_ceiling: that of the true local error
-    (RMS of the error over the 5 x 5 in-plane neighbours, the voxel itself left out): about the best any map could
-    do given the HR's own noise. coverage: {level: share of voxels inside ``output +- factors[level] * sigma``}
-    for the model's calibrated factors (empty without). scores: a seeded draw of ``error / sigma``.
+    spearman, spearman_body: rank correlation of sigma with the error over all / body voxels. spearman_ceiling: that
+    of the true local error (RMS of the error over the 5 x 5 in-plane neighbours, the voxel itself left out): about
+    the best any map could do given the HR's own noise. Each None where sigma or the error is constant.
+    coverage: {level: share of voxels inside ``output +- factors[level] * sigma``} for the model's calibrated
+    factors (empty without). scores: a seeded draw of ``error / sigma``.
     """
 
     maps: dict[str, torch.Tensor]
-    spearman: float
-    spearman_body: float
-    spearman_ceiling: float
+    spearman: float | None
+    spearman_body: float | None
+    spearman_ceiling: float | None
     coverage: dict[str, float]
     scores: np.ndarray
 
@@ -350,12 +350,19 @@ def trust(result: TrustMaps, hr: Volume, factors: dict[str, float] | None = None
     return Trust(
         {"error": error, "sigma": sigma, "consistent": result.consistent.array, "residual": result.residual.array}
         | {"body": body},
-        float(spearmanr(sigma.flatten(), error.flatten()).statistic),
-        float(spearmanr(sigma[body], error[body]).statistic),
-        float(spearmanr(local.flatten(), error.flatten()).statistic),
+        _spearman(sigma.flatten(), error.flatten()),
+        _spearman(sigma[body], error[body]),
+        _spearman(local.flatten(), error.flatten()),
         {level: float((error <= factor * sigma).float().mean()) for level, factor in (factors or {}).items()},
         np.random.default_rng(0).choice(scores, SCORE_DRAW),
     )
+
+
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """Spearman's rank correlation of two voxel sets; None where one is constant (e.g. a flat sigma)."""
+    if a.numel() < 2 or bool((a == a[0]).all()) or bool((b == b[0]).all()):
+        return None
+    return float(spearmanr(a, b).statistic)
 
 
 def calibrate(model: SRModel, *, alpha: float = ALPHA, precision: str = "fp32") -> dict:
@@ -419,12 +426,15 @@ def calibrate_shipped(name: str, *, precision: str = "fp32") -> dict:
     if name not in shipped_models():
         raise ValueError(f"{name}: not a shipped model; shipped: {', '.join(shipped_models())}")
     from medsr.io import write_bytes
+    from medsr.report import model_card
     from medsr.zoo import CARD
 
     model = load_model(name)
     record = calibrate(model, precision=precision)
     update_description(model.path, uncertainty=record)
-    write_bytes(model.path / CARD, load_model(name).card.encode())  # the card gains its uncertainty section
+    description = model.description | {"uncertainty": record}
+    held_out = description.get("scores", {}).get("held_out", [])
+    write_bytes(model.path / CARD, model_card(name, description, held_out, precision="fp32").encode())
     return record
 
 
@@ -444,6 +454,6 @@ def calibration_rows(name: str, record: dict) -> list[dict]:
             if key.startswith("coverage"):
                 row[key] = "-" if value is None else f"{100 * value:.1f} %"
             elif key.startswith("spearman"):
-                row[key] = f"{value:.2f}"
+                row[key] = "-" if value is None else f"{value:.2f}"
         rows.append(row)
     return rows
