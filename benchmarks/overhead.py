@@ -20,8 +20,8 @@
 5. GFLOP/s of the models inside upscale (FLOPs of the whole-image forward, ``torch.utils.flop_counter``) as a share
    of the matmul peak of the precision they run in (``benchmarks/speed.py``).
 
-Times are medians of ``--repeats`` runs after a warm-up, with torch's default threads; on a shared machine they
-vary, so only ratios measured in the same run are printed.
+Times are the fastest of ``--repeats`` runs after a warm-up, the runs of a row interleaved, with torch's default
+threads: other jobs on a shared machine only ever slow a run down. Only ratios measured in the same run are printed.
 """
 
 from __future__ import annotations
@@ -33,13 +33,14 @@ import math
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from memory import make_source, measure, reset_peak, resident
-from speed import flops, matmul_peak, median_seconds
+from speed import flops, matmul_peak
 
 import medsr
 from medsr.infer import (
@@ -98,6 +99,19 @@ def tiles_compute(predict, volume: torch.Tensor, tile, overlap, batch: int) -> t
     return voxels, run
 
 
+def fastest(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Seconds of the fastest of ``repeats`` runs of each function after one warm-up, the functions interleaved."""
+    for run in runs.values():
+        run()
+    best = dict.fromkeys(runs, math.inf)
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
 def rows_2d(repeats: int, peaks: dict[str, float]) -> list[str]:
     model = load_model("edsr_mr_x2")
     network = model.network
@@ -108,13 +122,15 @@ def rows_2d(repeats: int, peaks: dict[str, float]) -> list[str]:
         slices = VOXELS_2D // side**2
         volume = medsr.Volume(phantom((side, side, slices)), np.diag([2.0, 2.0, 6.0, 1.0]), medsr.Modality.MR)
         tiling = volume_tiling(predict, volume.array.shape, spatial_dims=2)
-        upscale = median_seconds(
-            lambda v=volume: super_resolve(v, network, model_scale=(2, 2), progress=False), repeats
-        )
-        api = median_seconds(lambda v=volume: medsr.upscale(v, model), repeats)
         unit = volume.array / 1000  # about the normalised range; the model's time does not depend on values
-        alone = median_seconds(lambda u=unit: planes_compute(predict, u, 1), repeats)
-        stacked = median_seconds(lambda u=unit, g=tiling.tile[2]: planes_compute(predict, u, g), repeats)
+        runs = {
+            "upscale": lambda v=volume: super_resolve(v, network, model_scale=(2, 2), progress=False),
+            "api": lambda v=volume: medsr.upscale(v, model),
+            "alone": lambda u=unit: planes_compute(predict, u, 1),
+            "stacked": lambda u=unit, g=tiling.tile[2]: planes_compute(predict, u, g),
+        }
+        seconds = fastest(runs, repeats)
+        upscale, api, alone, stacked = (seconds[name] for name in runs)
         work = flops(lambda s=side: network(torch.rand(1, 1, s, s))) * slices
         rate = work / upscale / 1e9
         lines.append(
@@ -136,10 +152,15 @@ def rows_3d(repeats: int, peaks: dict[str, float]) -> list[str]:
     for memory in (2**33, DEFAULT_MEMORY, 2**28):
         tiling = volume_tiling(predict, volume.array.shape, spatial_dims=3, memory=memory)
         voxels, run = tiles_compute(predict, unit, tiling.tile, tiling.overlap, tiling.batch)
-        upscale = median_seconds(
-            lambda m=memory: super_resolve(volume, network, model_scale=(2, 2, 2), memory=m, progress=False), repeats
-        )
-        pure = median_seconds(run, repeats)
+        upscale, pure = fastest(
+            {
+                "upscale": lambda m=memory: super_resolve(
+                    volume, network, model_scale=(2, 2, 2), memory=m, progress=False
+                ),
+                "pure": run,
+            },
+            repeats,
+        ).values()
         whole = tiling.tile == volume.spatial_shape
         work = flops(lambda: network(torch.rand(1, 1, 32, 32, 32))) * voxels / 32**3
         rate = work / upscale / 1e9
@@ -198,7 +219,7 @@ def streaming_rows() -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3, help="Timed runs per measure (median).")
+    parser.add_argument("--repeats", type=int, default=3, help="Timed runs per measure (the fastest counts).")
     parser.add_argument("--forward", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.forward:

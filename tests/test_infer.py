@@ -159,7 +159,7 @@ def test_balanced_tiles_cost_the_least_work():
 def test_a_budget_too_small_for_any_tile_warns_and_takes_the_smallest(caplog):
     with caplog.at_level(logging.WARNING, logger="medsr"):
         assert choose_tiles((200, 200), (40, 40), 100) == (60, 60)
-    assert "cannot hold tiles" in caplog.text
+    assert "too small for overlaps of (40, 40) voxels" in caplog.text
 
 
 @pytest.mark.kernels

@@ -342,9 +342,8 @@ def choose_tiles(spatial: Sequence[int], overlap: Sequence[int], max_voxels: flo
     if not (voxels <= max_voxels).any():
         smallest = tuple(int(edges[-1]) for edges, _ in options)
         LOG.warning(
-            "a memory budget for %d voxels cannot hold tiles keeping %d voxels beyond their overlap %s; using %s",
+            "a memory budget for tiles of %d voxels is too small for overlaps of %s voxels; using tiles of %s",
             max_voxels,
-            MIN_CORE,
             tuple(overlap),
             smallest,
         )
