@@ -201,7 +201,10 @@ def test_models_lists_the_shipped_models_and_prints_a_card(capsys):
     assert main(["models", "edsr_nope"]) == 2
     assert "not shipped models: ['edsr_nope']" in capsys.readouterr().err
     assert main(["models", "edsr_mr_x4", "--table", "t.md"]) == 2
-    assert "--table writes a table: pass it without model names, or with --evaluate or --calibrate" in capsys.readouterr().err
+    assert (
+        "--table writes a table: pass it without model names, or with --evaluate or --calibrate"
+        in capsys.readouterr().err
+    )
 
 
 def write_nifti(path, array):
