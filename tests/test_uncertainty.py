@@ -248,3 +248,20 @@ def test_evaluate_scores_the_maps_and_the_report_shows_them(tmp_path):
     write_evaluation(result, tmp_path / "report")
     html = (tmp_path / "report" / "report.html").read_text()
     assert "Trust maps beside the true error" in html and "Calibration:" in html
+
+
+def test_a_png_gets_float_tiff_maps(tmp_path):
+    """PNG holds integers: the output stays an 8-bit PNG like its input, the maps are float32 TIFFs on its grid."""
+    from PIL import Image
+
+    scan = read_volume(sample_path("mr_rat_lung"), modality="MR")
+    pixels = np.clip(scan.array[0, 32:96, 32:96, 0].numpy().T, 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "lung.png")
+    target = tmp_path / "sr.png"
+    argv = ["upscale", str(tmp_path / "lung.png"), str(target), "--uncertainty", "--modality", "MR"]
+    assert main([*argv, "--precision", "fp32"]) == 0
+    output = np.array(Image.open(target))
+    assert output.dtype == np.uint8 and output.shape == (128, 128)
+    for name in MAPS:
+        field = np.array(Image.open(map_path(target, name)))
+        assert map_path(target, name).suffix == ".tif" and field.dtype == np.float32 and field.shape == output.shape
