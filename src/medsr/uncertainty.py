@@ -16,8 +16,8 @@
   2021) of ``|output - HR| / sigma`` on held-out scans, stored with the model (``description['uncertainty']``):
   about 1 - alpha of the voxels of scans like those fall inside.
 
-Maps are computed at the model's own scale in the model's [0, 1] units; :func:`trust_maps` gives them in physical
-units (differences scale by the intensity window's width).
+Maps are computed at the model's own scale in the model's [0, 1] units; :func:`physical_maps` (behind
+``medsr.trust_maps``) gives them in physical units (differences scale by the intensity window's width).
 """
 
 from __future__ import annotations
