@@ -10,7 +10,8 @@ The thick scans come from medsr's own slice model (Gaussian profile, no noise), 
 told to assume, so this measures each method at its best, not robustness to a wrong slice model.
 
 - ``bspline``: cubic B-spline interpolation along k (``selfsup.interpolate_slices``), the baseline.
-- ``medsr selfsr``: the CLI, as a user runs it (``--time-budget`` for training).
+- ``medsr selfsr``: the CLI, as a user runs it: its default recipe, or ``--steps N`` training steps (and
+  ``--time-budget S`` to stop it early, which leaves it less trained).
 - ``eclare``: the ECLARE reference implementation (``pip install eclare``, Remedios et al. 2025), run as its own
   command (``run-eclare``), given the true slice thickness. It lives in its own environment because it pins scipy
   1.11.4; ``--install-eclare DIR`` makes one (torch pinned to the local CPU build). It has no time budget; its
@@ -110,7 +111,8 @@ def install_eclare(folder: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--thickness", type=float, nargs="+", default=[4.0, 6.0], help="Slice thicknesses in mm.")
-    parser.add_argument("--time-budget", type=float, default=300.0, help="medsr selfsr training seconds.")
+    parser.add_argument("--steps", type=int, help="medsr selfsr training steps (default: its own).")
+    parser.add_argument("--time-budget", type=float, help="medsr selfsr: stop training after this many seconds.")
     parser.add_argument("--eclare", default=shutil.which("run-eclare"), help="The run-eclare executable.")
     parser.add_argument("--eclare-patches", type=int, default=6400, help="ECLARE training patches (6400: ~300 s here).")
     parser.add_argument("--eclare-timeout", type=float, default=1800.0, help="Seconds before ECLARE is stopped.")
@@ -141,11 +143,13 @@ def main() -> None:
 
             out = folder / f"selfsr_{thickness:g}mm.nii.gz"
             command = [sys.executable, "-m", "medsr", "selfsr", str(thick), str(out)]
-            seconds, why = timed([*command, "--time-budget", str(args.time_budget)], timeout=args.time_budget + 900)
+            recipe = ["--steps", str(args.steps)] if args.steps else []
+            recipe += ["--time-budget", f"{args.time_budget:g}"] if args.time_budget else []
+            seconds, why = timed([*command, *recipe], timeout=3600)
             scores, why = scored(out, hr) if seconds else ({}, why)
-            rows.append((thickness, "medsr selfsr", scores, seconds, why or f"{args.time_budget:g} s training"))
+            rows.append((thickness, "medsr selfsr", scores, seconds, why or " ".join(recipe) or "default recipe"))
 
-            if args.eclare is None:
+            if not args.eclare:  # none on PATH, or --eclare ""
                 why = "not installed (run with --install-eclare DIR, then --eclare DIR/bin/run-eclare)"
                 rows.append((thickness, "eclare", {}, None, why))
             else:

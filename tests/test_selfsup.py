@@ -1,5 +1,7 @@
 """Self-supervised through-plane SR: geometry, the simulated slice axis, learning on real MRI, and the CLI."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pydicom
 import pytest
@@ -21,6 +23,7 @@ from medsr.selfsup import (
     interpolate_slices,
     line_operator,
     slice_acquisition,
+    train_model,
 )
 from medsr.volume import Volume, permute_axes, scale_affine, world_coordinates
 from tests.conftest import oblique_affine
@@ -162,6 +165,27 @@ def test_learns_from_the_scan_to_beat_bspline_on_real_mri(colin_hr, colin_thick)
         window.to_unit(interpolate_slices(colin_thick, 2, 48).array)[None], hr, data_range=1.0
     )
     assert float(gain) > 0.3  # 0.97 dB (0.65 to 1.13 over seeds 0 to 2)
+
+
+def test_steps_decide_the_result_and_a_time_budget_only_stops_early_with_a_warning(colin_thick, caplog, monkeypatch):
+    """The learning rate follows the planned steps, never the clock: a run with a budget it never reaches trains
+    the same network as one without. A budget that runs out stops training and says how far it got."""
+    array = default_window(colin_thick).to_unit(colin_thick.array)
+    acquisition = slice_acquisition(colin_thick)
+    plan = {"model": "edsr_tiny", "steps": 6, "batch_size": 2, "patch": 16, "precision": "fp32"}
+    trained = [
+        train_model(array, (1.0, 1.0), acquisition, SelfSRSettings(**plan, time_budget=budget), progress=False)
+        for budget in (None, 3600)
+    ]
+    for (model, log), (again, _) in zip(trained, trained[::-1], strict=True):
+        assert log["steps"] == log["planned_steps"] == 6
+        for weight, other in zip(model.parameters(), again.parameters(), strict=True):
+            torch.testing.assert_close(weight, other, atol=0, rtol=0)
+    clock = iter(range(0, 1000, 10))  # each reading 10 s later: the start, then one before each step
+    monkeypatch.setattr("medsr.selfsup.time", SimpleNamespace(monotonic=lambda: float(next(clock))))
+    _, log = train_model(array, (1.0, 1.0), acquisition, SelfSRSettings(**plan, time_budget=35), progress=False)
+    assert (log["steps"], log["planned_steps"]) == (3, 6)
+    assert "time budget after 3 of 6 steps: the network is less trained than the recipe" in caplog.text
 
 
 def test_target_spacing_resamples_the_fine_grid(colin_thick):

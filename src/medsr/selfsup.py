@@ -209,9 +209,11 @@ class SelfSRSettings:
 
     Args:
         model: Registered model name; it runs at scale (1, 1) on the interpolated planes.
-        steps: Optimisation steps at most; the learning rate follows a cosine over steps or time, whichever
-            runs out first.
-        time_budget: Seconds of training at most.
+        steps: Optimisation steps; the learning rate follows a cosine over them, so steps, not the machine's
+            speed, decide the result. The default recipe (1500 steps of 16 patches of 32 x 32 for ``edsr_small``)
+            super-resolves a 181 x 217 x 45 scan of 4 mm slices in under 4 minutes on 2 AVX2 cores, fp32.
+        time_budget: Seconds of training at most (default: no limit). Reaching it stops training early, with a
+            warning saying how many of the planned steps ran: the network is then less trained than the recipe.
         patch, batch_size, lr: Patch edge (voxels), patches per step, Adam learning rate.
         precision: 'auto' (bf16 where the CPU has it), 'fp32' or 'bf16', for training and inference.
         tile, memory: Inference tiles of the planes (voxels) and the bytes one forward may use; default tiles: from
@@ -220,9 +222,9 @@ class SelfSRSettings:
     """
 
     model: str = "edsr_small"
-    steps: int = 4000
-    time_budget: float = 300.0
-    patch: int = 48
+    steps: int = 1500
+    time_budget: float | None = None
+    patch: int = 32
     batch_size: int = 16
     lr: float = 1e-3
     precision: str = "auto"
@@ -232,7 +234,7 @@ class SelfSRSettings:
 
     def __post_init__(self) -> None:
         sizes = (self.steps, self.batch_size, self.tile or 1, self.memory)
-        if min(sizes) < 1 or self.patch < 8 or not self.time_budget > 0:
+        if min(sizes) < 1 or self.patch < 8 or not (self.time_budget is None or self.time_budget > 0):
             raise ValueError(
                 f"steps, batch_size and tile must be >= 1, memory >= 1 byte, patch >= 8 voxels and time_budget > 0 s; "
                 f"got {self}"
@@ -255,7 +257,8 @@ def train_model(
     ``device`` (``infer.resolve_device``; the pairs are drawn on the CPU).
 
     Returns the model (eval mode, on ``device``) and a log: model name and kwargs (what ``create_model`` needs),
-    steps, seconds, final mean L1 over the last 50 steps."""
+    steps run, steps planned, seconds, final mean L1 over the last 50 steps. Fewer steps than planned run only when
+    ``settings.time_budget`` stops training; that is logged as a warning."""
     where = resolve_device(str(device))
     pairs = InPlanePairs(array, in_plane, acquisition, patch=settings.patch, rng=np.random.default_rng(settings.seed))
     kwargs = {"spatial_dims": 2, "scale": [1, 1], "in_channels": array.shape[0]}
@@ -268,17 +271,22 @@ def train_model(
     start = time.monotonic()
     bar = progress_bar(total=settings.steps, desc="self-supervised training", unit="step", disable=not progress)
     for step in range(settings.steps):
-        done = max(step / settings.steps, (time.monotonic() - start) / settings.time_budget)
-        if done >= 1:
+        if settings.time_budget is not None and time.monotonic() - start >= settings.time_budget:
             break
-        for group in optimizer.param_groups:  # cosine decay (Loshchilov & Hutter 2017) over steps or time
-            group["lr"] = settings.lr * 0.5 * (1 + math.cos(math.pi * done))
+        for group in optimizer.param_groups:  # cosine decay (Loshchilov & Hutter 2017) over steps, never time
+            group["lr"] = settings.lr * 0.5 * (1 + math.cos(math.pi * step / settings.steps))
         batch = Pair._make(t.to(where) for t in pairs.batch(settings.batch_size))
         losses.append(train_step(model, optimizer, batch, l1, bf16=bf16)["loss"])
         bar.update()
         bar.set_postfix(l1=f"{np.mean(losses[-50:]):.4f}", refresh=False)
     bar.close()
-    log = {"model_name": settings.model, "model_kwargs": kwargs, "steps": len(losses)}
+    if len(losses) < settings.steps:  # only the time budget stops training early
+        LOG.warning(
+            "self-supervised training stopped by the %g s time budget after %d of %d steps: the network is less "
+            "trained than the recipe and the result poorer (plan fewer steps to fit a time)",
+            *(settings.time_budget, len(losses), settings.steps),
+        )
+    log = {"model_name": settings.model, "model_kwargs": kwargs, "steps": len(losses), "planned_steps": settings.steps}
     log |= {"seconds": round(time.monotonic() - start, 1), "l1": float(np.mean(losses[-50:]))}
     return model.eval(), log
 
@@ -403,6 +411,6 @@ def selfsr_file(
     write_volume(sr, target, description=text, anonymize=anonymize)
     if save_model:
         selfsr = {"source": str(source), "acquisition": dataclasses.asdict(acquisition)}
-        selfsr |= {key: log[key] for key in ("steps", "seconds", "l1")}
+        selfsr |= {key: log[key] for key in ("steps", "planned_steps", "seconds", "l1")}
         save_checkpoint(Path(save_model), network, {**log, "selfsr": selfsr})
     return sr, acquisition, log
