@@ -333,6 +333,16 @@ def test_ddp_with_two_processes_follows_the_single_process_loss_curve(tmp_path):
     assert all(torch.allclose(ddp[name], one[name], atol=1e-6) for name in one)
 
 
+def test_an_apple_gpu_under_torchrun_is_refused_before_any_work(tmp_path, monkeypatch):
+    """DDP has no backend for MPS tensors: several processes on 'mps' stop with one line, before the run folder."""
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(ValueError, match="device 'mps' under torchrun"):
+        fit(load_config(overrides=TINY), tmp_path / "run", progress=False, device="mps")
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_on_cuda_or_a_clear_error_without_one(tmp_path, capsys):
     """`medsr train --device cuda` trains on the GPU where torch has one (model, batches, validation; bf16 autocast
     where the GPU has it natively), and each validation row records the device; elsewhere it stops with one line

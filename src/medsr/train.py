@@ -350,9 +350,14 @@ def fit(
         resume: Continue the run in ``run_dir``.
         device: 'auto' (the GPU when there is one), 'cpu', 'cuda', 'cuda:N' or 'mps'; under ``torchrun``, 'auto'
             and 'cuda' are each process's own GPU (``shard.rank_device``). DDP joins with NCCL on CUDA, gloo
-            elsewhere. ``train.bf16`` holds on the CPU, and on a GPU where it runs bfloat16 natively.
+            on the CPU; 'mps' runs in one process only. ``train.bf16`` holds on the CPU, and on a GPU where it runs
+            bfloat16 natively.
     """
     where = rank_device(device)  # a device this machine lacks: refused before any work
+    if where.type == "mps" and ranks().world_size > 1:
+        raise ValueError(
+            "device 'mps' under torchrun: DDP has no backend for Apple GPUs; use one process or --device cpu"
+        )
     if resume:
         config = load_config(run_dir / "config.yaml")
     elif (run_dir / "metrics.jsonl").exists():
