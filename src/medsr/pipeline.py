@@ -438,12 +438,14 @@ def _upscale_file(
     )
     models[plan.model.name] = plan.model
     kspace = _kspace(plan, kspace_consistency)
+    streaming = target_format in ("nifti", "dicom") and not plan.resamples and not uncertainty  # maps: in memory
+    streams = isinstance(scan, VolumeFile) and streaming
+    volume = scan.read() if isinstance(scan, VolumeFile) and (adapt or not streams) else scan  # read once, if at all
     if adapt:  # the adapted copy serves this scan only
-        plan = _adapted(plan, scan.read() if isinstance(scan, VolumeFile) else scan, adapt, precision, progress)
+        plan = _adapted(plan, volume, adapt, precision, progress)
     plan = _on_device(plan, where)
     factors = "x".join(f"{f:g}" for f in plan.factors)
     description = f"medsr SR x{factors} {Path(plan.model.name).name}"[:64]
-    streams = isinstance(scan, VolumeFile) and target_format in ("nifti", "dicom") and not plan.resamples
     storage = {"description": description, "dtype": dtype, "display_range": (plan.window.lo, plan.window.hi)}
     if target_format == "dicom":  # the series records its derivation (model and weights) in its headers
         storage |= {
@@ -453,7 +455,6 @@ def _upscale_file(
         }
     trusted = None
     if uncertainty:
-        volume = scan.read() if isinstance(scan, VolumeFile) else scan
         trusted = _maps_in_memory(volume, plan, tile, overlap, memory, precision, kspace, progress)
     if target_format == "dicom":
         sidecar = nullcontext()
@@ -483,7 +484,6 @@ def _upscale_file(
                 **storage,
             )
         else:
-            volume = scan.read() if isinstance(scan, VolumeFile) else scan
             sr = _run_in_memory(volume, plan, tile, overlap, memory, precision, kspace, progress)
             write_volume(sr, target, anonymize=anonymize, **storage)
     return plan
@@ -568,12 +568,8 @@ def _maps_in_memory(
 
 def _map_fields(maps: TrustMaps) -> dict[str, Volume]:
     """The maps ``--uncertainty`` writes, by the name in their files (``uncertainty.MAPS``): sigma as uncertainty."""
-    fields = {"uncertainty": maps.sigma, "lower": maps.lower, "upper": maps.upper}
-    return {
-        name: v
-        for name, v in (fields | {"consistent": maps.consistent, "residual": maps.residual}).items()
-        if v is not None
-    }
+    fields = {name: getattr(maps, "sigma" if name == "uncertainty" else name) for name in MAPS}
+    return {name: field for name, field in fields.items() if field is not None}
 
 
 def _maps_record(maps: TrustMaps, target: Path, plan: Plan) -> dict:

@@ -1013,10 +1013,9 @@ def trust_figures(evaluation: Evaluation, directory: Path) -> dict[str, Path]:
         f"within the body mask {_correlation(trusted.spearman_body)} (the true local error, its 5 x 5 neighbours' "
         f"RMS, reaches {_correlation(trusted.spearman_ceiling)}: the HR's own noise limits any map)"
     )
-    figures = {f"Trust maps beside the true error, in {unit}. {rho}": directory / "trust_maps.png"}
-    trust_figure(
-        figures[next(iter(figures))], at, title=f"{evaluation.scan}: {evaluation.model}", labels=labels, unit=unit
-    )
+    maps_png = directory / "trust_maps.png"
+    figures = {f"Trust maps beside the true error, in {unit}. {rho}": maps_png}
+    trust_figure(maps_png, at, title=f"{evaluation.scan}: {evaluation.model}", labels=labels, unit=unit)
     if trusted.coverage:
         covered = trusted.coverage.get("0.9")
         caption = (

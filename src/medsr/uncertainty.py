@@ -292,10 +292,9 @@ def physical_maps(
         field = denormalize(field, window)
         return field if floor is None else field.replace(array=field.array.clamp(min=floor))
 
-    levels = {"output": True, "lower": True, "upper": True}
+    levels = ("output", "lower", "upper")  # intensities; the other maps are differences or deviations
     return TrustMaps(
-        *(physical(getattr(result, name), level=levels.get(name, False)) for name in TrustMaps._fields[:-1]),
-        result.fit,
+        *(physical(getattr(result, name), level=name in levels) for name in TrustMaps._fields[:-1]), result.fit
     )
 
 
