@@ -109,6 +109,11 @@ CONFIG_CASES = [
     ({"data": {"patch": [0]}}, "data.patch"),
     ({"data": {"min_foreground": 2.0}}, "data.min_foreground"),
     ({"data": {"val_slices": [18, 14]}}, "data.val_slices"),
+    ({"data": {"slice_axes": [0, 2]}}, "data.slice_axes"),  # the in-plane x2 model has no slices to thin
+    ({"data": {"slice_axes": []}}, "data.slice_axes"),
+    ({"data": {"zooms": [0.5]}}, "data.zooms"),
+    ({"data": {"held_out_slice_axis": 1}}, "data.held_out_slice_axis"),
+    ({"data": {"held_out_slice_axis": 3}, "degradation": {"factors": [1, 1, 2]}}, "data.held_out_slice_axis"),
     ({"degradation": {"factors": [float("nan"), 2, 1]}}, "degradation.factors"),
     ({"degradation": {"slice_thickness": float("inf")}}, "degradation.slice_thickness"),
     ({"model": {"scale": [0, 0]}}, "model.scale"),

@@ -4,11 +4,20 @@ import numpy as np
 import pytest
 import torch
 
-from medsr.data import Pair, PairDataset, crop_to_multiple, find_scans, prepare_scan, slice_range, split_scans
+from medsr.data import (
+    Pair,
+    PairDataset,
+    crop_to_multiple,
+    find_scans,
+    prepare_scan,
+    slice_range,
+    split_scans,
+    zoomed,
+)
 from medsr.degrade import Degradation, degrade
 from medsr.intensity import Window, default_window, normalize
 from medsr.io import read_volume, write_volume
-from medsr.volume import Modality, Volume
+from medsr.volume import Modality, Volume, swap_into_k
 from tests.test_dicom import _write_series
 
 
@@ -242,3 +251,35 @@ def test_prepare_scan_normalises_with_the_window_inference_will_see(volume):
     torch.testing.assert_close(degrade(prepared, degradation).array, expected, atol=1e-5, rtol=0)
     rician, scan = Degradation((2, 2, 1), noise="rician", noise_sigma=5.0), volume.replace(array=volume.array * 300)
     assert prepare_scan(scan, rician).meta["window"] == prepare_scan(scan, rician).meta["window"]  # a fixed draw
+
+
+def test_a_single_plane_across_the_slices_gives_only_its_own_orientation(rng):
+    """An (i, k) image (J = 1, e.g. a coronal image turned by ``swap_into_k``) trains a through-plane model: every
+    item is an (i, k) patch of it."""
+    image = Volume(torch.from_numpy(rng.random((1, 16, 12, 1), dtype=np.float32)), np.eye(4), Modality.MR)
+    turned = swap_into_k(image, 1)
+    assert turned.spatial_shape == (16, 1, 12)
+    degradation = Degradation((1, 1, 2), slice_profile="gaussian")
+    data = dataset(turned, degradation, slices=None, patch=(8, 6))
+    lr = degrade(turned, degradation).array
+    for index in range(6):
+        pair = data[index]
+        assert pair.hr.shape == (1, 8, 6)
+        assert is_aligned_crop(Pair(pair.lr.unsqueeze(2), pair.hr.unsqueeze(2)), lr, turned.array, (1, 1, 2))
+    with pytest.raises(ValueError, match="larger than scan"):
+        dataset(turned, degradation, slices=None, patch=(20, 6))
+
+
+def test_a_zoomed_copy_keeps_the_field_of_view_and_world_positions():
+    """A ramp in world x, on a grid 2x coarser in i, j and k: each new voxel holds the ramp at its own centre."""
+    affine = np.diag([0.8, 0.8, 1.2, 1.0])
+    affine[:3, 3] = (10.0, -4.0, 3.0)
+    x = 10.0 + 0.8 * torch.arange(32.0)  # world x of each voxel centre along i
+    ramp = Volume(x.reshape(1, 32, 1, 1).expand(1, 32, 24, 16).contiguous(), affine, Modality.MR)
+    coarse = zoomed(ramp, 2.0)
+    assert coarse.spatial_shape == (16, 12, 8) and coarse.spacing == pytest.approx((1.6, 1.6, 2.4))
+    corners = [ramp.affine @ [-0.5, -0.5, -0.5, 1], coarse.affine @ [-0.5, -0.5, -0.5, 1]]
+    np.testing.assert_allclose(*corners)  # the same field of view
+    centres = coarse.affine[0, 0] * np.arange(16) + coarse.affine[0, 3]
+    np.testing.assert_allclose(coarse.array[0, 1:-1, 5, 4].numpy(), centres[1:-1], atol=1e-4)
+    assert zoomed(ramp, 1.0) is ramp

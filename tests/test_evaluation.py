@@ -138,6 +138,28 @@ def test_kspace_consistency_is_exact_in_one_pass_at_the_nyquist_bins(shape, monk
     assert float((kspace_truncate(fixed.array, (2, 2, 1)) - lr.array).abs().max()) < 1e-12
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kspace_consistency_checks_itself_in_k_space_without_a_fallback_pass(dtype, monkeypatch):
+    """The one pass meets the tolerance at the output's precision (float32: float32 FFTs), so the image-domain
+    passes through T never run; the output still degrades to the LR."""
+    from medsr.consistency import kspace_consistency
+    from medsr.degrade.sampling import kspace_truncate
+
+    def refused(*args, **kwargs):
+        raise AssertionError("a fallback pass ran")
+
+    generator = torch.Generator().manual_seed(2)
+    lr = Volume(torch.rand((1, 64, 48, 2), generator=generator).to(dtype), np.eye(4))
+    guess = Volume(torch.rand((1, 128, 96, 2), generator=generator).to(dtype), np.eye(4))
+    degradation = Degradation(factors=(2, 2, 1), modality="MR")
+    kspace_consistency(guess, lr, degradation)  # the band's gain G is measured (through T) once per shape
+    monkeypatch.setattr("medsr.consistency.kspace_truncate", refused)
+    fixed = kspace_consistency(guess, lr, degradation)
+    assert fixed.array.dtype == dtype
+    error = float((kspace_truncate(fixed.array.double(), (2, 2, 1)) - lr.array.double()).abs().max())
+    assert error < (1e-5 if dtype == torch.float32 else 1e-12)
+
+
 def test_kspace_consistency_refuses_what_it_cannot_invert(phantom):
     from medsr.consistency import kspace_consistency
 
@@ -250,3 +272,40 @@ def test_a_pair_that_does_not_share_a_field_of_view_is_a_one_line_error(pair, tm
     assert main(["evaluate", "--lr", str(lr)]) == 2
     assert "needs both --lr and --hr" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_slices_of_air_are_not_scored(head):
+    """A slab whose first slices are air: only the slices with some body count, in the rows and per slice."""
+    array = head.array.clone()
+    array[..., :4] = 0
+    rows, slices, _ = compare_methods(head.replace(array=array), Degradation((2, 2, 1)), {}, slices=(0, 12))
+    assert [row["slice"] for row in slices if row["method"] == "cubic"] == list(range(4, 12))
+    assert all(np.isfinite(row["psnr_body"]) for row in rows)
+    with pytest.raises(ValueError, match="nothing to score"):
+        compare_methods(head.replace(array=torch.zeros_like(array)), Degradation((2, 2, 1)), {}, slices=(0, 12))
+
+
+def test_a_through_plane_model_is_scored_across_the_rows_of_a_coronal_image():
+    """The dipy coronal T1 (rows head to foot): its rows thinned x4 and restored, scored as one plane."""
+    result = evaluate("edsr_mr_slices_x4", "mr_t1_coronal", precision="fp32", slice_axis=1)
+    assert str(result.slab) == "j 0..255" and result.comparison.images["hr"].shape == (1, 1, 256, 256)
+    assert result.comparison.images["lr"].shape == (1, 1, 256, 64)
+    rows = {row["method"]: row for row in result.comparison.rows}
+    assert list(rows) == ["nearest", "linear", "cubic", "bspline", "edsr_mr_slices_x4"]
+    assert [row["slice"] for row in result.comparison.slices if row["method"] == "bspline"] == ["0..255"]
+    assert rows["edsr_mr_slices_x4"]["psnr"] > best_baseline(result.comparison.rows)[1]
+
+
+def test_only_a_through_plane_model_is_scored_across_another_axis():
+    with pytest.raises(ValueError, match="upsamples in-plane"):
+        evaluate("edsr_mr_x2", "mr_t1_coronal", slice_axis=1)
+    with pytest.raises(ValueError, match="trained on part of it"):
+        evaluate("edsr_mr_slices_x4", "colin27", (110, 150), slice_axis=1)
+
+
+def test_evaluate_across_the_rows_from_the_command_line(capsys):
+    assert main(["evaluate", "--model", "edsr_mr_slices_x4", "--scan", "mr_rat_lung", "--slice-axis", "j"]) == 0
+    out = capsys.readouterr().out
+    assert "held-out slab j 0..127" in out and "its j axis taking the place of k" in out and "bspline" in out
+    assert main(["evaluate", "--model", "edsr_mr_x2", "--scan", "mr_rat_lung", "--slice-axis", "j"]) == 2
+    assert "upsamples in-plane" in capsys.readouterr().err

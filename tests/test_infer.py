@@ -317,3 +317,34 @@ def test_a_onednn_isa_limit_below_bf16_means_no_native_bf16(monkeypatch, isa, na
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
     assert native_bf16() is native
     assert resolve_precision("auto") == "fp32"
+
+
+def test_a_single_plane_across_the_slices_runs_only_as_that_plane(phantom):
+    """A volume one voxel wide along j (one coronal image with k along its rows): the (j, k) 'planes' are lines, so
+    only the (i, k) plane is used (averaging with lines would blur it)."""
+    model = create_model("edsr_tiny", spatial_dims=2, scale=(1, 3))
+    image = phantom.replace(array=phantom.array[:, :, 4:5].contiguous())  # (1, 24, 1, 16)
+    sr = predict_volume(
+        model_predictor(model, precision="fp32"), image, scale=(1, 1, 3), spatial_dims=2, progress=False
+    )
+    with torch.no_grad():
+        alone = model(image.array.permute(2, 0, 1, 3)).permute(1, 2, 0, 3)  # the (i, k) plane, whole
+    assert sr.spatial_shape == (24, 1, 48)
+    torch.testing.assert_close(sr.array, alone, atol=1e-5, rtol=0)
+
+
+def test_a_model_loaded_again_is_measured_once(monkeypatch):
+    """The footprint (receptive radius, widest tensor) is keyed by the weights' digest: loading the same shipped
+    model again does not probe it again; other weights are probed."""
+    from medsr import infer
+    from medsr.zoo import load_model
+
+    calls = []
+    original = infer._measure
+    monkeypatch.setattr(infer, "_measure", lambda *args: calls.append(1) or original(*args))
+    monkeypatch.setattr(infer, "_NETWORK_FOOTPRINTS", {})
+    first = footprint(model_predictor(load_model("edsr_mr_x2").network), 2)
+    again = footprint(model_predictor(load_model("edsr_mr_x2").network), 2)
+    assert first == again and len(calls) == 1
+    footprint(model_predictor(load_model("edsr_mr_x4").network), 2)
+    assert len(calls) == 2

@@ -14,12 +14,19 @@ from medsr.inputs import input_warnings
 from medsr.intensity import volume_range
 from medsr.io import read_volume
 from medsr.samples import resolve_scan
-from medsr.volume import crop
+from medsr.volume import crop, swap_into_k
 from medsr.zoo import is_through_plane
 
 SHIPPED = shipped_models()
 CONFIGS = Path(__file__).parents[1] / "configs"
 CROP = 96  # in-plane edge of the HR crop each model is run on
+
+
+# Held-out sets a shipped model loses on even against bicubic, stated in README, docs/models.md and issue 16.
+KNOWN_LOSSES = {
+    # the J2K skull-base slice (0.43 mm pixels), thinned across its rows: -0.01 dB against cubic, -0.39 against B-spline
+    ("edsr_ct_slices_x3", "ct_head_j2k"),
+}
 
 
 def test_every_modality_and_task_of_the_issue_is_shipped():
@@ -40,6 +47,9 @@ def test_shipped_model_is_described_and_reproducible(name):
     assert held_out
     for entry in held_out:  # the numbers in the card and the table: better than bicubic on every held-out set
         psnr = {row["method"]: row["psnr"] for row in entry["rows"]}
+        if (name, Path(entry["scan"]).name) in KNOWN_LOSSES:
+            assert psnr[name] <= psnr["cubic"], f"{entry['data']} is won now: take it out of KNOWN_LOSSES"
+            continue
         assert psnr[name] > psnr["cubic"], entry["data"]
 
 
@@ -51,7 +61,9 @@ def test_held_out_data_raises_no_intensity_warning(name):
     _, description = load_checkpoint(name)
     config = config_from_dict(description["config"])
     for entry in description["scores"]["held_out"]:
-        volume = read_volume(resolve_scan(entry["scan"]), modality=description["modality"])
+        volume = swap_into_k(
+            read_volume(resolve_scan(entry["scan"]), modality=description["modality"]), entry["slice_axis"]
+        )
         if entry["slices"]:
             volume = slice_range(volume, slices=tuple(entry["slices"]), axis=config.data.split_axis)
         lr = degrade(crop_to_multiple(volume, scale=description["scale"]), config.degradation)

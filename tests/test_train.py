@@ -370,3 +370,37 @@ def test_train_on_cuda_or_a_clear_error_without_one(tmp_path, capsys):
     model, description = load_checkpoint(run / "best")  # saved from the GPU, loaded on the CPU
     assert description["scores"]["validation"]["device"] == "cuda:0"
     assert model(torch.rand(1, 1, 8, 8)).shape == (1, 1, 16, 16)
+
+
+def test_slice_axes_train_a_through_plane_model_on_slices_thinned_along_every_axis():
+    """data.slice_axes (0, 1, 2): each training region also turned so that i, then j, is the axis thinned out; the
+    turned regions are the same voxels (Colin27's training slab)."""
+    from medsr.train import _training_data
+
+    through = [
+        *TINY,
+        "model.scale=[1,4]",
+        "degradation.factors=[1,1,4]",
+        "data.patch=[32,16]",
+        "data.train_slices=[40,70]",
+    ]
+    data = _training_data(load_config(overrides=[*through, "data.slice_axes=[0,1,2]"]))
+    slab = _training_data(load_config(overrides=through)).dataset.regions[0]
+    assert slab.spatial_shape == (181, 217, 28)  # k 40..69, cut to a multiple of 4
+    turned = [region.spatial_shape for region in data.dataset.regions]  # k cut to a multiple of 4 in each
+    assert turned == [(30, 217, 180), (181, 30, 216), (181, 217, 28)]
+    torch.testing.assert_close(data.dataset.regions[1].array[:, :, :28], slab.array.transpose(2, 3)[..., :216])
+    assert all(data.dataset[index].hr.shape[-1] == 16 for index in range(4))
+
+
+def test_zooms_add_coarser_copies_of_each_training_region():
+    from medsr.train import _training_data
+
+    data = _training_data(load_config(overrides=[*TINY, "data.zooms=[1,2]", "data.train_slices=[40,72]"]))
+    fine, coarse = data.dataset.regions
+    assert fine.spatial_shape == (180, 216, 32) and coarse.spatial_shape == (90, 108, 16)  # cut to multiples of 2
+    assert coarse.spacing == pytest.approx(tuple(2 * s for s in fine.spacing), rel=0.01)
+    spacing = data.inputs["spacing_mm"]  # what upscale's spacing warning compares with: the LR voxels trained on
+    assert spacing["min"][:2] == pytest.approx([2, 2], rel=0.01) and spacing["max"][:2] == pytest.approx(
+        [4, 4], rel=0.02
+    )

@@ -188,8 +188,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     """A simulated LR of a held-out HR scan (--scan), or a real LR/HR pair (--lr, --hr)."""
     options = _pick(args, ("precision", "device", "uncertainty")) | {"adapt_seconds": args.adapt}
     if args.lr or args.hr:
-        if not (args.lr and args.hr) or args.scan or args.slices:
-            raise ValueError("a real pair needs both --lr and --hr, and takes neither --scan nor --slices")
+        if not (args.lr and args.hr) or args.scan or args.slices or args.slice_axis != "k":
+            raise ValueError("a real pair needs both --lr and --hr, and takes none of --scan, --slices, --slice-axis")
         inputs = [args.lr, args.hr]
     else:
         inputs = [args.scan] if args.scan and Path(args.scan).exists() else []  # a path, not a sample name
@@ -198,7 +198,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.lr:
         result = medsr.evaluate_pair(args.model, args.lr, args.hr, **options)
     else:
-        result = medsr.evaluate(args.model, args.scan or "colin27", args.slices, **options)
+        axis = "ijk".index(args.slice_axis)
+        result = medsr.evaluate(args.model, args.scan or "colin27", args.slices, slice_axis=axis, **options)
     print(scores_text(result))
     if args.out:
         write_evaluation(result, args.out, command_line=shlex.join(["medsr", *args.argv]))
@@ -403,6 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", default=DEFAULT_MODEL, help="Shipped model name or checkpoint folder.")
     evaluate.add_argument("--scan", help="Sample name or path of an HR scan, its LR simulated (default colin27).")
     evaluate.add_argument("--slices", type=_slab, help="Held-out slab START:STOP along the model's split axis.")
+    evaluate.add_argument(
+        "--slice-axis",
+        choices=("i", "j", "k"),
+        default="k",
+        help="Through-plane models: the scan's axis to thin out and restore (j: across a coronal image's rows).",
+    )
     evaluate.add_argument("--lr", type=Path, help="A real LR scan (with --hr): scored as acquired, nothing simulated.")
     evaluate.add_argument("--hr", type=Path, help="The HR scan of the same subject, at the model's scale of --lr.")
     evaluate.add_argument("--out", type=Path, help="Folder for report.html, scores (CSV/JSON) and figures.")

@@ -46,6 +46,9 @@ class DataConfig:
     val_slices: tuple[int, int] = (95, 105)
     test_slices: tuple[int, int] = (110, 150)
     held_out_scans: tuple[str, ...] = ()  # other scans never trained or validated on, scored whole (model tables)
+    # The axis of each held-out scan a through-plane model thins out and restores: 2 = k; 1 = j, to score single
+    # coronal or sagittal images (rows head to foot) of other subjects when no thin-slice volume of them exists.
+    held_out_slice_axis: int = 2
     patch: tuple[int, ...] = (96,)  # HR patch size in voxels: one edge for every axis, or one per model axis
     batch_size: int = 16
     min_foreground: float = 0.3  # fraction of patch voxels above 5 % of the window, so patches are not mostly air
@@ -53,6 +56,13 @@ class DataConfig:
     # normalised intensities before the LR is simulated (so a T1 model meets other contrast curves). (1, 1): off.
     gamma: tuple[float, float] = (1.0, 1.0)
     extra_train_scans: tuple[str, ...] = ()  # whole scans used for training only: never validated or scored
+    # Through-plane models: the axes of each training region thinned out (each swapped into k, as
+    # evaluation.reference_scan does): (2,) thins k only; (0, 1, 2) also learns thick slices across i and j, so
+    # anatomy in every direction is seen (SMORE's in-plane training idea, here on the training scans).
+    slice_axes: tuple[int, ...] = (2,)
+    # Voxel-size augmentation: each training region also on grids this many times coarser (data.zoomed), so a model
+    # meets anatomy, blur and noise grain at other scanners' voxel sizes. (1.0,): off.
+    zooms: tuple[float, ...] = (1.0,)
 
 
 @dataclasses.dataclass

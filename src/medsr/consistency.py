@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import torch
 
@@ -17,7 +18,7 @@ from medsr.degrade import Degradation
 from medsr.degrade.sampling import kspace_truncate, kspace_upsample
 from medsr.volume import Volume
 
-KSPACE_ITERATIONS, KSPACE_TOLERANCE = 40, 1e-7  # relative to the LR's largest magnitude
+KSPACE_ITERATIONS, KSPACE_TOLERANCE = 40, 1e-7  # relative to the LR's largest magnitude (float32: 64 eps, 7.6e-6)
 
 
 def lr_rmse(sr: Volume, lr: Volume, degradation: Degradation) -> float:
@@ -69,28 +70,63 @@ def kspace_consistency(sr: Volume, lr: Volume, degradation: Degradation) -> Volu
             f"factors only, got {d.modality}, {d.kspace_window!r}, PSF {d.psf_fwhm}, slice thickness "
             f"{d.slice_thickness}, factors {d.factors}"
         )
-    target = lr.array.double()  # (C, I, J, K); the truncation acts on (I, J) of each slice (factor 1 along k)
+    dtype = torch.float64 if sr.array.dtype == torch.float64 else torch.float32  # float32 output: float32 FFTs
+    target = lr.array.to(dtype)  # (C, I, J, K); the truncation acts on (I, J) of each slice (factor 1 along k)
     slices = [
-        _consistent_slice(sr.array[..., k : k + 1].double(), target[..., k : k + 1], d)
+        _consistent_slice(sr.array[..., k : k + 1].to(dtype), target[..., k : k + 1], d)
         for k in range(lr.spatial_shape[2])
     ]
     return sr.replace(array=torch.cat(slices, dim=-1).to(sr.array.dtype))
 
 
 def _consistent_slice(array: torch.Tensor, target: torch.Tensor, degradation: Degradation) -> torch.Tensor:
-    """:func:`kspace_consistency` of one slice (C, I, J, 1), float64: slice by slice, a scan gives the same voxels
-    in memory and streamed."""
-    scale = float(target.abs().max()) or 1.0
-    gain = _band_gain(tuple(target.shape[1:3]), tuple(array.shape[1:3]), tuple(degradation.factors))
-    residual = target - kspace_truncate(array, degradation.factors)
-    inverted = torch.fft.ifft2(torch.fft.fft2(residual, dim=(1, 2)) / gain[:, :, None], dim=(1, 2)).real
-    array = array + kspace_upsample(inverted, array.shape[1:])
+    """:func:`kspace_consistency` of one slice (C, I, J, 1), float32 or float64 (its precision): slice by slice, a
+    scan gives the same voxels in memory and streamed.
+
+    One pass in k-space, two FFTs of the HR slice: with A its spectrum and B = W A[band] the LR band T reads (W the
+    block-centre phase), T(sr) has the spectrum c (B + conj(B(-k))) / 2 (c = m / n per axis; the real part T takes
+    folds the unpaired Nyquist bins); the residual's spectrum over the gain G goes back into A's band through
+    conj(W) / c (U), and the inverse FFT of A is the output. What the output leaves is computed from its spectrum
+    (the real part's spectrum is (A + conj(A(-k))) / 2); above the tolerance, plain passes through T and U follow.
+    """
+    complex_type = torch.complex128 if array.dtype == torch.float64 else torch.complex64
+    tolerance = max(KSPACE_TOLERANCE, 64 * torch.finfo(array.dtype).eps) * (float(target.abs().max()) or 1.0)
+    hr_shape, lr_shape = tuple(array.shape[1:3]), tuple(target.shape[1:3])
+    gain = _band_gain(lr_shape, hr_shape, tuple(degradation.factors)).to(complex_type)
+    (rows, row_phase), (columns, column_phase) = (_band(n, m) for n, m in zip(hr_shape, lr_shape, strict=True))
+    phase = (row_phase[:, None] * column_phase[None, :]).to(complex_type)  # W, (m_i, m_j)
+    c = (lr_shape[0] * lr_shape[1]) / (hr_shape[0] * hr_shape[1])
+    band = (slice(None), rows[:, None], columns[None, :])
+    mirror = (slice(None), (-rows % hr_shape[0])[:, None], (-columns % hr_shape[1])[None, :])
+
+    def read(spectrum: torch.Tensor) -> torch.Tensor:  # the spectrum of T(x) on the LR grid, x = Re(ifft2(spectrum))
+        measured = phase * (spectrum[band] + spectrum[mirror].conj()) / 2  # W (fft2 of the real part)[band]
+        return c * (measured + measured.flip(1, 2).roll((1, 1), dims=(1, 2)).conj()) / 2
+
+    measured = torch.fft.fft2(target[..., 0].contiguous())  # contiguous: FFTs of a view can round differently
+    spectrum = torch.fft.fft2(
+        array[..., 0].to(complex_type, memory_format=torch.contiguous_format)
+    )  # A, (C, n_i, n_j): Hermitian, sr is real
+    spectrum[band] += phase.conj() * (measured - read(spectrum)) / gain / c
+    left = torch.fft.ifft2(measured - read(spectrum)).real  # the residual the output leaves, checked in k-space
+    array = torch.fft.ifft2(spectrum).real[..., None]
+    if float(left.abs().max()) <= tolerance:
+        return array
     for _ in range(KSPACE_ITERATIONS):  # a fallback: plain passes, each halving what is left at the Nyquist bins
         residual = target - kspace_truncate(array, degradation.factors)
-        if float(residual.abs().max()) <= KSPACE_TOLERANCE * scale:
+        if float(residual.abs().max()) <= tolerance:
             break
         array = array + kspace_upsample(residual, array.shape[1:])
     return array
+
+
+@functools.lru_cache(maxsize=16)
+def _band(n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The HR bins (FFT order, (m,) int64) of the m LR bins along an axis of n HR voxels, and the block-centre
+    phase (complex128, (m,)) :func:`~medsr.degrade.sampling.kspace_truncate` applies to them."""
+    frequencies = torch.fft.fftfreq(m, d=1.0 / m).round().to(torch.int64)
+    phase = 2 * math.pi * frequencies.double() * (n / m - 1.0) / 2.0 / n
+    return frequencies % n, torch.polar(torch.ones(m, dtype=torch.float64), phase)
 
 
 @functools.lru_cache(maxsize=16)

@@ -25,7 +25,7 @@ from medsr.infer import Predictor, on_device, predict_volume, resolve_device
 from medsr.intensity import Window, default_window, normalize
 from medsr.metrics import hf_energy_ratio, hfen, psnr, ssim
 from medsr.models.blocks import interpolate
-from medsr.volume import Volume, integer_scale, scale_affine
+from medsr.volume import Volume, integer_scale, scale_affine, swap_into_k
 
 if TYPE_CHECKING:
     from medsr.uncertainty import Trust
@@ -149,7 +149,8 @@ class Comparison(NamedTuple):
     slices: One per method and slice: ``method``, ``slice`` (index in the scan) and the slice's scores; the
         slab-wide ones (``ssim3d``, ``hf_ratio``, ``lr_rmse``) go in one extra row per method whose ``slice`` is
         ``start..stop-1``.
-    images: Name -> (K, C, I, J), including ``lr`` (K / sk, C, I / si, J / sj) and ``hr``.
+    images: Name -> the scored planes (:func:`scored_planes`: (K, C, I, J) slices, or one plane across them),
+        including ``lr`` (at its own size) and ``hr``.
     """
 
     rows: list[dict[str, float | str]]
@@ -185,7 +186,8 @@ def compare_methods(
         degradation: Integer factors; (a, b, 1) or (1, 1, c) for 2D models.
         models: Name -> predictor taking ``spatial_dims`` (see ``infer.model_predictor``).
         slices: ``[start, stop)`` along ``axis`` (0 = i, 1 = j, 2 = k), cut down to a multiple of that axis's
-            factor; must not overlap the region the models trained on. Scores are per (i, j) slice either way.
+            factor; must not overlap the region the models trained on. Scores are per (i, j) slice either way
+            (:func:`scored_planes`).
         spatial_dims: 2 (the models run plane by plane, see ``infer.predict_volume``) or 3 (on the whole slab).
         seed: Seed of the LR noise draw (random degradations), so a comparison can be replayed.
         extras: See :func:`score_methods`.
@@ -195,6 +197,22 @@ def compare_methods(
     slab, lr = degraded_slab(hr, degradation, slices=slices, axis=axis, seed=seed)
     where = Slab(*slices, axis)
     return score_methods(slab, lr, degradation, models, where, spatial_dims=spatial_dims, extras=extras, kspace=kspace)
+
+
+def scored_planes(array: torch.Tensor) -> torch.Tensor:
+    """The planes a comparison scores, (N, C, A, B), of a (C, I, J, K) array: its (i, j) slices, (K, C, I, J); or,
+    for one plane across the slices (I or J is 1 and K is not: a coronal or sagittal image scored through-plane),
+    that plane, (1, C, I or J, K).
+
+    >>> scored_planes(torch.zeros(1, 8, 6, 4)).shape, scored_planes(torch.zeros(1, 8, 1, 4)).shape
+    (torch.Size([4, 1, 8, 6]), torch.Size([1, 1, 8, 4]))
+    """
+    _, size_i, size_j, size_k = array.shape
+    if size_k > 1 and size_j == 1:
+        return array.permute(2, 0, 1, 3)
+    if size_k > 1 and size_i == 1:
+        return array.permute(1, 0, 2, 3)
+    return array.permute(3, 0, 1, 2)
 
 
 def score_methods(
@@ -208,7 +226,8 @@ def score_methods(
     extras: bool = False,
     kspace: bool = False,
 ) -> Comparison:
-    """Score the baselines and ``models``, each upsampling ``lr`` to ``hr``'s grid, against ``hr``.
+    """Score the baselines and ``models``, each upsampling ``lr`` to ``hr``'s grid, against ``hr``, on every
+    slice (:func:`scored_planes`) with some body in it (:func:`body_mask`; air-only slices are left out).
 
     Args:
         hr: The HR slab, normalised; with its window in ``meta['window']``, RMSE and MAE are scored in physical
@@ -224,33 +243,35 @@ def score_methods(
             as ``medsr upscale`` does by default for MR k-space models.
     """
     scale = integer_scale(degradation.factors)
-    images = {"lr": lr.array.permute(3, 0, 1, 2), "hr": hr.array.permute(3, 0, 1, 2)}  # (K, C, I, J)
-    methods = baselines(degradation)
-    for method in methods:
-        images[method] = classical_upsample(lr, scale, method).permute(3, 0, 1, 2)
+    outputs = {method: classical_upsample(lr, scale, method) for method in baselines(degradation)}  # (C, I, J, K)
     for name, predictor in models.items():
         sr = predict_volume(predictor, lr, scale=scale, spatial_dims=spatial_dims, progress=False)
-        if kspace:
-            sr = kspace_consistency(sr, lr, degradation)
-        images[name] = sr.array.permute(3, 0, 1, 2)
+        outputs[name] = (kspace_consistency(sr, lr, degradation) if kspace else sr).array
+    images = {name: scored_planes(array) for name, array in {"lr": lr.array, "hr": hr.array, **outputs}.items()}
     mask = body_mask(images["hr"])
+    body = mask.flatten(1).any(1)  # slices of air only (beyond the head of a whole scan) are not scored
+    if not body.any():
+        raise ValueError(f"{where}: no voxel above {FOREGROUND_LEVEL:.0%} of the intensity window: nothing to score")
     window = hr.meta.get("window")
-    depth = hr.spatial_shape[2]
-    first, last = where.k_index(0), where.k_index(depth - 1)
+    first, last = where.k_index(0), where.k_index(hr.spatial_shape[2] - 1)
+    across = images["hr"].shape[0] != hr.spatial_shape[2]  # one plane across the slices: it is the whole slab
+    labels = [f"{first}..{last}"] if across else [where.k_index(k) for k in range(hr.spatial_shape[2])]
+    labels = [label for label, kept in zip(labels, body.tolist(), strict=True) if kept]
     rows, per_slice = [], []
-    for name in (*methods, *models):
-        scores = score_slices(images[name], images["hr"], mask, extras=extras, window=window)
+    for name, output in outputs.items():
+        scores = score_slices(images[name][body], images["hr"][body], mask[body], extras=extras, window=window)
         slab_scores = {"ssim3d": float(scores.pop("ssim3d"))} if "ssim3d" in scores else {}
         if extras:  # of the whole slab: detail beyond the LR band (vs HR), and fidelity to the LR input
-            output = hr.replace(array=images[name].permute(1, 2, 3, 0))  # (C, I, J, K)
-            slab_scores["hf_ratio"] = float(hf_energy_ratio(output.array[None], hr.array[None], factors=scale))
-            slab_scores["lr_rmse"] = lr_rmse(output, lr, degradation)
+            slab_scores["hf_ratio"] = float(hf_energy_ratio(output[None], hr.array[None], factors=scale))
+            slab_scores["lr_rmse"] = lr_rmse(hr.replace(array=output), lr, degradation)
         rows.append({"method": name} | {key: float(values.mean()) for key, values in scores.items()} | slab_scores)
         per_slice += [
-            {"method": name, "slice": where.k_index(k)} | {key: float(v[k]) for key, v in scores.items()}
-            for k in range(depth)
+            {"method": name, "slice": label}
+            | {key: float(v[n]) for key, v in scores.items()}
+            | (slab_scores if across else {})
+            for n, label in enumerate(labels)
         ]
-        if slab_scores:
+        if slab_scores and not across:
             per_slice.append({"method": name, "slice": f"{first}..{last}"} | slab_scores)
     return Comparison(rows, per_slice, images)
 
@@ -314,6 +335,7 @@ def evaluate(
     adapt_seconds: float = 0.0,
     device: str = "cpu",
     uncertainty: bool = False,
+    slice_axis: int = 2,
 ) -> Evaluation:
     """Score a trained model next to the interpolation baselines on held-out data of an HR scan: the scan is
     degraded as the model was trained (its ``degradation``), every method upsamples the same LR slab, and each is
@@ -336,13 +358,14 @@ def evaluate(
             adaptation itself trains on the CPU.
         uncertainty: Also make the model's trust maps (``uncertainty.maps``: about 10x the model's time) and score
             them against the truth (``Evaluation.trust``: rank correlation with the error, interval coverage).
+        slice_axis: The scan's voxel axis that plays the slice axis k of a through-plane model
+            (:func:`reference_scan`): 2 (default), or 1 (0) to score it across the rows (columns) of single coronal
+            or sagittal images, whose rows run from head to foot; ``slices`` then count along that axis.
 
     >>> result = evaluate("edsr_mr_x2", "colin27", (120, 124), precision="fp32")
     >>> [row["method"] for row in result.comparison.rows], str(result.slab)
     (['nearest', 'linear', 'cubic', 'zerofill', 'edsr_mr_x2'], 'k 120..123')
     """
-    from medsr.data import prepare_scan
-    from medsr.io import read_volume
     from medsr.samples import resolve_scan
     from medsr.zoo import SRModel, load_model
 
@@ -355,6 +378,8 @@ def evaluate(
         raise ValueError(f"{path} is a scan {model.name} trained on (data.extra_train_scans); evaluate on another")
     if config.data.split == "scan" and path in train + val:  # validation picked the checkpoint: not held out
         raise ValueError(f"{path} is a scan {model.name} trained or was validated on; evaluate on a test scan")
+    if slice_axis != 2 and path in train + val:  # its training region is a slab along k
+        raise ValueError(f"{path}: {model.name} trained on part of it; score it along k, its training slice axis")
     if config.data.split == "region" and path in train:
         slices = slices or config.data.test_slices
         for region, (start, stop) in (("train", config.data.train_slices), ("val", config.data.val_slices)):
@@ -363,7 +388,7 @@ def evaluate(
                     f"slices {slices} overlap the {region} slices ({start}, {stop}) of {model.name} "
                     f"on {path}; choose a held-out slab with --slices"
                 )
-    hr = prepare_scan(read_volume(path, modality=model.modality), config.degradation)
+    hr = reference_scan(model, path, slice_axis)
     axis = config.data.split_axis
     slices = slices or (0, hr.spatial_shape[axis])  # a scan the model never saw: all of it
     if not 0 <= slices[0] < slices[1] <= hr.spatial_shape[axis]:
@@ -373,7 +398,29 @@ def evaluate(
     slab, lr = degraded_slab(hr, config.degradation, slices=slices, axis=axis)
     options = dict(precision=precision, kspace_consistency=kspace_consistency, adapt_seconds=adapt_seconds)
     options |= {"uncertainty": uncertainty}
-    return _score_model(model, slab, lr, Slab(*slices, axis), scan=str(scan), sources=[path], device=where, **options)
+    scored = Slab(*slices, axis if slice_axis == 2 else slice_axis)  # along the scan's own axis
+    return _score_model(model, slab, lr, scored, scan=str(scan), sources=[path], device=where, **options)
+
+
+def reference_scan(model: SRModel, path: Path, slice_axis: int = 2) -> Volume:
+    """An HR scan as ``model`` is scored on it: read in the model's modality, its voxel axis ``slice_axis`` swapped
+    with k (through-plane models only: a coronal image's rows, head to foot, become the slices to thin out), then
+    normalised and cropped to the model's factors (``data.prepare_scan``).
+
+    >>> from medsr.zoo import load_model
+    >>> from medsr.samples import resolve_scan
+    >>> reference_scan(load_model("edsr_mr_slices_x4"), resolve_scan("mr_t1_coronal"), 1).spatial_shape
+    (256, 1, 256)
+    """
+    from medsr.data import prepare_scan
+    from medsr.io import read_volume
+    from medsr.zoo import is_through_plane
+
+    if slice_axis != 2 and not is_through_plane(model.scale):
+        raise ValueError(
+            f"{model.name} upsamples in-plane: only a through-plane model is scored across axis {slice_axis}"
+        )
+    return prepare_scan(swap_into_k(read_volume(path, modality=model.modality), slice_axis), model.degradation)
 
 
 PAIR_TOLERANCE = 0.5  # HR voxels: how far apart the corners of an LR/HR pair's fields of view may be

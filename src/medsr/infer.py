@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import itertools
 import logging
 import math
@@ -271,11 +272,28 @@ def _reach(function, axis: int, reach: int, spatial_dims: int, channels: int, dt
     return int((reached - reach).abs().max()) if len(reached) else 0
 
 
-_FOOTPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # network or predictor -> {(dims, C): Footprint}
+_FOOTPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # predictor -> {(dims, C): Footprint}
+_NETWORK_FOOTPRINTS: dict[str, dict] = {}  # network_digest -> {(dims, C): Footprint}, the last MAX_NETWORKS
+MAX_NETWORKS = 16
+
+
+def network_digest(network: torch.nn.Module) -> str:
+    """SHA-256 of a network's class, parameter and buffer names, shapes, dtypes and values: equal for the same
+    model loaded again (so what is measured of it is measured once per process, not once per load).
+
+    >>> network_digest(torch.nn.Conv2d(1, 1, 3)) == network_digest(torch.nn.Conv2d(1, 1, 3))  # random weights
+    False
+    """
+    digest = hashlib.sha256(f"{type(network).__module__}.{type(network).__qualname__}".encode())
+    for name, tensor in itertools.chain(network.named_parameters(), network.named_buffers()):
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def footprint(predictor: Predictor, spatial_dims: int, channels: int = 1) -> Footprint:
-    """The receptive radius and working memory of what ``predictor`` runs, measured once per network (or predictor).
+    """The receptive radius and working memory of what ``predictor`` runs, measured once per network (the same
+    weights loaded again count as the same network: :func:`network_digest`) or predictor.
 
     A :class:`ModelPredictor` is measured on a float64 CPU copy of its network: the radius by
     :func:`receptive_radius`, the widest tensor by forward hooks on all its modules during a small forward. Other
@@ -286,7 +304,12 @@ def footprint(predictor: Predictor, spatial_dims: int, channels: int = 1) -> Foo
     Footprint(radius=(1, 1), widest=1.0)
     """
     network = predictor.network if isinstance(predictor, ModelPredictor) else None
-    measured = _FOOTPRINTS.setdefault(predictor if network is None else network, {})
+    if network is None:
+        measured = _FOOTPRINTS.setdefault(predictor, {})
+    else:
+        measured = _NETWORK_FOOTPRINTS.setdefault(network_digest(network), {})
+        while len(_NETWORK_FOOTPRINTS) > MAX_NETWORKS:
+            del _NETWORK_FOOTPRINTS[next(iter(_NETWORK_FOOTPRINTS))]  # the oldest
     if (spatial_dims, channels) not in measured:
         if network is None:
             measured[spatial_dims, channels] = _measure(predictor, spatial_dims, channels, torch.float32, [])
@@ -630,8 +653,9 @@ def predict_orthogonal_planes(
 ) -> torch.Tensor:
     """Through-plane: a 2D predictor that scales its second axis by ``scale`` (1 = restoration only) runs on every
     (i, k) and every (j, k) plane of a (C, I, J, K) array; the two results are averaged (the orthogonal-planes scheme
-    of Zhao et al., SMORE, IEEE TMI 2021). Returns (C, I, J, K * scale). ``tile``, ``overlap``, ``memory``: as for
-    :func:`volume_tiling`.
+    of Zhao et al., SMORE, IEEE TMI 2021). A single plane across the slices (I or J is 1, e.g. one coronal image)
+    has only the orientation that is not one voxel wide. Returns (C, I, J, K * scale). ``tile``, ``overlap``,
+    ``memory``: as for :func:`volume_tiling`.
 
     >>> nearest = lambda x: x.repeat_interleave(3, dim=3)
     >>> predict_orthogonal_planes(nearest, torch.rand(1, 20, 16, 8), 3, progress=False).shape
@@ -640,15 +664,22 @@ def predict_orthogonal_planes(
     tiling = volume_tiling(
         predictor, array.shape, spatial_dims=2, through_plane=True, tile=tile, overlap=overlap, memory=memory
     )
-    (tile_i, tile_j, tile_k), (overlap_i, overlap_j, overlap_k) = tiling.tile, tiling.overlap
+    (*tile_ij, tile_k), (*overlap_ij, overlap_k) = tiling.tile, tiling.overlap
     run = {"batch": tiling.batch, "progress": progress}
-    along_i = predict_planes(
-        predictor, array, (0, 2), (1, scale), tile=(tile_i, tile_k), overlap=(overlap_i, overlap_k), **run
-    )
-    along_j = predict_planes(
-        predictor, array, (1, 2), (1, scale), tile=(tile_j, tile_k), overlap=(overlap_j, overlap_k), **run
-    )
-    return along_i.add_(along_j).div_(2)
+    wide = [axis for axis in (0, 1) if array.shape[axis + 1] > 1] or [0, 1]  # (a, k) planes 1 voxel wide: lines
+    outputs = [
+        predict_planes(
+            predictor,
+            array,
+            (axis, 2),
+            (1, scale),
+            tile=(tile_ij[axis], tile_k),
+            overlap=(overlap_ij[axis], overlap_k),
+            **run,
+        )
+        for axis in wide
+    ]
+    return outputs[0] if len(outputs) == 1 else outputs[0].add_(outputs[1]).div_(2)
 
 
 def predict_volume(

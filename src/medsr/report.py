@@ -409,9 +409,15 @@ def profile_figure(
     _save(figure, path, title)
 
 
-def held_out_text(scan: str, slab: Slab | None) -> str:
-    """How a held-out set is named in cards and tables: a scan's region, or (None) a whole scan never seen."""
-    return f"{scan} (whole scan, never seen)" if slab is None else f"{scan}, {slab}"
+def held_out_text(scan: str, slab: Slab | None, slice_axis: int = 2) -> str:
+    """How a held-out set is named in cards and tables: a scan's region, or (None) a whole scan never seen; a
+    through-plane model scored across another axis than k says which.
+
+    >>> held_out_text("mr_t1_coronal", None, 1)
+    'mr_t1_coronal (whole scan, never seen; j as the slice axis)'
+    """
+    across = "" if slice_axis == 2 else f"; {'ijk'[slice_axis]} as the slice axis"
+    return f"{scan} (whole scan, never seen{across})" if slab is None else f"{scan}, {slab}{across}"
 
 
 def model_card(name: str, description: Mapping, held_out: Sequence[Mapping], *, precision: str) -> str:
@@ -460,7 +466,12 @@ def model_card(name: str, description: Mapping, held_out: Sequence[Mapping], *, 
     )
     limits = "".join(f"\n- {limit}" for limit in config.card.limits)
     extra = f"; whole scans for training only: {', '.join(data.extra_train_scans)}" if data.extra_train_scans else ""
-    gamma = "" if tuple(data.gamma) == (1.0, 1.0) else f", intensity gamma {data.gamma[0]:g}..{data.gamma[1]:g}"
+    augmentation = "" if tuple(data.gamma) == (1.0, 1.0) else f", intensity gamma {data.gamma[0]:g}..{data.gamma[1]:g}"
+    if tuple(data.slice_axes) != (2,):
+        augmentation += f", thick slices across {', '.join('ijk'[a] for a in data.slice_axes)}"
+    bf16 = ", bf16" if train.bf16 else ""
+    if tuple(data.zooms) != (1.0,):
+        augmentation += f", voxels {', '.join(f'{z:g}' for z in data.zooms)}x the training scans'"
     consistency = (
         ", then the input's measured k-space band put back (k-space consistency, `medsr upscale`'s default here)"
         if kspace_applies(config.degradation)
@@ -474,7 +485,7 @@ def model_card(name: str, description: Mapping, held_out: Sequence[Mapping], *, 
 - **Degradation learned**: {explain(config.degradation)}.{trained_on}
 - **Intensities**: {description["intensity"]}.
 - **Training**: {train.steps} steps, batch {data.batch_size} of {patch} HR patches, Adam lr {train.lr} with
-  {train.schedule} decay, {train.loss} loss, seed {train.seed}{", bf16" if train.bf16 else ""}{gamma}, on CPU. Best
+  {train.schedule} decay, {train.loss} loss, seed {train.seed}{bf16}{augmentation}, on CPU. Best
   validation step {description["step"]} (validation PSNR {validation.get("psnr", float("nan")):.2f} dB, bicubic
   {validation.get("psnr_cubic", float("nan")):.2f} dB).
 
@@ -835,7 +846,10 @@ def _data(evaluation: Evaluation) -> str:
     """The scan, slab and LR in a few words, for captions."""
     if evaluation.lr:
         return f"{evaluation.scan}, {evaluation.slab}, with its real LR {evaluation.lr} (nothing simulated)"
-    return f"{evaluation.scan}, held-out slab {evaluation.slab}, LR simulated: {summary(evaluation.degradation)}"
+    simulated = summary(evaluation.degradation)
+    if evaluation.degradation.factors[2] > 1 and evaluation.slab.axis != 2:  # evaluate(slice_axis=...)
+        simulated += f", its {'ijk'[evaluation.slab.axis]} axis taking the place of k"
+    return f"{evaluation.scan}, held-out slab {evaluation.slab}, LR simulated: {simulated}"
 
 
 def scores_text(evaluation: Evaluation) -> str:

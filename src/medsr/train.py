@@ -26,7 +26,16 @@ from torch.utils.data import default_collate
 
 from medsr.checkpoint import load_training_state, save_checkpoint
 from medsr.config import Config, load_config, problem, short, to_dict
-from medsr.data import Pair, PairDataset, find_scans, gamma_copies, prepare_scan, split_scans
+from medsr.data import (
+    Pair,
+    PairDataset,
+    find_scans,
+    gamma_copies,
+    prepare_scan,
+    slice_range,
+    split_scans,
+    zoomed,
+)
 from medsr.degrade import Degradation
 from medsr.evaluation import compare_methods
 from medsr.infer import model_predictor, network_device, resolve_precision
@@ -40,7 +49,7 @@ from medsr.perceptual import PerceptualLoss
 from medsr.progress import progress_bar
 from medsr.samples import resolve_scan
 from medsr.shard import process_group, rank_device, ranks
-from medsr.volume import Volume, integer_scale
+from medsr.volume import Volume, integer_scale, swap_into_k
 
 EPOCH_LENGTH = 1024  # patches per dataset epoch; an epoch only changes the patch seeds
 
@@ -208,6 +217,7 @@ def check_config(config: Config) -> None:
             len(data.gamma) == 2 and 0 < data.gamma[0] <= data.gamma[1],
             "[low, high], 0 < low <= high",
         ),
+        ("data.zooms", data.zooms, bool(data.zooms) and all(1 <= z <= 4 for z in data.zooms), "factors in [1, 4]"),
         ("model.spatial_dims", config.model.spatial_dims, config.model.spatial_dims in (2, 3), "2 or 3"),
     ]
     ranges += [
@@ -254,6 +264,13 @@ def check_config(config: Config) -> None:
             f"data.split must be 'region' or 'scan' and data.split_axis 0, 1 or 2 (i, j, k); got "
             f"{config.data.split!r}, {config.data.split_axis!r}"
         )
+    through_plane = config.degradation.factors[2] > 1
+    for field, axes in (
+        ("held_out_slice_axis", [config.data.held_out_slice_axis]),
+        ("slice_axes", config.data.slice_axes),
+    ):
+        if not axes or any(a not in (0, 1, 2) or (a != 2 and not through_plane) for a in axes):
+            raise ValueError(f"data.{field} {axes!r}: 2 (k), or also 0 (i) and 1 (j) for a through-plane model")
     regions = {"train": config.data.train_slices, "val": config.data.val_slices, "test": config.data.test_slices}
     for (name_a, (start_a, stop_a)), (name_b, (start_b, stop_b)) in itertools.combinations(regions.items(), 2):
         if start_a < stop_b and start_b < stop_a:
@@ -439,22 +456,25 @@ def _training_data(config: Config) -> _Data:
     by_region = config.data.split == "region"
     val_volumes = volumes if by_region else load_scans(val_paths, config)
     extra = load_scans(extra_paths, config)
-    inputs = training_inputs(
-        [v.meta["lr_spacing"] for v in volumes + extra], [v.meta["lr_range"] for v in volumes + extra]
-    )
     slices = config.data.train_slices if by_region else None
-    scans = [(v, slices) for v in volumes] + [(v, None) for v in extra]  # training-only scans: whole
-    augmented = [(copy, region) for v, region in scans for copy in gamma_copies(v, config.data.gamma)]
+    axis = config.data.split_axis
+    regions = [v if slices is None else slice_range(v, slices=slices, axis=axis) for v in volumes] + extra
+    turned = [swap_into_k(region, a) for region in regions for a in config.data.slice_axes]  # the training regions
+    sizes = [zoomed(region, zoom) for region in turned for zoom in config.data.zooms]
+    spacings = [v.meta["lr_spacing"] for v in volumes + extra]  # and the LR voxels of the turned and zoomed copies:
+    factors = integer_scale(config.degradation.factors)
+    spacings += [[s * f for s, f in zip(region.spacing, factors, strict=True)] for region in sizes]
+    inputs = training_inputs(spacings, [v.meta["lr_range"] for v in volumes + extra])
+    augmented = [copy for region in sizes for copy in gamma_copies(region, config.data.gamma)]
     dataset = PairDataset(
-        [v for v, _ in augmented],
+        augmented,
         config.degradation,
-        slices=[region for _, region in augmented],
+        slices=None,
         patch=config.data.patch,
         length=EPOCH_LENGTH,
         seed=config.train.seed,
         min_foreground=config.data.min_foreground,
         spatial_dims=config.model.spatial_dims,
-        axis=config.data.split_axis,
     )
     return _Data(dataset, val_volumes, config.data.val_slices if by_region else None, split, inputs)
 

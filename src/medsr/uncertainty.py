@@ -35,12 +35,11 @@ from scipy.optimize import nnls
 from scipy.stats import spearmanr
 
 from medsr.consistency import kspace_applies, kspace_consistency
-from medsr.data import crop_to_multiple, degrade_normalised, prepare_scan
+from medsr.data import crop_to_multiple, degrade_normalised
 from medsr.degrade import Degradation
-from medsr.evaluation import Slab, body_mask, classical_upsample, degraded_slab, strongest_baseline
+from medsr.evaluation import Slab, body_mask, classical_upsample, degraded_slab, reference_scan, strongest_baseline
 from medsr.infer import ModelPredictor, Predictor, model_plan, model_predictor, predict_volume, resample
 from medsr.intensity import Window, denormalize, normalize
-from medsr.io import read_volume
 from medsr.samples import resolve_scan
 from medsr.volume import Volume
 from medsr.zoo import SRModel, held_out_sets
@@ -381,13 +380,13 @@ def calibrate(model: SRModel, *, alpha: float = ALPHA, precision: str = "fp32") 
     d = model.config.degradation
     predictor = model_predictor(model.network, precision=precision)
     measured = {}
-    for scan, slices in held_out_sets(model):
-        hr = prepare_scan(read_volume(resolve_scan(scan), modality=model.modality), d)
+    for scan, slices, slice_axis in held_out_sets(model):
+        hr = reference_scan(model, resolve_scan(scan), slice_axis)
         axis = model.config.data.split_axis
         slab, lr = degraded_slab(hr, d, slices=slices or (0, hr.spatial_shape[axis]), axis=axis)
         run = {"model_scale": model.model_scale, "scale": model.scale, "consistency": kspace_applies(d)}
         result = maps(predictor, lr, d, progress=False, **run)
-        name = held_out_text(Path(scan).name, Slab(*slices, axis) if slices else None)
+        name = held_out_text(Path(scan).name, Slab(*slices, axis) if slices else None, slice_axis)
         measured[name] = (trust(result, slab), result.fit)
     sets = []
     for name, (scored, fit) in measured.items():

@@ -139,6 +139,18 @@ def permute_axes(volume: Volume, order: Sequence[int]) -> Volume:
     return volume.replace(array=array, affine=volume.affine[:, [*order, 3]])
 
 
+def swap_into_k(volume: Volume, axis: int) -> Volume:
+    """The same voxels with voxel axis ``axis`` and k swapped (the volume itself for ``axis`` 2): how a coronal
+    image's rows become the slices a through-plane model thins out and restores.
+
+    >>> swap_into_k(Volume(torch.zeros(1, 8, 6, 1), np.eye(4)), 1).spatial_shape
+    (8, 1, 6)
+    """
+    if axis not in (0, 1, 2):
+        raise ValueError(f"axis must be 0 (i), 1 (j) or 2 (k), got {axis}")
+    return volume if axis == 2 else permute_axes(volume, [2 if a == axis else axis if a == 2 else a for a in range(3)])
+
+
 def integer_scale(factors: Sequence[float]) -> tuple[int, ...]:
     """Factors as integers, e.g. (2.0, 2.0, 1.0) -> (2, 2, 1); a non-integer factor is an error, not truncated."""
     scale = tuple(int(round(f)) for f in factors)

@@ -241,10 +241,19 @@ def summary_table(names: Sequence[str] | None = None) -> str:
     return format_table(rows, SUMMARY_COLUMNS + ADAPT_COLUMNS if adapted else SUMMARY_COLUMNS)
 
 
-def held_out_sets(model: SRModel) -> list[tuple[str, tuple[int, int] | None]]:
-    """(scan, slab or None for the whole scan) a model is scored on: the test region of each training scan (region
-    split; sample names kept, folders expanded) or the test scans (scan split, as split on this machine), and the
-    config's ``held_out_scans``."""
+class HeldOut(NamedTuple):
+    """A set a model is scored on: a scan, its slab (None: all of it) and the scan's axis a through-plane model
+    thins out (``evaluation.reference_scan``)."""
+
+    scan: str
+    slices: tuple[int, int] | None
+    slice_axis: int = 2
+
+
+def held_out_sets(model: SRModel) -> list[HeldOut]:
+    """The sets a model is scored on: the test region of each training scan (region split; sample names kept,
+    folders expanded) or the test scans (scan split, as split on this machine), and the config's
+    ``held_out_scans`` (across ``held_out_slice_axis``)."""
     from medsr.data import find_scans
     from medsr.samples import resolve_scan
     from medsr.train import training_scans
@@ -255,10 +264,12 @@ def held_out_sets(model: SRModel) -> list[tuple[str, tuple[int, int] | None]]:
         for scan in data.scans:
             path = resolve_scan(scan)
             found = find_scans(path) if path.is_dir() else [path]  # a folder of scans, or one scan or DICOM series
-            sets += [(name, tuple(data.test_slices)) for name in ([scan] if found == [path] else map(str, found))]
+            sets += [
+                HeldOut(name, tuple(data.test_slices)) for name in ([scan] if found == [path] else map(str, found))
+            ]
     else:
-        sets = [(str(path), None) for path in training_scans(model.config)[2]]
-    return sets + [(scan, None) for scan in data.held_out_scans]
+        sets = [HeldOut(str(path), None) for path in training_scans(model.config)[2]]
+    return sets + [HeldOut(scan, None, data.held_out_slice_axis) for scan in data.held_out_scans]
 
 
 def score_shipped(name: str, *, precision: str = "auto", adapt_seconds: float = 0.0) -> list[str]:
@@ -277,13 +288,13 @@ def score_shipped(name: str, *, precision: str = "auto", adapt_seconds: float = 
         raise ValueError(f"{name}: not a shipped model; shipped: {', '.join(shipped_models())}")
     model = load_model(name)
     held_out, losing = [], []
-    for scan, slices in held_out_sets(model):
-        result = evaluate(model, scan, slices, precision=precision, adapt_seconds=adapt_seconds)
-        data = held_out_text(Path(scan).name, result.slab if slices else None)
+    for scan, slices, slice_axis in held_out_sets(model):
+        options = {"precision": precision, "adapt_seconds": adapt_seconds, "slice_axis": slice_axis}
+        result = evaluate(model, scan, slices, **options)
+        data = held_out_text(Path(scan).name, result.slab if slices else None, slice_axis)
         rows = result.comparison.rows
-        held_out.append(
-            {"data": data, "scan": str(scan), "slices": [*result.slab[:2]] if slices else None, "rows": rows}
-        )
+        slab = [*result.slab[:2]] if slices else None
+        held_out.append({"data": data, "scan": str(scan), "slices": slab, "slice_axis": slice_axis, "rows": rows})
         psnr = {row["method"]: row["psnr"] for row in rows}
         baseline, best = best_baseline(rows)
         if psnr[name] <= best:
