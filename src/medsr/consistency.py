@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import torch
 
 from medsr.data import degrade_normalised
 from medsr.degrade import Degradation
-from medsr.degrade.sampling import kspace_truncate, kspace_upsample
+from medsr.degrade.sampling import kspace_band, kspace_truncate, kspace_upsample
 from medsr.volume import Volume
 
 KSPACE_ITERATIONS, KSPACE_TOLERANCE = 40, 1e-7  # relative to the LR's largest magnitude (float32: 64 eps, 7.6e-6)
@@ -124,8 +123,7 @@ def _consistent_slice(array: torch.Tensor, target: torch.Tensor, degradation: De
 def _band(n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The HR bins (FFT order, (m,) int64) of the m LR bins along an axis of n HR voxels, and the block-centre
     phase (complex128, (m,)) :func:`~medsr.degrade.sampling.kspace_truncate` applies to them."""
-    frequencies = torch.fft.fftfreq(m, d=1.0 / m).round().to(torch.int64)
-    phase = 2 * math.pi * frequencies.double() * (n / m - 1.0) / 2.0 / n
+    frequencies, phase = kspace_band(n, m)
     return frequencies % n, torch.polar(torch.ones(m, dtype=torch.float64), phase)
 
 

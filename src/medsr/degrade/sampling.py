@@ -26,6 +26,18 @@ def lr_centres(n: int, m: int) -> torch.Tensor:
     return (torch.arange(m, dtype=torch.float64) + 0.5) * (n / m) - 0.5
 
 
+def kspace_band(n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``m`` LR k-space bins along an axis of ``n`` HR voxels, in integer cycles per field of view (FFT order,
+    (m,) int64; HR bin ``frequency % n``), and the block-centre phase :func:`kspace_truncate` gives them (radians,
+    (m,) float64: a shift by ``(n / m - 1) / 2`` HR voxels; :func:`kspace_upsample` undoes it).
+
+    >>> kspace_band(8, 4)[0].tolist()
+    [0, 1, -2, -1]
+    """
+    frequencies = torch.fft.fftfreq(m, d=1.0 / m).round().to(torch.int64)
+    return frequencies, 2 * math.pi * frequencies.double() * (n / m - 1.0) / 2.0 / n
+
+
 def _kspace_gain(frequencies: torch.Tensor, m: int, window: str) -> torch.Tensor:
     """Apodisation over the retained band |k| <= m / 2 (rect: none; hann: raised cosine; tukey: flat middle half)."""
     x = frequencies.double().abs() / (m / 2)  # 0 at DC, 1 at the LR Nyquist frequency
@@ -60,8 +72,7 @@ def kspace_truncate(array: torch.Tensor, factors: Sequence[float], *, window: st
         m = lr_shape([n], [factor])[0]
         if m == n:
             continue
-        frequencies = torch.fft.fftfreq(m, d=1.0 / m).round().to(torch.int64)  # LR bins, integer cycles per FOV
-        phase = 2 * math.pi * frequencies.double() * (n / m - 1.0) / 2.0 / n
+        frequencies, phase = kspace_band(n, m)
         weights = torch.polar(_kspace_gain(frequencies, m, window), phase).to(spectrum.dtype)
         kept = torch.fft.fft(spectrum, dim=axis).index_select(axis, frequencies % n)
         shape = [1] * array.ndim
@@ -83,9 +94,8 @@ def kspace_upsample(array: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
         m = array.shape[axis]
         if m == n:
             continue
-        frequencies = torch.fft.fftfreq(m, d=1.0 / m).round().to(torch.int64)
-        phase = -2 * math.pi * frequencies.double() * (n / m - 1.0) / 2.0 / n  # undo the block-centre shift
-        weights = torch.polar(torch.ones(m, dtype=torch.float64), phase).to(spectrum.dtype)
+        frequencies, phase = kspace_band(n, m)
+        weights = torch.polar(torch.ones(m, dtype=torch.float64), -phase).to(spectrum.dtype)  # undo the shift
         out_shape = list(spectrum.shape)
         out_shape[axis] = n
         full = torch.zeros(out_shape, dtype=spectrum.dtype)
