@@ -109,10 +109,13 @@ CONFIG_CASES = [
     ({"data": {"patch": [0]}}, "data.patch"),
     ({"data": {"min_foreground": 2.0}}, "data.min_foreground"),
     ({"data": {"val_slices": [18, 14]}}, "data.val_slices"),
-    ({"data": {"slice_axes": [0, 2]}}, "data.slice_axes"),  # the in-plane x2 model has no slices to thin
+    ({"data": {"slice_axes": [0, 3]}}, "data.slice_axes"),
+    ({"data": {"slice_axes": [2, 2]}}, "data.slice_axes"),
     ({"data": {"slice_axes": []}}, "data.slice_axes"),
-    ({"data": {"zooms": [0.5]}}, "data.zooms"),
-    ({"data": {"held_out_slice_axis": 1}}, "data.held_out_slice_axis"),
+    ({"data": {"zooms": [0.2]}}, "data.zooms"),
+    ({"data": {"blurs": [-1.0]}}, "data.blurs"),
+    ({"data": {"blurs": []}}, "data.blurs"),
+    ({"data": {"held_out_slice_axis": 1}}, "data.held_out_slice_axis"),  # the in-plane x2 model has no slices to thin
     ({"data": {"held_out_slice_axis": 3}, "degradation": {"factors": [1, 1, 2]}}, "data.held_out_slice_axis"),
     ({"degradation": {"factors": [float("nan"), 2, 1]}}, "degradation.factors"),
     ({"degradation": {"slice_thickness": float("inf")}}, "degradation.slice_thickness"),

@@ -283,3 +283,24 @@ def test_a_zoomed_copy_keeps_the_field_of_view_and_world_positions():
     centres = coarse.affine[0, 0] * np.arange(16) + coarse.affine[0, 3]
     np.testing.assert_allclose(coarse.array[0, 1:-1, 5, 4].numpy(), centres[1:-1], atol=1e-4)
     assert zoomed(ramp, 1.0) is ramp
+
+
+def test_a_finer_copy_is_the_zero_filled_interpolation_that_k_space_truncation_undoes():
+    """zoom 0.5: a grid 2x finer over the same field of view, band-limited (sinc): truncating its k-space by 2 gives
+    the scan back (odd sizes: no Nyquist bin to split), and a sinusoid of the scan's grid is sampled exactly at the
+    new voxel centres."""
+    from medsr.degrade.sampling import kspace_truncate
+
+    affine = np.diag([0.8, 0.8, 1.2, 1.0])
+    affine[:3, 3] = (10.0, -4.0, 3.0)
+    scan = Volume(torch.rand(1, 21, 15, 7, dtype=torch.float64), affine, Modality.MR)
+    fine = zoomed(scan, 0.5)
+    assert fine.spatial_shape == (42, 30, 14) and fine.spacing == pytest.approx((0.4, 0.4, 0.6))
+    corners = [scan.affine @ [-0.5, -0.5, -0.5, 1], fine.affine @ [-0.5, -0.5, -0.5, 1]]
+    np.testing.assert_allclose(*corners)  # the same field of view
+    torch.testing.assert_close(kspace_truncate(fine.array, (2, 2, 2)), scan.array)
+    i = torch.arange(20.0, dtype=torch.float64)
+    wave = Volume(torch.cos(2 * torch.pi * 3 * i / 20).reshape(1, 20, 1, 1), affine)  # 3 cycles across i
+    fine_i = fine.affine[0, 0] * np.arange(40) + fine.affine[0, 3]  # world x of the new centres
+    expected = np.cos(2 * np.pi * 3 * (fine_i - 10.0) / (0.8 * 20))
+    np.testing.assert_allclose(zoomed(wave, 0.5).array[0, :, 0, 0].numpy(), expected, atol=1e-9)

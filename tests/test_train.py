@@ -9,7 +9,7 @@ import yaml
 
 from medsr.checkpoint import load_checkpoint, save_checkpoint, shipped_models
 from medsr.config import load_config, to_dict
-from medsr.data import Pair, PairDataset
+from medsr.data import Pair, PairDataset, blurred
 from medsr.degrade import Degradation
 from medsr.models import create_model
 from medsr.train import LOSSES, batches, check_config, fit, train_step
@@ -391,6 +391,44 @@ def test_slice_axes_train_a_through_plane_model_on_slices_thinned_along_every_ax
     assert turned == [(30, 217, 180), (181, 30, 216), (181, 217, 28)]
     torch.testing.assert_close(data.dataset.regions[1].array[:, :, :28], slab.array.transpose(2, 3)[..., :216])
     assert all(data.dataset[index].hr.shape[-1] == 16 for index in range(4))
+
+
+def test_slice_axes_train_an_in_plane_model_on_sagittal_coronal_and_axial_planes():
+    """For an in-plane model data.slice_axes turns each region so that its (i, j) planes are sagittal, then coronal
+    planes: a pair's LR is the k-space truncation of a coronal patch of Colin27's training slab."""
+    from medsr.degrade.sampling import kspace_truncate
+    from medsr.train import _training_data
+
+    overrides = [*TINY, "data.train_slices=[40,72]", "data.patch=[16]", "degradation.kspace_window=rect"]
+    data = _training_data(load_config(overrides=[*overrides, "data.slice_axes=[0,1,2]"]))
+    slab = _training_data(load_config(overrides=overrides)).dataset.regions[0]  # (180, 216, 32): k 40..71
+    assert [r.spatial_shape for r in data.dataset.regions] == [(32, 216, 180), (180, 32, 216), (180, 216, 32)]
+    coronal = slab.array[0, :, 100, :]  # the (i, k) plane at j = 100
+    torch.testing.assert_close(data.dataset.regions[1].array[0, :, :, 100], coronal)
+    torch.testing.assert_close(data.dataset.lr[1][0, :, :, 100], kspace_truncate(coronal, (2, 2)))
+    pair = data.dataset[0]
+    assert pair.hr.shape[-2:] == (16, 16) and pair.lr.shape[-2:] == (8, 8)
+
+
+def test_blurs_add_smoother_copies_of_each_intensity_copy():
+    """data.blurs (0, 1.2): each gamma copy is followed by its Gaussian-blurred copy (blur after the intensity curve,
+    as a scanner blurs the object it images): same voxels and mean, less detail, and a sigma-1.2 Gaussian's
+    variance added to an edge's profile."""
+    from medsr.train import _training_data
+
+    overrides = [*TINY, "data.gamma=[0.5,2]", "data.blurs=[0,1.2]", "data.train_slices=[40,72]"]
+    regions = _training_data(load_config(overrides=overrides)).dataset.regions
+    assert len(regions) == 10
+    for sharp, smooth in zip(regions[::2], regions[1::2], strict=True):
+        assert smooth.spatial_shape == sharp.spatial_shape
+        assert float(smooth.array.mean()) == pytest.approx(float(sharp.array.mean()), rel=1e-3)
+        detail = [float(r.array.diff(dim=1).pow(2).mean()) for r in (sharp, smooth)]
+        assert detail[1] < 0.5 * detail[0]
+    step = torch.zeros(1, 64, 1, 1)
+    step[:, 32:] = 1
+    spread = torch.diff(blurred(Volume(step, torch.eye(4)), 1.2).array.flatten())  # the edge's profile
+    centre = (spread * torch.arange(63)).sum()
+    assert float((spread * (torch.arange(63) - centre) ** 2).sum()) == pytest.approx(1.2**2, rel=0.01)
 
 
 def test_zooms_add_coarser_copies_of_each_training_region():

@@ -56,13 +56,18 @@ class DataConfig:
     # normalised intensities before the LR is simulated (so a T1 model meets other contrast curves). (1, 1): off.
     gamma: tuple[float, float] = (1.0, 1.0)
     extra_train_scans: tuple[str, ...] = ()  # whole scans used for training only: never validated or scored
-    # Through-plane models: the axes of each training region thinned out (each swapped into k, as
-    # evaluation.reference_scan does): (2,) thins k only; (0, 1, 2) also learns thick slices across i and j, so
-    # anatomy in every direction is seen (SMORE's in-plane training idea, here on the training scans).
+    # The axes each training region is also turned to put into k (volume.swap_into_k, as evaluation.reference_scan
+    # does). Through-plane models: the axes thinned out, (0, 1, 2) also learns thick slices across i and j, so
+    # anatomy in every direction is seen (SMORE's idea, here on the training scans). In-plane models: the planes
+    # learnt on, (0, 1, 2) adds sagittal and coronal planes to axial ones. (2,): k only.
     slice_axes: tuple[int, ...] = (2,)
     # Voxel-size augmentation: each training region also on grids this many times coarser (data.zoomed), so a model
-    # meets anatomy, blur and noise grain at other scanners' voxel sizes. (1.0,): off.
+    # meets anatomy, blur and noise grain at other scanners' voxel sizes; below 1, finer grids interpolated by
+    # zero-filled k-space (an MR scanner's "ZIP"). (1.0,): off.
     zooms: tuple[float, ...] = (1.0,)
+    # Smoothness augmentation: each training copy (after the gammas) also blurred by a Gaussian of these sigmas in
+    # voxels (data.blurred), for scans whose voxels are finer than their resolution. (0.0,): off.
+    blurs: tuple[float, ...] = (0.0,)
 
 
 @dataclasses.dataclass

@@ -19,11 +19,12 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from scipy.ndimage import gaussian_filter
 from torch.utils.data import Dataset
 
 from medsr.degrade import Degradation, degrade
 from medsr.degrade.noise import poisson, quanta_reference, rician
-from medsr.degrade.sampling import FWHM_PER_SIGMA
+from medsr.degrade.sampling import FWHM_PER_SIGMA, kspace_upsample
 from medsr.intensity import Window, denormalize, normalize, volume_range, window_from_range
 from medsr.io import IMAGE_SUFFIXES, NIFTI_SUFFIXES, is_dicom_file
 from medsr.volume import Volume, crop, integer_scale, scale_affine
@@ -169,28 +170,54 @@ def gamma_copies(volume: Volume, gamma: tuple[float, float]) -> list[Volume]:
 
 
 def zoomed(volume: Volume, zoom: float) -> Volume:
-    """The scan on a grid ``zoom`` times coarser along every axis longer than one voxel (the same field of view;
-    antialiased bilinear resampling, separable), ``zoom`` 1 gives the scan itself. A copy at 1.5 makes a model that
-    learnt on 1 mm voxels also meet anatomy, and a blur given in mm, at 1.5 mm voxels: the sizes other scanners'
-    voxels have.
+    """The scan on a grid ``zoom`` times coarser along every axis longer than one voxel (the same field of view),
+    ``zoom`` 1 gives the scan itself. Coarser (``zoom`` > 1): antialiased bilinear resampling, separable; a copy at
+    1.5 makes a model that learnt on 1 mm voxels also meet anatomy, and a blur given in mm, at 1.5 mm voxels: the
+    sizes other scanners' voxels have. Finer (``zoom`` < 1): zero-filled k-space (sinc interpolation,
+    ``degrade.kspace_upsample``), as MR scanners interpolate their images ("ZIP") and as any scan whose pixels are
+    finer than its resolution looks.
 
     >>> import torch
     >>> from medsr.volume import Volume
     >>> coarse = zoomed(Volume(torch.rand(1, 30, 24, 1), np.eye(4)), 1.5)
     >>> coarse.spatial_shape, coarse.spacing
     ((20, 16, 1), (1.5, 1.5, 1.0))
+    >>> zoomed(Volume(torch.rand(1, 30, 24, 1), np.eye(4)), 0.5).spatial_shape
+    (60, 48, 1)
     """
     if zoom == 1:
         return volume
     channels, size_i, size_j, size_k = volume.array.shape
     shape = [max(1, round(n / zoom)) if n > 1 else 1 for n in (size_i, size_j, size_k)]
+    factors = [m / n for m, n in zip(shape, (size_i, size_j, size_k), strict=True)]
+    if zoom < 1:
+        array = kspace_upsample(volume.array, shape)
+        return volume.replace(array=array.contiguous(), affine=scale_affine(volume.affine, factors))
     resize = functools.partial(torch.nn.functional.interpolate, mode="bilinear", antialias=True, align_corners=False)
     array = resize(volume.array.permute(3, 0, 1, 2), size=shape[:2]).permute(1, 2, 3, 0)  # (i, j) of each k
     if shape[2] != size_k:  # then k, on (j, k) planes
         planes = array.reshape(channels * shape[0], 1, shape[1], size_k)
         array = resize(planes, size=shape[1:]).reshape(channels, *shape)
-    factors = [m / n for m, n in zip(shape, (size_i, size_j, size_k), strict=True)]
     return volume.replace(array=array.contiguous(), affine=scale_affine(volume.affine, factors))
+
+
+def blurred(volume: Volume, sigma: float) -> Volume:
+    """The scan smoothed by a Gaussian of ``sigma`` voxels along every axis longer than one voxel (reflected at the
+    edges); ``sigma`` 0 gives the scan itself. Copies at 0.6 and 1.2 voxels show a model objects whose detail stops
+    short of the grid, as in scans whose voxels are finer than their resolution (a smooth CT kernel on a small
+    field of view, an oversampled or zero-filled MR matrix), so it does not invent detail where there is none.
+
+    >>> import torch
+    >>> from medsr.volume import Volume
+    >>> edge = Volume(torch.tensor([0.0, 0, 0, 1, 1, 1]).reshape(1, 6, 1, 1), np.eye(4))
+    >>> [round(float(x), 2) for x in blurred(edge, 1.0).array.flatten()]
+    [0.0, 0.06, 0.3, 0.7, 0.94, 1.0]
+    """
+    if sigma == 0:
+        return volume
+    sigmas = [0.0] + [sigma if n > 1 else 0.0 for n in volume.spatial_shape]
+    array = gaussian_filter(volume.array.numpy(), sigma=sigmas, mode="reflect")
+    return volume.replace(array=torch.from_numpy(array))
 
 
 def _box(corner: Sequence[int], size: Sequence[int], scale: Sequence[int] = (1, 1, 1)) -> tuple[slice, ...]:

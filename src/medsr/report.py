@@ -468,10 +468,14 @@ def model_card(name: str, description: Mapping, held_out: Sequence[Mapping], *, 
     extra = f"; whole scans for training only: {', '.join(data.extra_train_scans)}" if data.extra_train_scans else ""
     augmentation = "" if tuple(data.gamma) == (1.0, 1.0) else f", intensity gamma {data.gamma[0]:g}..{data.gamma[1]:g}"
     if tuple(data.slice_axes) != (2,):
-        augmentation += f", thick slices across {', '.join('ijk'[a] for a in data.slice_axes)}"
+        turned = ", ".join("ijk"[a] for a in data.slice_axes)
+        in_plane = config.degradation.factors[2] == 1
+        augmentation += f", planes perpendicular to {turned}" if in_plane else f", thick slices across {turned}"
     bf16 = ", bf16" if train.bf16 else ""
     if tuple(data.zooms) != (1.0,):
         augmentation += f", voxels {', '.join(f'{z:g}' for z in data.zooms)}x the training scans'"
+    if tuple(data.blurs) != (0.0,):
+        augmentation += f", Gaussian blur of {', '.join(f'{b:g}' for b in data.blurs)} voxels"
     consistency = (
         ", then the input's measured k-space band put back (k-space consistency, `medsr upscale`'s default here)"
         if kspace_applies(config.degradation)

@@ -29,6 +29,7 @@ from medsr.config import Config, load_config, problem, short, to_dict
 from medsr.data import (
     Pair,
     PairDataset,
+    blurred,
     find_scans,
     gamma_copies,
     prepare_scan,
@@ -217,7 +218,8 @@ def check_config(config: Config) -> None:
             len(data.gamma) == 2 and 0 < data.gamma[0] <= data.gamma[1],
             "[low, high], 0 < low <= high",
         ),
-        ("data.zooms", data.zooms, bool(data.zooms) and all(1 <= z <= 4 for z in data.zooms), "factors in [1, 4]"),
+        ("data.zooms", data.zooms, bool(data.zooms) and all(0.25 <= z <= 4 for z in data.zooms), "in [0.25, 4]"),
+        ("data.blurs", data.blurs, bool(data.blurs) and all(0 <= b <= 4 for b in data.blurs), "sigmas in [0, 4]"),
         ("model.spatial_dims", config.model.spatial_dims, config.model.spatial_dims in (2, 3), "2 or 3"),
     ]
     ranges += [
@@ -264,13 +266,12 @@ def check_config(config: Config) -> None:
             f"data.split must be 'region' or 'scan' and data.split_axis 0, 1 or 2 (i, j, k); got "
             f"{config.data.split!r}, {config.data.split_axis!r}"
         )
-    through_plane = config.degradation.factors[2] > 1
-    for field, axes in (
-        ("held_out_slice_axis", [config.data.held_out_slice_axis]),
-        ("slice_axes", config.data.slice_axes),
-    ):
-        if not axes or any(a not in (0, 1, 2) or (a != 2 and not through_plane) for a in axes):
-            raise ValueError(f"data.{field} {axes!r}: 2 (k), or also 0 (i) and 1 (j) for a through-plane model")
+    axes = config.data.slice_axes
+    if not axes or any(a not in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes):
+        raise ValueError(f"data.slice_axes {axes!r}: distinct axes among 0 (i), 1 (j) and 2 (k)")
+    axis = config.data.held_out_slice_axis
+    if axis not in (0, 1, 2) or (axis != 2 and config.degradation.factors[2] == 1):
+        raise ValueError(f"data.held_out_slice_axis {axis!r}: 2 (k), or 0 (i) or 1 (j) for a through-plane model")
     regions = {"train": config.data.train_slices, "val": config.data.val_slices, "test": config.data.test_slices}
     for (name_a, (start_a, stop_a)), (name_b, (start_b, stop_b)) in itertools.combinations(regions.items(), 2):
         if start_a < stop_b and start_b < stop_a:
@@ -465,7 +466,8 @@ def _training_data(config: Config) -> _Data:
     factors = integer_scale(config.degradation.factors)
     spacings += [[s * f for s, f in zip(region.spacing, factors, strict=True)] for region in sizes]
     inputs = training_inputs(spacings, [v.meta["lr_range"] for v in volumes + extra])
-    augmented = [copy for region in sizes for copy in gamma_copies(region, config.data.gamma)]
+    curves = [copy for region in sizes for copy in gamma_copies(region, config.data.gamma)]
+    augmented = [blurred(copy, sigma) for copy in curves for sigma in config.data.blurs]
     dataset = PairDataset(
         augmented,
         config.degradation,
