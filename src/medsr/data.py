@@ -189,15 +189,17 @@ def zoomed(volume: Volume, zoom: float) -> Volume:
         return volume
     channels, size_i, size_j, size_k = volume.array.shape
     shape = [max(1, round(n / zoom)) if n > 1 else 1 for n in (size_i, size_j, size_k)]
-    factors = [m / n for m, n in zip(shape, (size_i, size_j, size_k), strict=True)]
     if zoom < 1:
         array = kspace_upsample(volume.array, shape)
-        return volume.replace(array=array.contiguous(), affine=scale_affine(volume.affine, factors))
-    resize = functools.partial(torch.nn.functional.interpolate, mode="bilinear", antialias=True, align_corners=False)
-    array = resize(volume.array.permute(3, 0, 1, 2), size=shape[:2]).permute(1, 2, 3, 0)  # (i, j) of each k
-    if shape[2] != size_k:  # then k, on (j, k) planes
-        planes = array.reshape(channels * shape[0], 1, shape[1], size_k)
-        array = resize(planes, size=shape[1:]).reshape(channels, *shape)
+    else:
+        resize = functools.partial(
+            torch.nn.functional.interpolate, mode="bilinear", antialias=True, align_corners=False
+        )
+        array = resize(volume.array.permute(3, 0, 1, 2), size=shape[:2]).permute(1, 2, 3, 0)  # (i, j) of each k
+        if shape[2] != size_k:  # then k, on (j, k) planes
+            planes = array.reshape(channels * shape[0], 1, shape[1], size_k)
+            array = resize(planes, size=shape[1:]).reshape(channels, *shape)
+    factors = [m / n for m, n in zip(shape, (size_i, size_j, size_k), strict=True)]
     return volume.replace(array=array.contiguous(), affine=scale_affine(volume.affine, factors))
 
 

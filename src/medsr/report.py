@@ -466,16 +466,17 @@ def model_card(name: str, description: Mapping, held_out: Sequence[Mapping], *, 
     )
     limits = "".join(f"\n- {limit}" for limit in config.card.limits)
     extra = f"; whole scans for training only: {', '.join(data.extra_train_scans)}" if data.extra_train_scans else ""
-    augmentation = "" if tuple(data.gamma) == (1.0, 1.0) else f", intensity gamma {data.gamma[0]:g}..{data.gamma[1]:g}"
+    recipe = ", bf16" if train.bf16 else ""  # then the augmentations
+    if tuple(data.gamma) != (1.0, 1.0):
+        recipe += f", intensity gamma {data.gamma[0]:g}..{data.gamma[1]:g}"
     if tuple(data.slice_axes) != (2,):
         turned = ", ".join("ijk"[a] for a in data.slice_axes)
         in_plane = config.degradation.factors[2] == 1
-        augmentation += f", planes perpendicular to {turned}" if in_plane else f", thick slices across {turned}"
-    bf16 = ", bf16" if train.bf16 else ""
+        recipe += f", planes perpendicular to {turned}" if in_plane else f", thick slices across {turned}"
     if tuple(data.zooms) != (1.0,):
-        augmentation += f", voxels {', '.join(f'{z:g}' for z in data.zooms)}x the training scans'"
+        recipe += f", voxels {', '.join(f'{z:g}' for z in data.zooms)}x the training scans'"
     if tuple(data.blurs) != (0.0,):
-        augmentation += f", Gaussian blur of {', '.join(f'{b:g}' for b in data.blurs)} voxels"
+        recipe += f", Gaussian blur of {', '.join(f'{b:g}' for b in data.blurs)} voxels"
     consistency = (
         ", then the input's measured k-space band put back (k-space consistency, `medsr upscale`'s default here)"
         if kspace_applies(config.degradation)
@@ -489,7 +490,7 @@ def model_card(name: str, description: Mapping, held_out: Sequence[Mapping], *, 
 - **Degradation learned**: {explain(config.degradation)}.{trained_on}
 - **Intensities**: {description["intensity"]}.
 - **Training**: {train.steps} steps, batch {data.batch_size} of {patch} HR patches, Adam lr {train.lr} with
-  {train.schedule} decay, {train.loss} loss, seed {train.seed}{bf16}{augmentation}, on CPU. Best
+  {train.schedule} decay, {train.loss} loss, seed {train.seed}{recipe}, on CPU. Best
   validation step {description["step"]} (validation PSNR {validation.get("psnr", float("nan")):.2f} dB, bicubic
   {validation.get("psnr_cubic", float("nan")):.2f} dB).
 
