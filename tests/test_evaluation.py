@@ -43,6 +43,22 @@ def test_body_mask_excludes_air_and_lowers_psnr(head):
     assert all(row["psnr_body"] < row["psnr"] for row in rows)  # air is easy: leaving it out is stricter
 
 
+def test_slices_of_air_or_with_body_only_at_the_edge_are_not_scored(head):
+    """A slice of air and one whose only tissue is a strip at the edge (inside SSIM's border, where it has no
+    window: its body SSIM is undefined) are left out; the other slices score as they do alone."""
+    array = head.array.clone()
+    array[..., 0] = 0
+    array[..., 1] = 0
+    array[:, :2, :, 1] = 0.8  # tissue in the first 2 rows only: with the mask's 2-voxel margin, within SSIM's 5
+    rows, slices, _ = compare_methods(head.replace(array=array), Degradation((2, 2, 1)), {}, slices=(0, 6))
+    alone, _, _ = compare_methods(head, Degradation((2, 2, 1)), {}, slices=(2, 6))
+    assert [row["slice"] for row in slices if row["method"] == "cubic"] == [2, 3, 4, 5]
+    for row, reference in zip(rows, alone, strict=True):
+        assert row["psnr_body"] == pytest.approx(reference["psnr_body"]) and row["ssim_body"] == pytest.approx(
+            reference["ssim_body"]
+        )
+
+
 def test_per_slice_scores_average_to_the_rows_and_extras_are_sane(head):
     rows, slices, _ = compare_methods(head, Degradation((2, 2, 1)), {}, slices=(0, 12), extras=True)
     cubic = [row for row in slices if row["method"] == "cubic"]

@@ -23,7 +23,7 @@ from medsr.degrade import Degradation
 from medsr.degrade.sampling import kspace_upsample
 from medsr.infer import Predictor, on_device, predict_volume, resolve_device
 from medsr.intensity import Window, default_window, normalize
-from medsr.metrics import hf_energy_ratio, hfen, psnr, ssim
+from medsr.metrics import hf_energy_ratio, hfen, psnr, ssim, ssim_interior
 from medsr.models.blocks import interpolate
 from medsr.volume import Volume, integer_scale, scale_affine, swap_into_k
 
@@ -227,7 +227,8 @@ def score_methods(
     kspace: bool = False,
 ) -> Comparison:
     """Score the baselines and ``models``, each upsampling ``lr`` to ``hr``'s grid, against ``hr``, on every
-    slice (:func:`scored_planes`) with some body in it (:func:`body_mask`; air-only slices are left out).
+    slice (:func:`scored_planes`) with some body in it (:func:`body_mask`) away from its edge (``metrics.ssim``'s
+    border; slices of air only are left out).
 
     Args:
         hr: The HR slab, normalised; with its window in ``meta['window']``, RMSE and MAE are scored in physical
@@ -249,7 +250,9 @@ def score_methods(
         outputs[name] = (kspace_consistency(sr, lr, degradation) if kspace else sr).array
     images = {name: scored_planes(array) for name, array in {"lr": lr.array, "hr": hr.array, **outputs}.items()}
     mask = body_mask(images["hr"])
-    body = mask.flatten(1).any(1)  # slices of air only (beyond the head of a whole scan) are not scored
+    # Slices of air only (beyond the head of a whole scan), or with body only at the edge, where SSIM has no
+    # window, are not scored.
+    body = ssim_interior(mask).flatten(1).any(1)
     if not body.any():
         raise ValueError(f"{where}: no voxel above {FOREGROUND_LEVEL:.0%} of the intensity window: nothing to score")
     window = hr.meta.get("window")

@@ -217,11 +217,17 @@ def ssim(
     """
     _check(pred, target, data_range)
     smap = ssim_map(pred.double(), target.double(), data_range=data_range)  # (N, C, *valid)
-    m = None
-    if mask is not None:
-        crop = (slice(None), slice(None), *(slice(_RADIUS, s - _RADIUS) for s in pred.shape[2:]))
-        m = _broadcast_mask(mask, pred.shape)[crop]  # (N, 1, *valid)
+    m = None if mask is None else ssim_interior(_broadcast_mask(mask, pred.shape))  # (N, 1, *valid)
     return _masked_mean(smap, m).to(pred.dtype)
+
+
+def ssim_interior(array: torch.Tensor) -> torch.Tensor:
+    """The voxels of a (N, C, *spatial) array that :func:`ssim` scores: all but a border of 5 (its window's radius).
+
+    >>> ssim_interior(torch.zeros(2, 1, 16, 12)).shape
+    torch.Size([2, 1, 6, 2])
+    """
+    return array[(slice(None), slice(None), *(slice(_RADIUS, s - _RADIUS) for s in array.shape[2:]))]
 
 
 def hfen(
