@@ -17,7 +17,7 @@ import torch
 
 from medsr.checkpoint import load_checkpoint
 from medsr.config import load_config
-from medsr.data import PairDataset, prepare_scan
+from medsr.data import PairDataset, prepare_scan, slice_range
 from medsr.evaluation import compare_methods
 from medsr.infer import model_predictor
 from medsr.io import read_volume
@@ -35,9 +35,8 @@ def seconds_per_step(name: str, overrides: list[str]) -> float:
     config = load_config(overrides=[*overrides, f"model.name={name}"])
     volumes = load_scans(training_scans(config)[0], config)
     dataset = PairDataset(
-        volumes,
+        [slice_range(v, slices=config.data.train_slices) for v in volumes],
         config.degradation,
-        slices=config.data.train_slices,
         patch=config.data.patch,
         length=1024,
         min_foreground=config.data.min_foreground,

@@ -115,6 +115,7 @@ CONFIG_CASES = [
     ({"data": {"zooms": [0.2]}}, "data.zooms"),
     ({"data": {"blurs": [-1.0]}}, "data.blurs"),
     ({"data": {"blurs": []}}, "data.blurs"),
+    ({"data": {"contrasts": -1}}, "data.contrasts"),
     ({"data": {"held_out_slice_axis": 1}}, "data.held_out_slice_axis"),  # the in-plane x2 model has no slices to thin
     ({"data": {"held_out_slice_axis": 3}, "degradation": {"factors": [1, 1, 2]}}, "data.held_out_slice_axis"),
     ({"degradation": {"factors": [float("nan"), 2, 1]}}, "degradation.factors"),

@@ -29,9 +29,11 @@ def volume(rng) -> Volume:
 X2 = Degradation((2, 2, 1))
 
 
-def dataset(volume, degradation=X2, **kwargs) -> PairDataset:
-    options = {"slices": (2, 8), "patch": 16, "length": 10, "seed": 0, "min_foreground": 0.0} | kwargs
-    return PairDataset([volume], degradation, **options)
+def dataset(volume, degradation=X2, slices=(2, 8), axis=2, **kwargs) -> PairDataset:
+    """Pairs from the slab ``slices`` of ``volume`` along ``axis`` (None: all of it), as training cuts them."""
+    region = volume if slices is None else slice_range(volume, slices=slices, axis=axis)
+    options = {"patch": 16, "length": 10, "seed": 0, "min_foreground": 0.0} | kwargs
+    return PairDataset([region], degradation, **options)
 
 
 def constant(value: float, shape=(1, 64, 64, 3), **kwargs) -> Volume:

@@ -50,7 +50,7 @@ def test_gradient_clipping_and_bf16_autocast():
 
 def test_a_resumed_stream_replays_the_same_batches(rng):
     volume = Volume(torch.from_numpy(rng.random((1, 32, 32, 4), dtype=np.float32)), np.eye(4))
-    dataset = PairDataset([volume], Degradation((2, 2, 1)), slices=(0, 4), patch=16, length=5, min_foreground=0)
+    dataset = PairDataset([volume], Degradation((2, 2, 1)), patch=16, length=5, min_foreground=0)
     from_start = list(itertools.islice(batches(dataset, 2, 0), 6))
     resumed = next(batches(dataset, 2, 4))
     assert torch.equal(resumed.hr, from_start[4].hr) and torch.equal(resumed.lr, from_start[4].lr)
@@ -442,3 +442,29 @@ def test_zooms_add_coarser_copies_of_each_training_region():
     assert spacing["min"][:2] == pytest.approx([2, 2], rel=0.01) and spacing["max"][:2] == pytest.approx(
         [4, 4], rel=0.02
     )
+
+
+def test_contrasts_add_copies_with_random_intensity_curves_after_the_gammas():
+    """data.contrasts 3: each training region is followed, after its gamma copies, by 3 copies whose intensities
+    went through smooth random curves (seeded by train.seed): air stays dark, every voxel of one intensity gets one
+    new intensity, in [0, 1], and tissues may swap brightness."""
+    from medsr.train import _training_data
+
+    overrides = [*TINY, "data.gamma=[0.5,2]", "data.contrasts=3", "data.train_slices=[40,72]"]
+    regions = _training_data(load_config(overrides=overrides)).dataset.regions
+    assert len(regions) == 5 + 3
+    source = regions[2].array  # gamma 1: the region itself
+    levels = source.unique()  # Colin27 is stored as 8-bit integers: few distinct intensities
+    assert len(levels) < 300
+    swapped = 0
+    for copy in regions[5:]:
+        assert copy.spatial_shape == regions[2].spatial_shape and float(copy.array.min()) >= 0
+        assert float(copy.array.max()) <= 1 and float(copy.array[source == levels[0]].max()) < 0.2  # air: dark
+        mapped = torch.stack([copy.array[source == level][0] for level in levels])
+        assert all(
+            torch.equal(copy.array[source == level].unique(), mapped[n : n + 1]) for n, level in enumerate(levels)
+        )
+        swapped += int((mapped.diff() < 0).any())
+    assert swapped >= 1  # at least one curve is not monotonic
+    again = _training_data(load_config(overrides=overrides)).dataset.regions
+    assert all(torch.equal(a.array, b.array) for a, b in zip(regions[5:], again[5:], strict=True))

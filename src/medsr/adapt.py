@@ -91,9 +91,7 @@ def adapt(
     hr = prepare_scan(scan, degradation)  # the scan as HR: cropped to the scale, normalised with its LLR's window
     tuned, held = _split(hr, scale, model.spatial_dims)
     patch = _patch(tuned.spatial_shape, scale, model.spatial_dims, str(model.name))
-    pairs = PairDataset(
-        [tuned], degradation, slices=None, patch=patch, length=1024, seed=seed, spatial_dims=model.spatial_dims
-    )
+    pairs = PairDataset([tuned], degradation, patch=patch, length=1024, seed=seed, spatial_dims=model.spatial_dims)
     network = copy.deepcopy(model.network).float()
     optimizer = torch.optim.Adam(network.parameters(), lr=ADAPT_LR)
     bf16 = resolve_precision(precision) == "bf16"

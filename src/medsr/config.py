@@ -55,6 +55,9 @@ class DataConfig:
     # Intensity augmentation: each training scan also at 5 gammas, log-spaced in [low, high], applied to its
     # normalised intensities before the LR is simulated (so a T1 model meets other contrast curves). (1, 1): off.
     gamma: tuple[float, float] = (1.0, 1.0)
+    # Contrast augmentation: each training region also with this many random smooth intensity curves, not
+    # necessarily monotonic (data.contrast_copies: tissues swap brightness as between T1, T2 and PD). 0: off.
+    contrasts: int = 0
     extra_train_scans: tuple[str, ...] = ()  # whole scans used for training only: never validated or scored
     # The axes each training region is also turned to put into k (volume.swap_into_k, as evaluation.reference_scan
     # does). Through-plane models: the axes thinned out, (0, 1, 2) also learns thick slices across i and j, so

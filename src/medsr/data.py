@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from scipy.interpolate import PchipInterpolator
 from scipy.ndimage import gaussian_filter
 from torch.utils.data import Dataset
 
@@ -169,6 +170,34 @@ def gamma_copies(volume: Volume, gamma: tuple[float, float]) -> list[Volume]:
     return [volume.replace(array=volume.array.clamp(min=0) ** float(p)) for p in powers]
 
 
+CONTRAST_KNOTS = 6  # control points of a random intensity curve (data.contrasts), evenly spaced over [0, 1]
+
+
+def contrast_copies(volume: Volume, count: int, rng: np.random.Generator) -> list[Volume]:
+    """``count`` copies of the scan, each with a random smooth intensity curve: a monotone cubic (PCHIP) through
+    0 at 0 and ``CONTRAST_KNOTS - 1`` levels drawn from U(0.05, 1) at 0.2, 0.4, ..., 1 of the window, applied to the
+    normalised intensities (from :func:`prepare_scan`) clamped to [0, 1].
+
+    The curves need not be monotonic, so tissues swap brightness as they do between T1, T2 and proton-density
+    scans, while air stays dark: SynthSR's random contrasts (Iglesias et al. 2023), made from the scan's own
+    intensities instead of a segmentation, so its texture and noise are kept. Each copy is degraded as a whole
+    later, like :func:`gamma_copies`.
+
+    >>> import torch
+    >>> from medsr.volume import Volume
+    >>> ramp = Volume(torch.linspace(0, 1, 6).reshape(1, 6, 1, 1), torch.eye(4))
+    >>> [round(v, 2) for v in contrast_copies(ramp, 1, np.random.default_rng(0))[0].array.flatten().tolist()]
+    [0.0, 0.66, 0.31, 0.09, 0.07, 0.82]
+    """
+    knots = np.linspace(0.0, 1.0, CONTRAST_KNOTS)
+    intensities = volume.array.clamp(0, 1).numpy()
+    copies = []
+    for _ in range(count):
+        curve = PchipInterpolator(knots, np.concatenate([[0.0], rng.uniform(0.05, 1.0, CONTRAST_KNOTS - 1)]))
+        copies.append(volume.replace(array=torch.from_numpy(curve(intensities).astype(np.float32))))
+    return copies
+
+
 def zoomed(volume: Volume, zoom: float) -> Volume:
     """The scan on a grid ``zoom`` times coarser along every axis longer than one voxel (the same field of view),
     ``zoom`` 1 gives the scan itself. Coarser (``zoom`` > 1): antialiased bilinear resampling, separable; a copy at
@@ -266,17 +295,16 @@ class PairDataset(Dataset[Pair]):
       the whole scan.
 
     Args:
-        volumes: HR volumes from :func:`prepare_scan`, (C, I, J, K) each.
+        volumes: The training regions: HR volumes from :func:`prepare_scan`, (C, I, J, K) each, cut to their
+            training slabs (:func:`slice_range`) and augmented by the caller; each is cropped to a multiple of the
+            scale.
         degradation: The LR simulation. Factors must be integers (the model scale); in 2D, (a, b, 1) or (1, 1, c).
-        slices: ``[start, stop)`` along ``axis`` to draw from (the training region), or None for all of every
-            scan, or a list with one of these per volume. Each region is cropped to a multiple of the scale.
         patch: HR patch size in voxels: one edge (square or cube) or one per model axis ((i, j), (i or j, k)
             through-plane, or (i, j, k)); multiples of the scale.
         length: Items per epoch.
         seed: Each item is drawn from ``default_rng((seed, epoch, index))``: replayable and worker-safe.
         min_foreground: Fraction of HR patch voxels that must be tissue; up to ``FOREGROUND_TRIES`` draws try.
         spatial_dims: 2 for (C, Pi, Pj) slice patches (or (C, P, Pk) through-plane), 3 for (C, Pi, Pj, Pk) blocks.
-        axis: The axis ``slices`` count along (0 = i, 1 = j, 2 = k).
     """
 
     def __init__(
@@ -284,13 +312,11 @@ class PairDataset(Dataset[Pair]):
         volumes: Sequence[Volume],
         degradation: Degradation,
         *,
-        slices: tuple[int, int] | None | list[tuple[int, int] | None],
         patch: int | Sequence[int],
         length: int,
         seed: int = 0,
         min_foreground: float = 0.3,
         spatial_dims: int = 2,
-        axis: int = 2,
     ) -> None:
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -309,11 +335,7 @@ class PairDataset(Dataset[Pair]):
             self.patches = [(*size, 1) if spatial_dims == 2 else size]
         if any(p < 1 or p % s for shape in self.patches for p, s in zip(shape, self.scale, strict=True)):
             raise ValueError(f"patch {patch}: each size must be a multiple of the scale {self.scale} (i, j, k)")
-        per_volume = slices if isinstance(slices, list) else [slices] * len(volumes)
-        self.regions = [
-            crop_to_multiple(v if s is None else slice_range(v, slices=s, axis=axis), scale=self.scale)
-            for v, s in zip(volumes, per_volume, strict=True)
-        ]
+        self.regions = [crop_to_multiple(v, scale=self.scale) for v in volumes]
         # The patch shapes each region holds (through-plane: a region thinner than the patch along i or j, e.g. a
         # single coronal image, gives only the other orientation).
         self.fitting = [

@@ -469,6 +469,8 @@ def model_card(name: str, description: Mapping, held_out: Sequence[Mapping], *, 
     recipe = ", bf16" if train.bf16 else ""  # then the augmentations
     if tuple(data.gamma) != (1.0, 1.0):
         recipe += f", intensity gamma {data.gamma[0]:g}..{data.gamma[1]:g}"
+    if data.contrasts:
+        recipe += f", {data.contrasts} random intensity curves (contrasts)"
     if tuple(data.slice_axes) != (2,):
         turned = ", ".join("ijk"[a] for a in data.slice_axes)
         in_plane = config.degradation.factors[2] == 1

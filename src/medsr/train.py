@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple, TextIO
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
@@ -30,6 +31,7 @@ from medsr.data import (
     Pair,
     PairDataset,
     blurred,
+    contrast_copies,
     find_scans,
     gamma_copies,
     prepare_scan,
@@ -218,6 +220,7 @@ def check_config(config: Config) -> None:
             len(data.gamma) == 2 and 0 < data.gamma[0] <= data.gamma[1],
             "[low, high], 0 < low <= high",
         ),
+        ("data.contrasts", data.contrasts, 0 <= data.contrasts <= 50, "in [0, 50] (0: off)"),
         ("data.zooms", data.zooms, bool(data.zooms) and all(0.25 <= z <= 4 for z in data.zooms), "in [0.25, 4]"),
         ("data.blurs", data.blurs, bool(data.blurs) and all(0 <= b <= 4 for b in data.blurs), "sigmas in [0, 4]"),
         ("model.spatial_dims", config.model.spatial_dims, config.model.spatial_dims in (2, 3), "2 or 3"),
@@ -466,12 +469,16 @@ def _training_data(config: Config) -> _Data:
     factors = integer_scale(config.degradation.factors)
     spacings += [[s * f for s, f in zip(region.spacing, factors, strict=True)] for region in sizes]
     inputs = training_inputs(spacings, [v.meta["lr_range"] for v in volumes + extra])
-    curves = [copy for region in sizes for copy in gamma_copies(region, config.data.gamma)]
+    rng = np.random.default_rng(config.train.seed)  # the contrast curves, drawn region by region
+    curves = [
+        copy
+        for region in sizes
+        for copy in gamma_copies(region, config.data.gamma) + contrast_copies(region, config.data.contrasts, rng)
+    ]
     augmented = [blurred(copy, sigma) for copy in curves for sigma in config.data.blurs]
     dataset = PairDataset(
         augmented,
         config.degradation,
-        slices=None,
         patch=config.data.patch,
         length=EPOCH_LENGTH,
         seed=config.train.seed,
