@@ -174,9 +174,9 @@ CONTRAST_KNOTS = 6  # control points of a random intensity curve (data.contrasts
 
 
 def contrast_copies(volume: Volume, count: int, rng: np.random.Generator) -> list[Volume]:
-    """``count`` copies of the scan, each with a random smooth intensity curve: a monotone cubic (PCHIP) through
-    0 at 0 and ``CONTRAST_KNOTS - 1`` levels drawn from U(0.05, 1) at 0.2, 0.4, ..., 1 of the window, applied to the
-    normalised intensities (from :func:`prepare_scan`) clamped to [0, 1].
+    """``count`` copies of the scan, each with a random smooth intensity curve: a shape-preserving cubic (PCHIP)
+    through 0 at 0 and ``CONTRAST_KNOTS - 1`` levels drawn from U(0.05, 1) at 0.2, 0.4, ..., 1 of the window,
+    applied to the normalised intensities (from :func:`prepare_scan`) clamped to [0, 1].
 
     The curves need not be monotonic, so tissues swap brightness as they do between T1, T2 and proton-density
     scans, while air stays dark: SynthSR's random contrasts (Iglesias et al. 2023), made from the scan's own
